@@ -1,0 +1,520 @@
+"""Pure-Python SPOP codec: the reference twin of cext/_codec.pyx.
+
+Both twins expose the same API and must behave identically (same values,
+same bytes, same errors); tests/test_codec_twins.py holds them to it. This one
+is the readable reference, used when SPOA_NO_EXTENSIONS=1 or when the
+extension is not built.
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv6Address
+from typing import Any
+
+from .constants import (
+    FLAG_FIN,
+    LENGTH_PREFIX_SIZE,
+    MAX_VARINT_BYTES,
+    MIN_FRAME_LENGTH,
+    ActionType,
+    DataType,
+    FrameType,
+    Status,
+)
+from .errors import (
+    E_BAD_ACTION,
+    E_FRAME_TOO_BIG,
+    E_FRAME_TOO_SHORT,
+    E_TRUNCATED_DATA,
+    E_TRUNCATED_MESSAGE,
+    E_TRUNCATED_STRING,
+    E_TRUNCATED_VARINT,
+    E_UNKNOWN_DATA_TYPE,
+    E_VARINT_TOO_LONG,
+    SpopError,
+)
+
+_U64_MAX = (1 << 64) - 1
+_I64_MIN = -(1 << 63)
+_I64_MAX = (1 << 63) - 1
+_TYPE_MASK = 0x0F
+_BOOL_TRUE = 0x10
+
+_SET_VAR = int(ActionType.SET_VAR)
+_UNSET_VAR = int(ActionType.UNSET_VAR)
+_NULL = int(DataType.NULL)
+_BOOL = int(DataType.BOOL)
+_INT32 = int(DataType.INT32)
+_UINT32 = int(DataType.UINT32)
+_INT64 = int(DataType.INT64)
+_UINT64 = int(DataType.UINT64)
+_IPV4 = int(DataType.IPV4)
+_IPV6 = int(DataType.IPV6)
+_STRING = int(DataType.STRING)
+_BINARY = int(DataType.BINARY)
+
+
+def _invalid(detail: str) -> SpopError:
+    return SpopError(Status.INVALID, detail)
+
+
+# -- varint ------------------------------------------------------------------
+# HAProxy's scheme (include/haproxy/intops.h): values < 240 fit one byte; else
+# the first byte carries 4 bits with the 0xF0 marker and each following byte 7
+# bits. The decoder adds every byte *with* its 0x80 continuation bit; the
+# encoder's "- 240" and "- 128" compensate. A LEB128 decoder is wrong >= 2288.
+
+
+def encode_varint(value: int) -> bytes:
+    if value < 0 or value > _U64_MAX:
+        raise OverflowError("varint value out of range [0, 2^64-1]")
+    if value < 240:
+        return bytes((value,))
+    out = bytearray(((value & 0x0F) | 0xF0,))
+    value = (value - 240) >> 4
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value = (value - 128) >> 7
+    out.append(value)
+    return bytes(out)
+
+
+def decode_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    """Return (value, next position); SpopError on truncation or overflow."""
+    if pos >= end:
+        raise _invalid(E_TRUNCATED_VARINT)
+    value = buf[pos]
+    pos += 1
+    if value < 240:
+        return value, pos
+    shift = 4
+    for _ in range(MAX_VARINT_BYTES - 1):
+        if pos >= end:
+            raise _invalid(E_TRUNCATED_VARINT)
+        byte = buf[pos]
+        pos += 1
+        value += byte << shift
+        if byte < 128:
+            if value > _U64_MAX:
+                raise _invalid(E_VARINT_TOO_LONG)
+            return value, pos
+        shift += 7
+    raise _invalid(E_VARINT_TOO_LONG)
+
+
+# -- typed data and names ------------------------------------------------------
+
+
+def _read_name(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    """Bounds of a varint-prefixed (untyped) string: (start, stop)."""
+    length, pos = decode_varint(buf, pos, end)
+    if length > end - pos:
+        raise _invalid(E_TRUNCATED_STRING)
+    return pos, pos + length
+
+
+def _text(buf: bytes, start: int, stop: int) -> str:
+    # surrogateescape: HAProxy strings are bytes; no input may kill decoding.
+    return buf[start:stop].decode("utf-8", "surrogateescape")
+
+
+def _as_signed(value: int) -> int:
+    return value - (1 << 64) if value > _I64_MAX else value
+
+
+def _decode_typed(buf: bytes, pos: int, end: int) -> tuple[Any, int]:
+    if pos >= end:
+        raise _invalid(E_TRUNCATED_DATA)
+    tag = buf[pos]
+    dtype = tag & _TYPE_MASK
+    pos += 1
+    if dtype == _NULL:
+        return None, pos
+    if dtype == _BOOL:
+        return bool(tag & _BOOL_TRUE), pos
+    if dtype == _INT32 or dtype == _INT64:
+        value, pos = decode_varint(buf, pos, end)
+        return _as_signed(value), pos
+    if dtype == _UINT32 or dtype == _UINT64:
+        return decode_varint(buf, pos, end)
+    if dtype == _IPV4:
+        if end - pos < 4:
+            raise _invalid(E_TRUNCATED_DATA)
+        return IPv4Address(buf[pos : pos + 4]), pos + 4
+    if dtype == _IPV6:
+        if end - pos < 16:
+            raise _invalid(E_TRUNCATED_DATA)
+        return IPv6Address(buf[pos : pos + 16]), pos + 16
+    if dtype == _STRING or dtype == _BINARY:
+        start, stop = _read_name(buf, pos, end)
+        if dtype == _STRING:
+            return _text(buf, start, stop), stop
+        return bytes(buf[start:stop]), stop
+    raise _invalid(E_UNKNOWN_DATA_TYPE)
+
+
+def _skip_typed(buf: bytes, pos: int, end: int) -> int:
+    return _decode_typed(buf, pos, end)[1]
+
+
+# -- decoded objects ---------------------------------------------------------------
+
+
+class Message:
+    """One SPOE message of a NOTIFY; arguments are decoded on access."""
+
+    __slots__ = ("name", "nargs", "_buf", "_start", "_end", "_args")
+
+    def __init__(self, name: str, nargs: int, buf: bytes, start: int, end: int) -> None:
+        self.name = name
+        self.nargs = nargs
+        self._buf = buf
+        self._start = start
+        self._end = end
+        self._args: dict[str, Any] | None = None
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """Value of the first argument called `name` (default if absent)."""
+        want = name.encode("utf-8", "surrogateescape")
+        buf, pos, end = self._buf, self._start, self._end
+        for _ in range(self.nargs):
+            start, stop = _read_name(buf, pos, end)
+            if buf[start:stop] == want:
+                return _decode_typed(buf, stop, end)[0]
+            pos = _skip_typed(buf, stop, end)
+        return default
+
+    def items(self) -> list[tuple[str, Any]]:
+        """Every argument in order, duplicates and unnamed ones included."""
+        out = []
+        buf, pos, end = self._buf, self._start, self._end
+        for _ in range(self.nargs):
+            start, stop = _read_name(buf, pos, end)
+            value, pos = _decode_typed(buf, stop, end)
+            out.append((_text(buf, start, stop), value))
+        return out
+
+    @property
+    def args(self) -> dict[str, Any]:
+        """Arguments by name; the first of duplicated names wins, as in get()."""
+        if self._args is None:
+            args: dict[str, Any] = {}
+            for key, value in self.items():
+                args.setdefault(key, value)
+            self._args = args
+        return self._args
+
+    def __len__(self) -> int:
+        return self.nargs
+
+    def __repr__(self) -> str:
+        return f"Message({self.name!r}, {self.items()!r})"
+
+
+class Frame:
+    """A frame whose header is decoded; payload views stay in the receive buffer."""
+
+    __slots__ = ("type", "flags", "stream_id", "frame_id", "_buf", "_start", "_end")
+
+    def __init__(
+        self, ftype: int, flags: int, stream_id: int, frame_id: int, buf: bytes, start: int, end: int
+    ) -> None:
+        self.type = ftype
+        self.flags = flags
+        self.stream_id = stream_id
+        self.frame_id = frame_id
+        self._buf = buf
+        self._start = start
+        self._end = end
+
+    @classmethod
+    def from_payload(cls, ftype: int, flags: int, stream_id: int, frame_id: int, payload: bytes) -> Frame:
+        """A frame over a standalone payload (e.g. reassembled fragments)."""
+        payload = bytes(payload)
+        return cls(ftype, flags, stream_id, frame_id, payload, 0, len(payload))
+
+    @property
+    def payload(self) -> bytes:
+        return bytes(self._buf[self._start : self._end])
+
+    @property
+    def payload_length(self) -> int:
+        return self._end - self._start
+
+    def kv(self) -> dict[str, Any]:
+        """Decode a KV-LIST payload (HELLO, DISCONNECT); later keys win."""
+        out: dict[str, Any] = {}
+        buf, pos, end = self._buf, self._start, self._end
+        while pos < end:
+            start, stop = _read_name(buf, pos, end)
+            out[_text(buf, start, stop)], pos = _decode_typed(buf, stop, end)
+        return out
+
+    def messages(self) -> list[Message]:
+        """Decode a LIST-OF-MESSAGES payload (NOTIFY), validating every argument."""
+        out = []
+        buf, pos, end = self._buf, self._start, self._end
+        while pos < end:
+            start, stop = _read_name(buf, pos, end)
+            if stop >= end:
+                raise _invalid(E_TRUNCATED_MESSAGE)
+            nargs = buf[stop]
+            args_start = pos = stop + 1
+            for _ in range(nargs):
+                pos = _skip_typed(buf, _read_name(buf, pos, end)[1], end)
+            out.append(Message(_text(buf, start, stop), nargs, buf, args_start, pos))
+        return out
+
+    def actions(self) -> list[tuple]:
+        """Decode a LIST-OF-ACTIONS payload (ACK), as HAProxy reads it.
+
+        Returns ("set-var", scope, name, value) and ("unset-var", scope, name)
+        tuples.
+        """
+        out: list[tuple] = []
+        buf, pos, end = self._buf, self._start, self._end
+        while pos < end:
+            if end - pos < 3:
+                raise _invalid(E_BAD_ACTION)
+            atype, nargs, scope = buf[pos], buf[pos + 1], buf[pos + 2]
+            if atype == _SET_VAR and nargs == 3:
+                start, stop = _read_name(buf, pos + 3, end)
+                value, pos = _decode_typed(buf, stop, end)
+                out.append(("set-var", scope, _text(buf, start, stop), value))
+            elif atype == _UNSET_VAR and nargs == 2:
+                start, pos = _read_name(buf, pos + 3, end)
+                out.append(("unset-var", scope, _text(buf, start, pos)))
+            else:
+                raise _invalid(E_BAD_ACTION)
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"Frame(type={self.type}, flags={self.flags:#x}, stream_id={self.stream_id}, "
+            f"frame_id={self.frame_id}, payload={self.payload_length}B)"
+        )
+
+
+def _parse_frame(buf: bytes, start: int, end: int) -> Frame:
+    """Decode the header of the frame in buf[start:end] (after the prefix)."""
+    ftype = buf[start]
+    flags = int.from_bytes(buf[start + 1 : start + 5], "big")
+    stream_id, pos = decode_varint(buf, start + 5, end)
+    frame_id, pos = decode_varint(buf, pos, end)
+    return Frame(ftype, flags, stream_id, frame_id, buf, pos, end)
+
+
+class FrameReader:
+    """Cuts a byte stream into frames, checking each length before buffering it."""
+
+    __slots__ = ("max_frame_size", "_buf", "_pos")
+
+    def __init__(self, max_frame_size: int) -> None:
+        self.max_frame_size = max_frame_size
+        self._buf = bytearray()
+        self._pos = 0
+
+    def feed(self, data: bytes) -> None:
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as frames."""
+        return len(self._buf) - self._pos
+
+    def next_frame(self) -> Frame | None:
+        """The next complete frame, or None until more bytes arrive."""
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < LENGTH_PREFIX_SIZE:
+            return None
+        length = int.from_bytes(buf[pos : pos + LENGTH_PREFIX_SIZE], "big")
+        if length > self.max_frame_size:
+            raise SpopError(Status.TOO_BIG, E_FRAME_TOO_BIG)
+        if length < MIN_FRAME_LENGTH:
+            raise _invalid(E_FRAME_TOO_SHORT)
+        if len(buf) - pos < LENGTH_PREFIX_SIZE + length:
+            return None
+        frame = bytes(buf[pos + LENGTH_PREFIX_SIZE : pos + LENGTH_PREFIX_SIZE + length])
+        self._pos = pos + LENGTH_PREFIX_SIZE + length
+        return _parse_frame(frame, 0, length)
+
+
+# -- encoding -----------------------------------------------------------------------
+
+
+class FrameWriter:
+    """Builds outgoing frames in one buffer, back-filling each length prefix.
+
+    Handlers receive it as their action writer: set_var() / unset_var()
+    append to the ACK frame the server has opened.
+    """
+
+    __slots__ = ("_buf", "_frame_start")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._frame_start = -1
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def take(self) -> bytes:
+        """Everything written so far; the writer is left empty."""
+        if self._frame_start >= 0:
+            raise RuntimeError("a frame is still open")
+        out = bytes(self._buf)
+        del self._buf[:]
+        return out
+
+    # frame structure
+    def begin_frame(self, ftype: int, stream_id: int, frame_id: int, flags: int = FLAG_FIN) -> None:
+        if self._frame_start >= 0:
+            raise RuntimeError("a frame is already open")
+        if not 0 <= ftype <= 255 or not 0 <= flags <= 0xFFFFFFFF:
+            raise OverflowError("frame type or flags out of range")
+        head = bytearray(LENGTH_PREFIX_SIZE)
+        head.append(ftype)
+        head += flags.to_bytes(4, "big")
+        head += encode_varint(stream_id)
+        head += encode_varint(frame_id)
+        self._frame_start = len(self._buf)
+        self._buf += head
+
+    def frame_length(self) -> int:
+        """Length of the open frame as its prefix will count it."""
+        if self._frame_start < 0:
+            raise RuntimeError("no frame is open")
+        return len(self._buf) - self._frame_start - LENGTH_PREFIX_SIZE
+
+    def end_frame(self) -> int:
+        """Close the open frame, back-fill its length and return that length."""
+        length = self.frame_length()
+        if length > 0xFFFFFFFF:
+            raise OverflowError("frame longer than 2^32-1 bytes")
+        start = self._frame_start
+        self._buf[start : start + LENGTH_PREFIX_SIZE] = length.to_bytes(4, "big")
+        self._frame_start = -1
+        return length
+
+    def abort_frame(self) -> None:
+        """Drop the open frame, as if it had never been begun."""
+        if self._frame_start < 0:
+            raise RuntimeError("no frame is open")
+        del self._buf[self._frame_start :]
+        self._frame_start = -1
+
+    def mark(self) -> int:
+        return len(self._buf)
+
+    def truncate(self, mark: int) -> None:
+        """Drop what was written after mark() (inside the open frame only)."""
+        if self._frame_start < 0 or not self._frame_start + LENGTH_PREFIX_SIZE < mark <= len(self._buf):
+            raise ValueError("mark is not inside the open frame")
+        del self._buf[mark:]
+
+    # primitives
+    def put_uint8(self, value: int) -> None:
+        if not 0 <= value <= 255:
+            raise OverflowError("byte value out of range")
+        self._buf.append(value)
+
+    def put_varint(self, value: int) -> None:
+        self._buf += encode_varint(value)
+
+    def put_name(self, name: str | bytes) -> None:
+        """An untyped string: varint length + bytes (keys, names)."""
+        data = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else bytes(name)
+        self._buf += encode_varint(len(data))
+        self._buf += data
+
+    def put_typed(self, value: Any) -> None:
+        """Typed data with the type inferred from the Python value."""
+        if value is None:
+            self._buf.append(_NULL)
+        elif value is True or value is False:
+            self._buf.append(_BOOL | (_BOOL_TRUE if value else 0))
+        elif isinstance(value, int):
+            if _I64_MIN <= value <= _I64_MAX:
+                self._buf.append(_INT64)
+                self._buf += encode_varint(value & _U64_MAX)
+            elif _I64_MAX < value <= _U64_MAX:
+                self._buf.append(_UINT64)
+                self._buf += encode_varint(value)
+            else:
+                raise OverflowError("integer out of the SPOP range [-2^63, 2^64-1]")
+        elif isinstance(value, str):
+            self._buf.append(_STRING)
+            self.put_name(value)
+        elif isinstance(value, (bytes, bytearray, memoryview)):
+            self._buf.append(_BINARY)
+            self.put_name(bytes(value))
+        elif isinstance(value, IPv4Address):
+            self._buf.append(_IPV4)
+            self._buf += value.packed
+        elif isinstance(value, IPv6Address):
+            self._buf.append(_IPV6)
+            self._buf += value.packed
+        else:
+            raise TypeError(f"cannot encode {type(value).__name__} as SPOP typed data")
+
+    def put_typed_as(self, dtype: int, value: Any) -> None:
+        """Typed data of an explicit type (e.g. UINT32 in HELLO frames)."""
+        if dtype == _INT32 or dtype == _INT64:
+            bits = 31 if dtype == _INT32 else 63
+            if not -(1 << bits) <= value < (1 << bits):
+                raise OverflowError("integer out of range for its SPOP type")
+            # Negative values go out as 64-bit two's complement whatever the
+            # type: HAProxy reads every integer type into an int64.
+            self._buf.append(dtype)
+            self._buf += encode_varint(value & _U64_MAX)
+        elif dtype == _UINT32 or dtype == _UINT64:
+            if not 0 <= value < (1 << (32 if dtype == _UINT32 else 64)):
+                raise OverflowError("integer out of range for its SPOP type")
+            self._buf.append(dtype)
+            self._buf += encode_varint(value)
+        elif dtype in (_NULL, _BOOL, _STRING, _BINARY, _IPV4, _IPV6):
+            expected = {_NULL: type(None), _BOOL: bool, _STRING: str, _BINARY: bytes, _IPV4: IPv4Address, _IPV6: IPv6Address}[dtype]
+            if not isinstance(value, expected):
+                raise TypeError(f"SPOP type {dtype} needs a {expected.__name__}")
+            self.put_typed(value)
+        else:
+            raise ValueError(f"unknown SPOP data type {dtype}")
+
+    # actions (the handler API)
+    def set_var(self, scope: int, name: str, value: Any) -> None:
+        """Append a set-var action; a None value makes HAProxy unset the var."""
+        if not 0 <= scope <= 4:
+            raise ValueError("scope must be 0..4 (proc, sess, txn, req, res)")
+        mark = len(self._buf)
+        self._buf += bytes((_SET_VAR, 3, scope))
+        try:
+            self.put_name(name)
+            self.put_typed(value)
+        except BaseException:
+            del self._buf[mark:]
+            raise
+
+    def unset_var(self, scope: int, name: str) -> None:
+        if not 0 <= scope <= 4:
+            raise ValueError("scope must be 0..4 (proc, sess, txn, req, res)")
+        mark = len(self._buf)
+        self._buf += bytes((_UNSET_VAR, 2, scope))
+        try:
+            self.put_name(name)
+        except BaseException:
+            del self._buf[mark:]
+            raise
+
+
+__all__ = [
+    "Frame",
+    "FrameReader",
+    "FrameType",
+    "FrameWriter",
+    "Message",
+    "decode_varint",
+    "encode_varint",
+]
