@@ -1,0 +1,95 @@
+"""Command line: `python -m spoa agent ...` (also installed as `spoa-lease`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+
+from . import __version__, config as cfg, default_handlers, logs
+from .agent import Agent, AgentSettings
+from .server import AgentServer
+
+log = logging.getLogger("spoa.cli")
+
+
+def _event_loop_factory():
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
+
+
+def build_agent(config: dict) -> Agent:
+    fields = {f.name for f in dataclasses.fields(AgentSettings)}
+    settings = AgentSettings(**{k: v for k, v in config["agent"].items() if k in fields})
+    agent = Agent(settings)
+    default_handlers.install(agent, config["lease"]["standard_ms"])
+    return agent
+
+
+async def serve_agent(config: dict) -> None:
+    agent = build_agent(config)
+    server = AgentServer(agent, config["agent"]["listen"])
+    await server.start()
+    if config["metrics"]["listen"]:
+        from .metrics import serve_metrics
+
+        serve_metrics(agent.stats, config["metrics"]["listen"])
+        log.info("metrics on http://%s/metrics", config["metrics"]["listen"])
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("spoa-lease agent %s ready on %s", __version__, " ".join(server.addresses))
+    await stop.wait()
+    log.info("shutting down: draining %d connections", len(agent.connections))
+    await server.stop(config["agent"]["shutdown_grace"])
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    config = cfg.load(
+        cfg.AGENT_SCHEMA,
+        args.config,
+        {"agent.listen": args.listen, "metrics.listen": args.metrics, "log.level": args.log_level},
+    )
+    logs.setup(config["log"]["level"], config["log"]["format"])
+    with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+        runner.run(serve_agent(config))
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spoa-lease", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"spoa-lease {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    agent = sub.add_parser(
+        "agent",
+        help="run the SPOP agent HAProxy's SPOE talks to",
+        description="Run the SPOP agent. With no config it listens on 127.0.0.1:12345 and answers "
+        "every SPOE message (lease-* messages get the standard lease).",
+    )
+    agent.add_argument("--listen", action="append", metavar="ADDR",
+                       help="HOST:PORT, [IPV6]:PORT or unix:PATH (repeatable; overrides agent.listen)")
+    agent.add_argument("--config", metavar="FILE", help="YAML config (see docs/configuration.md)")
+    agent.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics here")
+    agent.add_argument("--log-level", choices=cfg.LOG_LEVELS)
+    agent.set_defaults(func=cmd_agent)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except cfg.ConfigError as exc:
+        print(f"spoa-lease: config error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. address in use
+        print(f"spoa-lease: {exc}", file=sys.stderr)
+        return 1

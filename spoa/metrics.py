@@ -1,0 +1,83 @@
+"""Prometheus exposition of AgentStats (prometheus_client, read at scrape time).
+
+Counters stay plain ints on the hot path; this collector turns them into
+metric families only when /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import CollectorRegistry
+
+from .server import parse_address
+from .stats import DEPTH_BUCKETS, AgentStats
+
+_COUNTERS = {
+    "connections_total": "SPOP connections accepted",
+    "connections_refused": "connections closed at once over max_connections",
+    "hellos": "HELLO handshakes completed",
+    "healthchecks": "health-check HELLOs answered",
+    "frames_in": "frames received",
+    "frames_out": "frames sent",
+    "bytes_in": "bytes received",
+    "bytes_out": "bytes sent",
+    "notify_frames": "NOTIFY frames received",
+    "fragments": "NOTIFY fragments received (2.x)",
+    "messages": "SPOE messages received",
+    "acks": "ACK frames sent",
+    "unknown_messages": "messages with no registered handler",
+    "handler_errors": "handler exceptions (the ACK still went out)",
+    "handler_timeouts": "async handlers cut off by handler_timeout",
+    "acks_truncated": "ACKs whose actions exceeded max-frame-size",
+    "resets": "connections closed by RST/EPIPE (normal on HAProxy 3.1+)",
+    "eof_mid_frame": "connections closed in the middle of a frame",
+}
+_GAUGES = {
+    "connections_active": "open SPOP connections",
+    "inflight": "NOTIFYs being answered by async handlers",
+    "max_inflight": "highest inflight seen",
+    "max_pipeline_depth": "most NOTIFYs outstanding together on one connection",
+}
+
+
+class AgentCollector:
+    def __init__(self, stats: AgentStats, prefix: str = "spoa_agent") -> None:
+        self._stats = stats
+        self._prefix = prefix
+
+    def collect(self) -> Iterator:
+        s, p = self._stats, self._prefix
+        for name, doc in _COUNTERS.items():
+            yield CounterMetricFamily(f"{p}_{name}", doc, value=getattr(s, name))
+        for name, doc in _GAUGES.items():
+            yield GaugeMetricFamily(f"{p}_{name}", doc, value=getattr(s, name))
+        errors = CounterMetricFamily(f"{p}_protocol_errors", "DISCONNECTs sent, by status", labels=["status"])
+        for status, n in sorted(s.errors.items()):
+            errors.add_metric([status], n)
+        yield errors
+        received = CounterMetricFamily(
+            f"{p}_disconnects_received", "DISCONNECTs received from HAProxy, by status code", labels=["status"]
+        )
+        for status, n in sorted(s.disconnects_received.items()):
+            received.add_metric([str(status)], n)
+        yield received
+        buckets, total = [], 0
+        for bound in DEPTH_BUCKETS:
+            total += s.pipeline_depth.get(bound, 0)
+            buckets.append((str(bound), total))
+        total += s.pipeline_depth.get(0, 0)
+        buckets.append(("+Inf", total))
+        yield HistogramMetricFamily(
+            f"{p}_pipeline_depth", "NOTIFYs outstanding together per read", buckets=buckets, sum_value=0
+        )
+
+
+def serve_metrics(stats: AgentStats, address: str, prefix: str = "spoa_agent") -> tuple:
+    """Start the /metrics HTTP server in a thread; returns (server, thread)."""
+    host, port = parse_address(address)
+    registry = CollectorRegistry()
+    registry.register(AgentCollector(stats, prefix))
+    return start_http_server(int(port), addr=str(host), registry=registry)

@@ -1,0 +1,108 @@
+"""Listening sockets for the agent: TCP (v4/v6) and unix, with graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import stat
+
+from .agent import Agent
+from .protocol import SpopProtocol
+
+log = logging.getLogger("spoa.server")
+
+
+def parse_address(text: str) -> tuple[str, str | int]:
+    """Parse 'HOST:PORT', '[V6]:PORT' or 'unix:PATH'.
+
+    Returns (host, port) for TCP and ('unix', path) for unix sockets.
+    """
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path:
+            raise ValueError(f"{text!r}: empty unix socket path")
+        return "unix", path
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: expected HOST:PORT, [IPV6]:PORT or unix:PATH")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return host or "0.0.0.0", int(port)
+
+
+class AgentServer:
+    def __init__(self, agent: Agent, listen: list[str]) -> None:
+        self.agent = agent
+        self.listen = [parse_address(a) for a in listen]
+        self._servers: list[asyncio.AbstractServer] = []
+
+    def _protocol(self) -> asyncio.Protocol:
+        agent = self.agent
+        if len(agent.connections) >= agent.settings.max_connections:
+            agent.stats.connections_refused += 1
+            return _Refuse()
+        return SpopProtocol(agent)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for host, port in self.listen:
+            if host == "unix":
+                _remove_stale_socket(port)
+                server = await loop.create_unix_server(self._protocol, port, backlog=1024)
+            else:
+                server = await loop.create_server(self._protocol, host, port, backlog=1024, reuse_address=True)
+            self._servers.append(server)
+            log.info("listening on %s", ", ".join(_describe(s) for s in server.sockets))
+
+    @property
+    def addresses(self) -> list[str]:
+        """Bound addresses (useful with port 0)."""
+        return [_describe(s) for server in self._servers for s in server.sockets]
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting, tell HAProxy on each connection, wait up to `grace`."""
+        for server in self._servers:
+            server.close()
+        for conn in list(self.agent.connections):
+            conn.close()
+        deadline = asyncio.get_running_loop().time() + grace
+        while self.agent.connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        for server in self._servers:
+            await server.wait_closed()
+
+
+class _Refuse(asyncio.Protocol):
+    """Over the connection limit: close at once rather than queue unbounded."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+def _describe(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{name}"
+    if sock.family == socket.AF_INET6:
+        return f"[{name[0]}]:{name[1]}"
+    return f"{name[0]}:{name[1]}"
+
+
+def _remove_stale_socket(path: str) -> None:
+    """A socket file left by a killed agent would make bind() fail."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ValueError(f"unix:{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: stale
+    else:
+        raise ValueError(f"unix:{path} is in use by another process")
+    finally:
+        probe.close()
