@@ -1,0 +1,240 @@
+"""Real processes on loopback for the end-to-end tests: HAProxy, the agent, an app.
+
+Everything binds 127.0.0.1 on free ports and every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from spoa.provision import HAProxyBinary
+
+REPO = Path(__file__).resolve().parents[2]
+HAPROXY_DIR = REPO / "haproxy"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not reached after {timeout}s")
+
+
+class AgentProcess:
+    """`python -m spoa agent` as a subprocess, as an operator runs it."""
+
+    def __init__(self, tmp: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.metrics_port = free_port()
+        self.log_path = tmp / f"agent-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> AgentProcess:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "spoa", "agent", "--listen", f"127.0.0.1:{self.port}",
+             "--metrics", f"127.0.0.1:{self.metrics_port}"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+        )
+        log.close()
+        wait_port(self.port, proc=self.proc)
+        wait_port(self.metrics_port, proc=self.proc)
+        return self
+
+    def metrics(self) -> dict[str, float]:
+        """Prometheus text -> {"name{labels}": value}."""
+        with socket.create_connection(("127.0.0.1", self.metrics_port), timeout=5) as s:
+            s.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        body = data.split(b"\r\n\r\n", 1)[1].decode()
+        out = {}
+        for line in body.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+                raise
+        return self.proc.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class _AppHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server naming
+        body = b"ok\n"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except ConnectionResetError:
+            pass  # HAProxy dropping an idle server connection
+
+
+class _ThreadingServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # the default 5 drops SYNs under 200 clients
+
+
+class AppServer:
+    """The application behind HAProxy: a tiny keep-alive HTTP server in a thread."""
+
+    def __init__(self) -> None:
+        self.server = _ThreadingServer(("127.0.0.1", 0), _AppHandler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self) -> AppServer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class HAProxyProcess:
+    """HAProxy in the foreground (-db) with haproxy/example.cfg + agents.cfg."""
+
+    def __init__(self, binary: HAProxyBinary, tmp: Path, agent_port: int, app_port: int) -> None:
+        self.binary = binary
+        self.http_port = free_port()
+        self.run_dir = tmp
+        self.log_path = tmp / f"haproxy-{binary.line}-{self.http_port}.log"
+        self.env = binary.run_env()
+        self.env.update(
+            SPOA_LEASE_DIR=str(HAPROXY_DIR),
+            SPOA_LEASE_HTTP=f"127.0.0.1:{self.http_port}",
+            SPOA_LEASE_APP=f"127.0.0.1:{app_port}",
+            SPOA_LEASE_RUN=str(tmp),
+            SPOA_LEASE_AGENT=f"127.0.0.1:{agent_port}",
+        )
+        self.proc: subprocess.Popen | None = None
+
+    def args(self, *extra: str) -> list[str]:
+        return self.binary.command(*extra, "-f", str(HAPROXY_DIR / "example.cfg"), "-f", str(HAPROXY_DIR / "agents.cfg"))
+
+    def check(self) -> subprocess.CompletedProcess:
+        return subprocess.run(self.args("-c"), env=self.env, capture_output=True, text=True, timeout=30)
+
+    def start(self) -> HAProxyProcess:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args("-db"), env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_port(self.http_port, proc=self.proc)
+        return self
+
+    def cli(self, command: str) -> str:
+        """One command on the stats socket."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(self.run_dir / "haproxy.sock"))
+            s.sendall(command.encode() + b"\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        return data.decode()
+
+    def server_check(self, backend: str, server: str) -> dict[str, str]:
+        """`show stat` row of one server as {column: value}."""
+        lines = self.cli("show stat").splitlines()
+        header = lines[0].lstrip("# ").split(",")
+        for line in lines[1:]:
+            row = dict(zip(header, line.split(",")))
+            if row.get("pxname") == backend and row.get("svname") == server:
+                return row
+        raise KeyError(f"{backend}/{server} not in show stat")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)  # soft stop
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+_LEASE = re.compile(r"duration=(\d+);source=(\w+);seq=(\d+)")
+
+
+def parse_lease_header(value: str | None) -> tuple[int, str, int] | None:
+    """X-Lease "duration=30000;source=standard;seq=7" -> (30000, "standard", 7)."""
+    m = _LEASE.fullmatch(value or "")
+    return (int(m[1]), m[2], int(m[3])) if m else None
+
+
+def http_get(port: int, path: str = "/", timeout: float = 5.0) -> tuple[int, dict[str, str]]:
+    """One request on its own connection: (status, headers)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}
+    finally:
+        conn.close()
+
