@@ -9,6 +9,7 @@ extension is not built.
 from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv6Address
+from operator import index
 from typing import Any
 
 from .constants import (
@@ -58,6 +59,37 @@ def _invalid(detail: str) -> SpopError:
     return SpopError(Status.INVALID, detail)
 
 
+# Argument checks shared by both twins: integers must be real integers
+# (operator.index: a float is a TypeError, never truncated), in range
+# (OverflowError), and buffer offsets inside the buffer (ValueError).
+
+
+def _uint(value: Any, bits: int) -> int:
+    value = index(value)
+    if not 0 <= value < (1 << bits):
+        raise OverflowError(f"value out of range for an unsigned {bits}-bit field")
+    return value
+
+
+def _scope(value: Any) -> int:
+    value = index(value)
+    if not 0 <= value <= 4:
+        raise ValueError("scope must be 0..4 (proc, sess, txn, req, res)")
+    return value
+
+
+def _check_span(buf: Any, start: Any, end: Any) -> tuple[int, int]:
+    start, end = index(start), index(end)
+    if not 0 <= start <= end <= len(buf):
+        raise ValueError("offsets outside the buffer")
+    return start, end
+
+
+def _as_bytes(data: Any) -> bytes:
+    """Bytes of a bytes-like object; anything else (int, str) is a TypeError."""
+    return data if type(data) is bytes else bytes(memoryview(data))
+
+
 # -- varint ------------------------------------------------------------------
 # HAProxy's scheme (include/haproxy/intops.h): values < 240 fit one byte; else
 # the first byte carries 4 bits with the 0xF0 marker and each following byte 7
@@ -66,6 +98,7 @@ def _invalid(detail: str) -> SpopError:
 
 
 def encode_varint(value: int) -> bytes:
+    value = index(value)
     if value < 0 or value > _U64_MAX:
         raise OverflowError("varint value out of range [0, 2^64-1]")
     if value < 240:
@@ -81,6 +114,13 @@ def encode_varint(value: int) -> bytes:
 
 def decode_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
     """Return (value, next position); SpopError on truncation or overflow."""
+    buf = _as_bytes(buf)
+    if index(pos) < 0 or index(end) > len(buf):
+        raise IndexError("position out of range")
+    return _decode_varint(buf, pos, end)
+
+
+def _decode_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
     if pos >= end:
         raise _invalid(E_TRUNCATED_VARINT)
     value = buf[pos]
@@ -107,7 +147,7 @@ def decode_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
 
 def _read_name(buf: bytes, pos: int, end: int) -> tuple[int, int]:
     """Bounds of a varint-prefixed (untyped) string: (start, stop)."""
-    length, pos = decode_varint(buf, pos, end)
+    length, pos = _decode_varint(buf, pos, end)
     if length > end - pos:
         raise _invalid(E_TRUNCATED_STRING)
     return pos, pos + length
@@ -133,10 +173,10 @@ def _decode_typed(buf: bytes, pos: int, end: int) -> tuple[Any, int]:
     if dtype == _BOOL:
         return bool(tag & _BOOL_TRUE), pos
     if dtype == _INT32 or dtype == _INT64:
-        value, pos = decode_varint(buf, pos, end)
+        value, pos = _decode_varint(buf, pos, end)
         return _as_signed(value), pos
     if dtype == _UINT32 or dtype == _UINT64:
-        return decode_varint(buf, pos, end)
+        return _decode_varint(buf, pos, end)
     if dtype == _IPV4:
         if end - pos < 4:
             raise _invalid(E_TRUNCATED_DATA)
@@ -166,15 +206,18 @@ class Message:
     __slots__ = ("name", "nargs", "_buf", "_start", "_end", "_args")
 
     def __init__(self, name: str, nargs: int, buf: bytes, start: int, end: int) -> None:
+        if not isinstance(name, str) or not isinstance(buf, bytes):
+            raise TypeError("Message(name: str, nargs, buf: bytes, start, end)")
         self.name = name
-        self.nargs = nargs
+        self.nargs = _uint(nargs, 8)
         self._buf = buf
-        self._start = start
-        self._end = end
+        self._start, self._end = _check_span(buf, start, end)
         self._args: dict[str, Any] | None = None
 
     def get(self, name: str, default: Any = None) -> Any:
         """Value of the first argument called `name` (default if absent)."""
+        if not isinstance(name, str):
+            raise TypeError("argument names are str")
         want = name.encode("utf-8", "surrogateescape")
         buf, pos, end = self._buf, self._start, self._end
         for _ in range(self.nargs):
@@ -214,23 +257,30 @@ class Message:
 class Frame:
     """A frame whose header is decoded; payload views stay in the receive buffer."""
 
-    __slots__ = ("type", "flags", "stream_id", "frame_id", "_buf", "_start", "_end")
+    __slots__ = ("_type", "_flags", "_stream_id", "_frame_id", "_buf", "_start", "_end")
 
     def __init__(
         self, ftype: int, flags: int, stream_id: int, frame_id: int, buf: bytes, start: int, end: int
     ) -> None:
-        self.type = ftype
-        self.flags = flags
-        self.stream_id = stream_id
-        self.frame_id = frame_id
+        if not isinstance(buf, bytes):
+            raise TypeError("Frame buffers are bytes")
+        self._type = _uint(ftype, 8)
+        self._flags = _uint(flags, 32)
+        self._stream_id = _uint(stream_id, 64)
+        self._frame_id = _uint(frame_id, 64)
         self._buf = buf
-        self._start = start
-        self._end = end
+        self._start, self._end = _check_span(buf, start, end)
+
+    # Read-only, as the compiled twin's fields are.
+    type = property(lambda self: self._type)
+    flags = property(lambda self: self._flags)
+    stream_id = property(lambda self: self._stream_id)
+    frame_id = property(lambda self: self._frame_id)
 
     @classmethod
     def from_payload(cls, ftype: int, flags: int, stream_id: int, frame_id: int, payload: bytes) -> Frame:
         """A frame over a standalone payload (e.g. reassembled fragments)."""
-        payload = bytes(payload)
+        payload = _as_bytes(payload)
         return cls(ftype, flags, stream_id, frame_id, payload, 0, len(payload))
 
     @property
@@ -299,8 +349,8 @@ def _parse_frame(buf: bytes, start: int, end: int) -> Frame:
     """Decode the header of the frame in buf[start:end] (after the prefix)."""
     ftype = buf[start]
     flags = int.from_bytes(buf[start + 1 : start + 5], "big")
-    stream_id, pos = decode_varint(buf, start + 5, end)
-    frame_id, pos = decode_varint(buf, pos, end)
+    stream_id, pos = _decode_varint(buf, start + 5, end)
+    frame_id, pos = _decode_varint(buf, pos, end)
     return Frame(ftype, flags, stream_id, frame_id, buf, pos, end)
 
 
@@ -310,11 +360,12 @@ class FrameReader:
     __slots__ = ("max_frame_size", "_buf", "_pos")
 
     def __init__(self, max_frame_size: int) -> None:
-        self.max_frame_size = max_frame_size
+        self.max_frame_size = index(max_frame_size)
         self._buf = bytearray()
         self._pos = 0
 
     def feed(self, data: bytes) -> None:
+        data = _as_bytes(data)
         if self._pos:
             del self._buf[: self._pos]
             self._pos = 0
@@ -373,8 +424,7 @@ class FrameWriter:
     def begin_frame(self, ftype: int, stream_id: int, frame_id: int, flags: int = FLAG_FIN) -> None:
         if self._frame_start >= 0:
             raise RuntimeError("a frame is already open")
-        if not 0 <= ftype <= 255 or not 0 <= flags <= 0xFFFFFFFF:
-            raise OverflowError("frame type or flags out of range")
+        ftype, flags = _uint(ftype, 8), _uint(flags, 32)
         head = bytearray(LENGTH_PREFIX_SIZE)
         head.append(ftype)
         head += flags.to_bytes(4, "big")
@@ -417,21 +467,27 @@ class FrameWriter:
 
     # primitives
     def put_uint8(self, value: int) -> None:
-        if not 0 <= value <= 255:
-            raise OverflowError("byte value out of range")
-        self._buf.append(value)
+        self._buf.append(_uint(value, 8))
 
     def put_varint(self, value: int) -> None:
         self._buf += encode_varint(value)
 
     def put_name(self, name: str | bytes) -> None:
         """An untyped string: varint length + bytes (keys, names)."""
-        data = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else bytes(name)
+        data = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else _as_bytes(name)
         self._buf += encode_varint(len(data))
         self._buf += data
 
     def put_typed(self, value: Any) -> None:
-        """Typed data with the type inferred from the Python value."""
+        """Typed data with the type inferred from the Python value (all or nothing)."""
+        mark = len(self._buf)
+        try:
+            self._put_typed(value)
+        except BaseException:
+            del self._buf[mark:]
+            raise
+
+    def _put_typed(self, value: Any) -> None:
         if value is None:
             self._buf.append(_NULL)
         elif value is True or value is False:
@@ -450,7 +506,7 @@ class FrameWriter:
             self.put_name(value)
         elif isinstance(value, (bytes, bytearray, memoryview)):
             self._buf.append(_BINARY)
-            self.put_name(bytes(value))
+            self.put_name(value)
         elif isinstance(value, IPv4Address):
             self._buf.append(_IPV4)
             self._buf += value.packed
@@ -461,8 +517,17 @@ class FrameWriter:
             raise TypeError(f"cannot encode {type(value).__name__} as SPOP typed data")
 
     def put_typed_as(self, dtype: int, value: Any) -> None:
-        """Typed data of an explicit type (e.g. UINT32 in HELLO frames)."""
+        """Typed data of an explicit type, e.g. UINT32 in HELLO frames (all or nothing)."""
+        mark = len(self._buf)
+        try:
+            self._put_typed_as(index(dtype), value)
+        except BaseException:
+            del self._buf[mark:]
+            raise
+
+    def _put_typed_as(self, dtype: int, value: Any) -> None:
         if dtype == _INT32 or dtype == _INT64:
+            value = index(value)
             bits = 31 if dtype == _INT32 else 63
             if not -(1 << bits) <= value < (1 << bits):
                 raise OverflowError("integer out of range for its SPOP type")
@@ -471,6 +536,7 @@ class FrameWriter:
             self._buf.append(dtype)
             self._buf += encode_varint(value & _U64_MAX)
         elif dtype == _UINT32 or dtype == _UINT64:
+            value = index(value)
             if not 0 <= value < (1 << (32 if dtype == _UINT32 else 64)):
                 raise OverflowError("integer out of range for its SPOP type")
             self._buf.append(dtype)
@@ -479,27 +545,25 @@ class FrameWriter:
             expected = {_NULL: type(None), _BOOL: bool, _STRING: str, _BINARY: bytes, _IPV4: IPv4Address, _IPV6: IPv6Address}[dtype]
             if not isinstance(value, expected):
                 raise TypeError(f"SPOP type {dtype} needs a {expected.__name__}")
-            self.put_typed(value)
+            self._put_typed(value)
         else:
             raise ValueError(f"unknown SPOP data type {dtype}")
 
     # actions (the handler API)
     def set_var(self, scope: int, name: str, value: Any) -> None:
         """Append a set-var action; a None value makes HAProxy unset the var."""
-        if not 0 <= scope <= 4:
-            raise ValueError("scope must be 0..4 (proc, sess, txn, req, res)")
+        scope = _scope(scope)
         mark = len(self._buf)
         self._buf += bytes((_SET_VAR, 3, scope))
         try:
             self.put_name(name)
-            self.put_typed(value)
+            self._put_typed(value)
         except BaseException:
             del self._buf[mark:]
             raise
 
     def unset_var(self, scope: int, name: str) -> None:
-        if not 0 <= scope <= 4:
-            raise ValueError("scope must be 0..4 (proc, sess, txn, req, res)")
+        scope = _scope(scope)
         mark = len(self._buf)
         self._buf += bytes((_UNSET_VAR, 2, scope))
         try:

@@ -44,3 +44,4 @@ cdef class FrameWriter:
     cdef int _put_varint(self, uint64_t value) except -1
     cdef int _put_name(self, object name) except -1
     cdef int _put_typed(self, object value) except -1
+    cdef int _put_typed_as(self, int dtype, object value) except -1

@@ -14,6 +14,7 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy
 
 from ipaddress import IPv4Address, IPv6Address
+from operator import index
 
 from spoa.constants import Status
 from spoa.errors import (
@@ -63,6 +64,29 @@ cdef inline invalid(str detail):
     return SpopError(STATUS_INVALID, detail)
 
 
+# Argument checks, as in the twin: integers must be real integers (a float is
+# a TypeError, never truncated), in range (OverflowError), and buffer offsets
+# inside the buffer (ValueError).
+
+cdef object _uint(object value, int bits):
+    value = index(value)
+    if not 0 <= value < (<object>1 << bits):
+        raise OverflowError(f"value out of range for an unsigned {bits}-bit field")
+    return value
+
+
+cdef int _scope(object value) except -1:
+    value = index(value)
+    if not 0 <= value <= 4:
+        raise ValueError("scope must be 0..4 (proc, sess, txn, req, res)")
+    return value
+
+
+cdef inline bytes _as_bytes(object data):
+    """Bytes of a bytes-like object; anything else (int, str) is a TypeError."""
+    return data if type(data) is bytes else bytes(memoryview(data))
+
+
 # -- varint ------------------------------------------------------------------
 # See the twin for the scheme. Only the 10th byte (shift 60) can overflow
 # 64 bits: the sum of nine bytes stays below 2^61.
@@ -109,7 +133,7 @@ def encode_varint(value):
 
 def decode_varint(buf, Py_ssize_t pos, Py_ssize_t end):
     """Return (value, next position); SpopError on truncation or overflow."""
-    cdef bytes data = bytes(buf)
+    cdef bytes data = _as_bytes(buf)
     cdef uint64_t value
     if end > PyBytes_GET_SIZE(data) or pos < 0:
         raise IndexError("position out of range")
@@ -211,15 +235,20 @@ cdef inline const uint8_t *data_of(bytes buf):
 cdef class Message:
     """One SPOE message of a NOTIFY; arguments are decoded on access."""
 
-    def __init__(self, str name, int nargs, bytes buf, Py_ssize_t start, Py_ssize_t end):
+    def __init__(self, str name not None, nargs, bytes buf not None, start, end):
         self.name = name
-        self.nargs = nargs
+        self.nargs = _uint(nargs, 8)
         self._buf = buf
+        start, end = index(start), index(end)
+        if not 0 <= start <= end <= len(buf):
+            raise ValueError("offsets outside the buffer")
         self._start = start
         self._end = end
 
     def get(self, name, default=None):
         """Value of the first argument called `name` (default if absent)."""
+        if not isinstance(name, str):
+            raise TypeError("argument names are str")
         cdef bytes want = (<str>name).encode("utf-8", "surrogateescape")
         cdef const char *w = PyBytes_AS_STRING(want)
         cdef Py_ssize_t wlen = PyBytes_GET_SIZE(want)
@@ -266,23 +295,50 @@ cdef class Message:
         return f"Message({self.name!r}, {self.items()!r})"
 
 
+cdef Message new_message(str name, int nargs, bytes buf, Py_ssize_t start, Py_ssize_t end):
+    """The decoder's constructor: its offsets are known good, no checks."""
+    cdef Message m = Message.__new__(Message)
+    m.name = name
+    m.nargs = nargs
+    m._buf = buf
+    m._start = start
+    m._end = end
+    return m
+
+
+cdef Frame new_frame(int ftype, uint32_t flags, uint64_t stream_id, uint64_t frame_id, bytes buf,
+                     Py_ssize_t start, Py_ssize_t end):
+    """The reader's constructor: its offsets are known good, no checks."""
+    cdef Frame f = Frame.__new__(Frame)
+    f.type = ftype
+    f.flags = flags
+    f.stream_id = stream_id
+    f.frame_id = frame_id
+    f._buf = buf
+    f._start = start
+    f._end = end
+    return f
+
+
 cdef class Frame:
     """A frame whose header is decoded; the payload stays in the receive buffer."""
 
-    def __init__(self, int ftype, uint32_t flags, uint64_t stream_id, uint64_t frame_id,
-                 bytes buf, Py_ssize_t start, Py_ssize_t end):
-        self.type = ftype
-        self.flags = flags
-        self.stream_id = stream_id
-        self.frame_id = frame_id
+    def __init__(self, ftype, flags, stream_id, frame_id, bytes buf not None, start, end):
+        self.type = _uint(ftype, 8)
+        self.flags = _uint(flags, 32)
+        self.stream_id = _uint(stream_id, 64)
+        self.frame_id = _uint(frame_id, 64)
+        start, end = index(start), index(end)
+        if not 0 <= start <= end <= len(buf):
+            raise ValueError("offsets outside the buffer")
         self._buf = buf
         self._start = start
         self._end = end
 
     @classmethod
-    def from_payload(cls, int ftype, uint32_t flags, uint64_t stream_id, uint64_t frame_id, payload):
+    def from_payload(cls, ftype, flags, stream_id, frame_id, payload):
         """A frame over a standalone payload (e.g. reassembled fragments)."""
-        cdef bytes data = bytes(payload)
+        cdef bytes data = _as_bytes(payload)
         return cls(ftype, flags, stream_id, frame_id, data, 0, len(data))
 
     @property
@@ -326,7 +382,7 @@ cdef class Frame:
             for i in range(nargs):
                 read_name(p, &pos, end, &arg_start)
                 skip_typed(p, &pos, end)
-            out.append(Message(text(p, name_start, name_end), nargs, self._buf, args_start, pos))
+            out.append(new_message(text(p, name_start, name_end), nargs, self._buf, args_start, pos))
         return out
 
     def actions(self):
@@ -375,7 +431,7 @@ cdef class FrameReader:
         self._acc = None
 
     def feed(self, data):
-        cdef bytes chunk = data if type(data) is bytes else bytes(data)
+        cdef bytes chunk = _as_bytes(data)
         if self._acc is None:
             if self._pos >= PyBytes_GET_SIZE(self._buf):
                 self._buf = chunk
@@ -437,7 +493,7 @@ cdef class FrameReader:
         pos += 5
         read_varint(p, &pos, end, &sid)
         read_varint(p, &pos, end, &fid)
-        return Frame(ftype, flags, sid, fid, self._buf, pos, end)
+        return new_frame(ftype, flags, sid, fid, self._buf, pos, end)
 
 
 # -- encoding -------------------------------------------------------------------------
@@ -514,7 +570,7 @@ cdef class FrameWriter:
                 p = PyBytes_AS_STRING(data)
                 size = PyBytes_GET_SIZE(data)
         else:
-            data = bytes(name)
+            data = _as_bytes(name)
             p = PyBytes_AS_STRING(data)
             size = PyBytes_GET_SIZE(data)
         self._put_varint(<uint64_t>size)
@@ -569,20 +625,19 @@ cdef class FrameWriter:
         return out
 
     # frame structure
-    def begin_frame(self, int ftype, stream_id, frame_id, flags=FLAG_FIN):
+    def begin_frame(self, ftype, stream_id, frame_id, flags=FLAG_FIN):
         cdef uint64_t sid, fid
         cdef uint32_t fl
         cdef Py_ssize_t start = self._len
         if self._frame_start >= 0:
             raise RuntimeError("a frame is already open")
-        if not 0 <= ftype <= 255 or not 0 <= flags <= 0xFFFFFFFF:
-            raise OverflowError("frame type or flags out of range")
+        cdef uint8_t ft = _uint(ftype, 8)
+        fl = _uint(flags, 32)
         sid = _as_u64(stream_id, "varint value out of range [0, 2^64-1]")
         fid = _as_u64(frame_id, "varint value out of range [0, 2^64-1]")
-        fl = flags
         self._reserve(PREFIX + 5)
         self._len += PREFIX
-        self._data[self._len] = <char>ftype
+        self._data[self._len] = <char>ft
         self._data[self._len + 1] = <char>(fl >> 24)
         self._data[self._len + 2] = <char>(fl >> 16)
         self._data[self._len + 3] = <char>(fl >> 8)
@@ -633,9 +688,7 @@ cdef class FrameWriter:
 
     # primitives
     def put_uint8(self, value):
-        if not 0 <= value <= 255:
-            raise OverflowError("byte value out of range")
-        self._put_byte(<uint8_t>value)
+        self._put_byte(<uint8_t>_uint(value, 8))
 
     def put_varint(self, value):
         self._put_varint(_as_u64(value, "varint value out of range [0, 2^64-1]"))
@@ -645,13 +698,27 @@ cdef class FrameWriter:
         self._put_name(name)
 
     def put_typed(self, value):
-        """Typed data with the type inferred from the Python value."""
-        self._put_typed(value)
+        """Typed data with the type inferred from the Python value (all or nothing)."""
+        cdef Py_ssize_t mark = self._len
+        try:
+            self._put_typed(value)
+        except BaseException:
+            self._len = mark
+            raise
 
-    def put_typed_as(self, int dtype, value):
-        """Typed data of an explicit type (e.g. UINT32 in HELLO frames)."""
+    def put_typed_as(self, dtype, value):
+        """Typed data of an explicit type, e.g. UINT32 in HELLO frames (all or nothing)."""
+        cdef Py_ssize_t mark = self._len
+        try:
+            self._put_typed_as(index(dtype), value)
+        except BaseException:
+            self._len = mark
+            raise
+
+    cdef int _put_typed_as(self, int dtype, object value) except -1:
         cdef object bits  # a Python int: 1 << 63 must not be C arithmetic
         if dtype == T_INT32 or dtype == T_INT64:
+            value = index(value)
             bits = 31 if dtype == T_INT32 else 63
             if not -(1 << bits) <= value < (1 << bits):
                 raise OverflowError("integer out of range for its SPOP type")
@@ -660,6 +727,7 @@ cdef class FrameWriter:
             self._put_byte(<uint8_t>dtype)
             self._put_varint(<uint64_t>(<long long>value))
         elif dtype == T_UINT32 or dtype == T_UINT64:
+            value = index(value)
             bits = 32 if dtype == T_UINT32 else 64
             if not 0 <= value < (1 << bits):
                 raise OverflowError("integer out of range for its SPOP type")
@@ -673,17 +741,17 @@ cdef class FrameWriter:
             self._put_typed(value)
         else:
             raise ValueError(f"unknown SPOP data type {dtype}")
+        return 0
 
     # actions (the handler API)
-    def set_var(self, int scope, name, value):
+    def set_var(self, scope, name, value):
         """Append a set-var action; a None value makes HAProxy unset the var."""
         cdef Py_ssize_t mark = self._len
-        if not 0 <= scope <= 4:
-            raise ValueError("scope must be 0..4 (proc, sess, txn, req, res)")
+        cdef int sc = _scope(scope)
         self._reserve(3)
         self._data[self._len] = A_SET_VAR
         self._data[self._len + 1] = 3
-        self._data[self._len + 2] = <char>scope
+        self._data[self._len + 2] = <char>sc
         self._len += 3
         try:
             self._put_name(name)
@@ -692,14 +760,13 @@ cdef class FrameWriter:
             self._len = mark
             raise
 
-    def unset_var(self, int scope, name):
+    def unset_var(self, scope, name):
         cdef Py_ssize_t mark = self._len
-        if not 0 <= scope <= 4:
-            raise ValueError("scope must be 0..4 (proc, sess, txn, req, res)")
+        cdef int sc = _scope(scope)
         self._reserve(3)
         self._data[self._len] = A_UNSET_VAR
         self._data[self._len + 1] = 2
-        self._data[self._len + 2] = <char>scope
+        self._data[self._len + 2] = <char>sc
         self._len += 3
         try:
             self._put_name(name)
