@@ -9,8 +9,9 @@ import logging
 import signal
 import sys
 
-from . import __version__, config as cfg, default_handlers, logs
+from . import __version__, config as cfg, logs
 from .agent import Agent, AgentSettings
+from .lb_module import LEASE_MESSAGES, LbModule
 from .server import AgentServer
 
 log = logging.getLogger("spoa.cli")
@@ -24,22 +25,48 @@ def _event_loop_factory():
     return uvloop.new_event_loop
 
 
-def build_agent(config: dict) -> Agent:
+def make_sampler(source: str):
+    """The kernel sampler, or None where SPOE counters must do."""
+    if source == "spoe":
+        return None
+    from .sampler import KernelSampler
+
+    if KernelSampler.available():
+        return KernelSampler(())
+    if source == "kernel":
+        raise cfg.ConfigError("sampler.source: kernel, but sock_diag does not work here")
+    log.warning("sock_diag unavailable: byte counts come from SPOE messages (bytes_in/bytes_out, 3.0+)")
+    return None
+
+
+def build_agent(config: dict) -> tuple[Agent, LbModule]:
     fields = {f.name for f in dataclasses.fields(AgentSettings)}
     settings = AgentSettings(**{k: v for k, v in config["agent"].items() if k in fields})
     agent = Agent(settings)
-    default_handlers.install(agent, config["lease"]["standard_ms"])
-    return agent
+    from .tracker import SegmentTracker
+
+    publish = config["publish"]
+    publisher = None
+    if publish["lb_nodes"]:
+        from .publisher import Publisher
+
+        publisher = Publisher(publish["lb_nodes"], cfg.read_key_file(publish["key_file"]), publish["mtu"])
+    module = LbModule(SegmentTracker(**config["tracker"]), make_sampler(config["sampler"]["source"]), publisher,
+                      publish["interval_ms"], publish["node_id"], config["lease"]["standard_ms"])
+    for name in LEASE_MESSAGES:
+        agent.registry.register(name, module.on_message)
+    return agent, module
 
 
 async def serve_agent(config: dict) -> None:
-    agent = build_agent(config)
+    agent, module = build_agent(config)
     server = AgentServer(agent, config["agent"]["listen"])
     await server.start()
+    module.start()
     if config["metrics"]["listen"]:
         from .metrics import serve_metrics
 
-        serve_metrics(agent.stats, config["metrics"]["listen"])
+        serve_metrics(config["metrics"]["listen"], agent.stats, module)
         log.info("metrics on http://%s/metrics", config["metrics"]["listen"])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -49,6 +76,7 @@ async def serve_agent(config: dict) -> None:
     await stop.wait()
     log.info("shutting down: draining %d connections", len(agent.connections))
     await server.stop(config["agent"]["shutdown_grace"])
+    await module.stop()
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -72,7 +100,7 @@ def make_parser() -> argparse.ArgumentParser:
         "agent",
         help="run the SPOP agent HAProxy's SPOE talks to",
         description="Run the SPOP agent. With no config it listens on 127.0.0.1:12345 and answers "
-        "every SPOE message (lease-* messages get the standard lease).",
+        "every SPOE message; lease-* messages register connections for tracking and get the lease in force.",
     )
     agent.add_argument("--listen", action="append", metavar="ADDR",
                        help="HOST:PORT, [IPV6]:PORT or unix:PATH (repeatable; overrides agent.listen)")

@@ -34,6 +34,7 @@ class Field:
     # For lists: the type and check of each item.
     item_kind: type | None = None
     nullable: bool = False
+    allow_empty: bool = False  # for lists
 
 
 def _check_address(value: str) -> None:
@@ -43,6 +44,24 @@ def _check_address(value: str) -> None:
 def _check_tcp_address(value: str) -> None:
     if parse_address(value)[0] == "unix":
         raise ValueError("expected HOST:PORT")
+
+
+MIN_KEY_BYTES = 16
+
+
+def read_key_file(path: str) -> bytes:
+    """The shared HMAC key: the file's bytes, surrounding whitespace removed."""
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read key file {path}: {exc.strerror}") from None
+    if len(key) < MIN_KEY_BYTES:
+        raise ValueError(f"key file {path} holds {len(key)} bytes; at least {MIN_KEY_BYTES} are needed")
+    return key
+
+
+def _check_key_file(value: str) -> None:
+    read_key_file(value)
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -67,6 +86,38 @@ AGENT_SCHEMA: dict[str, dict[str, Field]] = {
     "lease": {
         "standard_ms": Field(int, 30000, "the standard lease, sent when no prediction applies",
                              minimum=1, maximum=(1 << 31) - 1),
+    },
+    "tracker": {
+        "segment_size": Field(int, 1 << 20, "level-0 segment size in bytes", minimum=1024, maximum=1 << 40),
+        "min_segment_size": Field(int, 64 << 10, "hot segments split down to this size", minimum=1024,
+                                  maximum=1 << 40),
+        "max_segment_size": Field(int, 64 << 20, "idle segments merge up to this size", minimum=1024,
+                                  maximum=1 << 50),
+        "split_bytes": Field(int, 256 << 10, "bytes in one interval that make a tail segment hot",
+                             minimum=1, maximum=1 << 50),
+        "idle_ms": Field(int, 5000, "quiet time after which a segment counts as idle", minimum=1,
+                         maximum=86_400_000),
+        "max_segments_per_connection": Field(int, 64, "bound per connection (coarsens beyond)",
+                                             minimum=2, maximum=65535),
+        "max_total_segments": Field(int, 4_000_000, "bound across connections (coarsens beyond)",
+                                    minimum=4, maximum=1 << 40),
+        "max_connections": Field(int, 1_000_000, "tracked connections; more are refused and counted",
+                                 minimum=1, maximum=1 << 40),
+        "expire_ms": Field(int, 300_000, "a connection unseen this long is closed as expired", minimum=1,
+                           maximum=86_400_000 * 30),
+    },
+    "publish": {
+        "interval_ms": Field(int, 1000, "reporting interval", minimum=10, maximum=3_600_000),
+        "lb_nodes": Field(list, [], "LB node addresses HOST:PORT (UDP); empty: track without publishing",
+                          item_kind=str, check=_check_tcp_address, allow_empty=True),
+        "node_id": Field(int, 1, "this server node's id in the packets", minimum=0, maximum=(1 << 64) - 1),
+        "key_file": Field(str, None, "file holding the shared HMAC key (required with lb_nodes)",
+                          check=_check_key_file, nullable=True),
+        "mtu": Field(int, 1400, "largest datagram sent", minimum=576, maximum=65507),
+    },
+    "sampler": {
+        "source": Field(str, "auto", "kernel: sock_diag tcp_info; spoe: counters in SPOE messages; "
+                        "auto: kernel when it works here", choices=("auto", "kernel", "spoe")),
     },
     "metrics": {
         "listen": Field(str, None, "Prometheus /metrics address HOST:PORT (off when null)",
@@ -102,7 +153,7 @@ def validate_value(path: str, f: Field, value: Any) -> Any:
     if not _is_kind(value, f.kind):
         raise ConfigError(f"{path}: must be {_type_name(f.kind)}, got {value!r}")
     items = value if f.kind is list else [value]
-    if f.kind is list and not items:
+    if f.kind is list and not items and not f.allow_empty:
         raise ConfigError(f"{path}: must not be empty")
     for i, item in enumerate(items):
         where = f"{path}[{i}]" if f.kind is list else path
@@ -156,4 +207,46 @@ def load(
             continue
         section, key = dotted.split(".", 1)
         config[section][key] = validate_value(dotted, schema[section][key], value)
+    for check in CROSS_CHECKS:
+        check(config)
     return config
+
+
+def _check_segment_sizes(config: dict) -> None:
+    t = config.get("tracker")
+    if t and not t["min_segment_size"] <= t["segment_size"] <= t["max_segment_size"]:
+        raise ConfigError("tracker.segment_size: must lie between tracker.min_segment_size and "
+                          "tracker.max_segment_size")
+    if t and t["max_total_segments"] < 2 * t["max_segments_per_connection"]:
+        raise ConfigError("tracker.max_total_segments: must be at least twice "
+                          "tracker.max_segments_per_connection")
+
+
+def _check_publish_key(config: dict) -> None:
+    p = config.get("publish")
+    if p and p["lb_nodes"] and not p["key_file"]:
+        raise ConfigError("publish.key_file: required when publish.lb_nodes is set (packets are authenticated)")
+
+
+CROSS_CHECKS = (_check_segment_sizes, _check_publish_key)
+
+
+def reference_markdown(title: str, schema: dict[str, dict[str, Field]]) -> str:
+    """The configuration reference of one process, as docs/configuration.md shows it."""
+    lines = [f"## {title}", ""]
+    for section, fields in schema.items():
+        lines += [f"### `{section}`", "", "| key | type | default | range | meaning |", "|---|---|---|---|---|"]
+        for key, f in fields.items():
+            kinds = f.kind if isinstance(f.kind, tuple) else (f.kind,)
+            kind = " or ".join(k.__name__ for k in kinds) + (" or null" if f.nullable else "")
+            if f.choices:
+                bounds = ", ".join(map(str, f.choices))
+            elif f.minimum is not None or f.maximum is not None:
+                bounds = f"{f.minimum} … {f.maximum}" if f.maximum is not None else f"≥ {f.minimum}"
+            else:
+                bounds = ""
+            default = "null" if f.default is None else yaml.safe_dump(f.default, default_flow_style=True).strip()
+            default = default.removesuffix("\n...").strip()
+            lines.append(f"| `{key}` | {kind} | `{default}` | {bounds} | {f.help} |")
+        lines.append("")
+    return "\n".join(lines)

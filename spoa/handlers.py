@@ -29,7 +29,8 @@ class HandlerRegistry:
         if not callable(handler):
             raise TypeError(f"handler for {name!r} is not callable")
         self._handlers[name] = handler
-        if inspect.iscoroutinefunction(handler):
+        # Objects with an `async def __call__` are async handlers too.
+        if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(getattr(handler, "__call__", None)):
             self._async_names.add(name)
         else:
             self._async_names.discard(name)

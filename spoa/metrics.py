@@ -75,9 +75,48 @@ class AgentCollector:
         )
 
 
-def serve_metrics(stats: AgentStats, address: str, prefix: str = "spoa_agent") -> tuple:
+class ModuleCollector:
+    """The server node's tracking and publishing (spoa.lb_module.LbModule)."""
+
+    def __init__(self, module, prefix: str = "spoa_lease") -> None:
+        self._module = module
+        self._prefix = prefix
+
+    def collect(self) -> Iterator:
+        m, p = self._module, self._prefix
+        yield GaugeMetricFamily(f"{p}_tracked_connections", "connections being tracked", value=len(m.tracker))
+        yield GaugeMetricFamily(f"{p}_segments", "segments across tracked connections",
+                                value=m.tracker.total_segments)
+        events = CounterMetricFamily(f"{p}_tracker_events", "tracker events by kind", labels=["event"])
+        for event, n in sorted(m.tracker.stats.items()):
+            events.add_metric([event], n)
+        yield events
+        s = m.stats
+        for name, doc in (("registrations", "connections registered from SPOE"),
+                          ("registrations_bad", "lease messages without src/dst arguments"),
+                          ("samples", "kernel sock_diag dumps"),
+                          ("sample_errors", "failed kernel dumps"),
+                          ("packets_sent", "publishing packets sent"),
+                          ("records_published", "connection records published"),
+                          ("connections_closed", "connections closed on leaving the kernel dump")):
+            yield CounterMetricFamily(f"{p}_{name}", doc, value=getattr(s, name))
+        yield CounterMetricFamily(f"{p}_sample_seconds", "time spent in kernel dumps", value=s.sample_seconds)
+        sources = CounterMetricFamily(f"{p}_counter_updates", "counter updates by source", labels=["source"])
+        for source, n in sorted(s.sources.items()):
+            sources.add_metric([source], n)
+        yield sources
+        if m.publisher is not None:
+            for name, doc in (("datagrams_sent", "publishing datagrams sent"),
+                              ("bytes_sent", "publishing bytes sent"),
+                              ("send_errors", "datagrams the socket refused")):
+                yield CounterMetricFamily(f"{p}_{name}", doc, value=getattr(m.publisher, name))
+
+
+def serve_metrics(address: str, stats: AgentStats, module=None) -> tuple:
     """Start the /metrics HTTP server in a thread; returns (server, thread)."""
     host, port = parse_address(address)
     registry = CollectorRegistry()
-    registry.register(AgentCollector(stats, prefix))
+    registry.register(AgentCollector(stats))
+    if module is not None:
+        registry.register(ModuleCollector(module))
     return start_http_server(int(port), addr=str(host), registry=registry)

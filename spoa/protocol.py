@@ -42,7 +42,9 @@ _TXN = int(Scope.TXN)
 # processing`): handlers that set nothing get this harmless unset-var.
 NOOP_VAR = "noop"
 
-_AWAIT_HELLO, _READY, _CLOSING = range(3)
+# DRAINING: the agent is stopping; pending async NOTIFYs get their ACK, then
+# the AGENT-DISCONNECT goes out.
+_AWAIT_HELLO, _READY, _DRAINING, _CLOSING = range(4)
 # Peers that vanish this way are closing normally (3.1+ tears SPOP
 # connections down with RST instead of DISCONNECT).
 _NORMAL_CLOSE_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
@@ -72,21 +74,25 @@ class SpopProtocol(asyncio.Protocol):
         self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
         self._stats.connections_total += 1
         self._stats.connections_active += 1
-        self._agent.connections.add(self)
+        self._agent.connections.add(self)  # the server's factory added it already
         self._hello_timer = asyncio.get_running_loop().call_later(
             self._settings.hello_timeout, self._on_hello_timeout
         )
 
     def data_received(self, data: bytes) -> None:
-        if self._state == _CLOSING:
+        if self._state >= _DRAINING:
             return
+        self._stats.bytes_in += len(data)
+        self._reader.feed(data)  # cannot fail: only next_frame() judges the bytes
+        self._process()
+
+    def _process(self) -> None:
+        """Answer every complete frame buffered, until paused by the in-flight bound."""
         stats = self._stats
-        stats.bytes_in += len(data)
         reader = self._reader
         depth = 0
         try:
-            reader.feed(data)
-            while self._state != _CLOSING:
+            while self._state < _DRAINING and not self._paused:
                 frame = reader.next_frame()
                 if frame is None:
                     break
@@ -107,7 +113,7 @@ class SpopProtocol(asyncio.Protocol):
         self._flush()
 
     def eof_received(self) -> bool | None:
-        if self._reader.buffered and self._state != _CLOSING:
+        if self._reader.buffered and self._state < _DRAINING:
             self._stats.eof_mid_frame += 1
             log.info("peer %s closed in the middle of a frame (%d bytes)", self._peer, self._reader.buffered)
         return None
@@ -193,6 +199,8 @@ class SpopProtocol(asyncio.Protocol):
 
     def _on_fragment(self, frame: Frame) -> None:
         """Reassemble a 2.x fragmented NOTIFY (we announce `fragmentation`)."""
+        if not self._settings.accept_fragments:
+            raise SpopError(Status.FRAG_NOT_SUPPORTED, "fragmented NOTIFY, but fragmentation was not announced")
         key = (frame.stream_id, frame.frame_id)
         if frame.type == _NOTIFY:
             if self._fragment is not None:
@@ -252,6 +260,7 @@ class SpopProtocol(asyncio.Protocol):
         if stats.inflight > stats.max_inflight:
             stats.max_inflight = stats.inflight
         if len(self._tasks) >= self._settings.max_inflight_per_connection and not self._paused:
+            # A hard cap: _process() stops at this frame, the rest stay buffered.
             self._paused = True
             self._transport.pause_reading()
         task.add_done_callback(self._task_done)
@@ -273,10 +282,14 @@ class SpopProtocol(asyncio.Protocol):
         self._stats.inflight -= 1
         if not task.cancelled() and task.exception() is not None:
             log.error("answering a NOTIFY failed", exc_info=task.exception())
-        if self._paused and len(self._tasks) < self._settings.max_inflight_per_connection:
+        if self._state == _DRAINING:
+            if not self._tasks:
+                self._say_goodbye()
+        elif self._paused and len(self._tasks) < self._settings.max_inflight_per_connection:
             self._paused = False
             if self._state != _CLOSING:
                 self._transport.resume_reading()
+                self._process()  # frames that arrived while paused
 
     # -- closing ----------------------------------------------------------------------
     def _fail(self, status: int, detail: str) -> None:
@@ -306,7 +319,21 @@ class SpopProtocol(asyncio.Protocol):
             self._transport.write(data)
 
     def close(self) -> None:
-        """Server shutdown: tell HAProxy, then close."""
-        if self._state != _CLOSING:
-            write_disconnect(self._out, FrameType.AGENT_DISCONNECT, Status.NORMAL, "agent shutting down")
-            self._close_after_flush()
+        """Server shutdown: finish the NOTIFYs in flight, tell HAProxy, close."""
+        if self._state >= _DRAINING:
+            return
+        self._state = _DRAINING
+        if self._transport is not None:
+            self._transport.pause_reading()  # no new work
+        if not self._tasks:
+            self._say_goodbye()
+
+    def _say_goodbye(self) -> None:
+        write_disconnect(self._out, FrameType.AGENT_DISCONNECT, Status.NORMAL, "agent shutting down")
+        self._stats.frames_out += 1
+        self._close_after_flush()
+
+    def abort(self) -> None:
+        """Grace time is over: drop the connection."""
+        if self._transport is not None:
+            self._transport.abort()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -36,13 +37,18 @@ class AgentServer:
         self.agent = agent
         self.listen = [parse_address(a) for a in listen]
         self._servers: list[asyncio.AbstractServer] = []
+        self._stopping = False
 
     def _protocol(self) -> asyncio.Protocol:
         agent = self.agent
-        if len(agent.connections) >= agent.settings.max_connections:
+        if self._stopping or len(agent.connections) >= agent.settings.max_connections:
             agent.stats.connections_refused += 1
             return _Refuse()
-        return SpopProtocol(agent)
+        protocol = SpopProtocol(agent)
+        # Counted here, not in connection_made: asyncio accepts a whole
+        # backlog before any connection_made runs.
+        agent.connections.add(protocol)
+        return protocol
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -61,14 +67,20 @@ class AgentServer:
         return [_describe(s) for server in self._servers for s in server.sockets]
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Stop accepting, tell HAProxy on each connection, wait up to `grace`."""
+        """Stop accepting; each connection answers its NOTIFYs in flight, then
+        says AGENT-DISCONNECT; after `grace` seconds the rest are dropped."""
+        self._stopping = True
         for server in self._servers:
             server.close()
         for conn in list(self.agent.connections):
             conn.close()
-        deadline = asyncio.get_running_loop().time() + grace
-        while self.agent.connections and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.agent.connections and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self.agent.connections):
+            log.warning("connection still busy after %.1fs of grace: dropped", grace)
+            conn.abort()
         for server in self._servers:
             await server.wait_closed()
 
@@ -96,13 +108,13 @@ def _remove_stale_socket(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
-        raise ValueError(f"unix:{path} exists and is not a socket")
+        raise FileExistsError(errno.EEXIST, "exists and is not a socket", f"unix:{path}")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
     except OSError:
         os.unlink(path)  # nobody listens: stale
     else:
-        raise ValueError(f"unix:{path} is in use by another process")
+        raise OSError(errno.EADDRINUSE, "in use by another process", f"unix:{path}")
     finally:
         probe.close()

@@ -34,11 +34,11 @@ def app_server():
 class Stack:
     """Agent + HAProxy (+ the shared app) for one HAProxy line."""
 
-    def __init__(self, binary, tmp, app):
+    def __init__(self, binary, tmp, app, agent_config=None):
         self.binary = binary
         self.tmp = tmp
         self.app = app
-        self.agent = AgentProcess(tmp).start()
+        self.agent = AgentProcess(tmp, config=agent_config).start()
         self.haproxy = HAProxyProcess(binary, tmp, self.agent.port, app.port).start()
 
     def stop(self):

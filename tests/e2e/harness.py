@@ -14,6 +14,9 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import yaml
 
 from spoa.provision import HAProxyBinary
 
@@ -53,19 +56,23 @@ def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "co
 class AgentProcess:
     """`python -m spoa agent` as a subprocess, as an operator runs it."""
 
-    def __init__(self, tmp: Path, port: int | None = None) -> None:
+    def __init__(self, tmp: Path, port: int | None = None, config: dict | None = None) -> None:
         self.port = port or free_port()
         self.metrics_port = free_port()
         self.log_path = tmp / f"agent-{self.port}.log"
+        self.config_path: Path | None = None
+        if config is not None:
+            self.config_path = tmp / f"agent-{self.port}.yaml"
+            self.config_path.write_text(yaml.safe_dump(config))
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> AgentProcess:
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "spoa", "agent", "--listen", f"127.0.0.1:{self.port}",
-             "--metrics", f"127.0.0.1:{self.metrics_port}"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-        )
+        args = [sys.executable, "-m", "spoa", "agent", "--listen", f"127.0.0.1:{self.port}",
+                "--metrics", f"127.0.0.1:{self.metrics_port}"]
+        if self.config_path is not None:
+            args += ["--config", str(self.config_path)]
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         log.close()
         wait_port(self.port, proc=self.proc)
         wait_port(self.metrics_port, proc=self.proc)
@@ -112,12 +119,35 @@ class _AppHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive
 
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
+        url = urlsplit(self.path)
+        if url.path == "/stream":
+            query = parse_qs(url.query)
+            self._stream(int(query["bytes"][0]), int(query.get("rate", ["0"])[0]))
+            return
         body = b"ok\n"
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _stream(self, size: int, rate: int) -> None:
+        """`size` bytes at `rate` bytes/s (0: as fast as possible)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        chunk = b"x" * 65536
+        started = time.monotonic()
+        sent = 0
+        while sent < size:
+            n = min(len(chunk), size - sent)
+            self.wfile.write(chunk[:n])
+            sent += n
+            if rate:
+                ahead = sent / rate - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
 
     def log_message(self, *args) -> None:
         pass

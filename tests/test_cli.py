@@ -1,0 +1,337 @@
+"""`python -m spoa agent` as an operator runs it: a subprocess on loopback."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from spoa.constants import FrameType, Scope
+from spoa.testing import SpopClient, build_notify
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+TIMEOUT = 5.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "spoa", *args], capture_output=True, text=True,
+                          cwd=REPO, env=ENV, timeout=timeout)
+
+
+class Agent:
+    """The agent subprocess; stderr goes to a file that tests can read."""
+
+    def __init__(self, tmp_path: Path, *args: str) -> None:
+        self.log_path = tmp_path / f"agent-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "spoa", "agent", *args], stdout=self._log,
+                                     stderr=subprocess.STDOUT, cwd=REPO, env=ENV)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 10) -> None:
+        """Until the 'ready' line is logged (the signal handlers are installed by then)."""
+        deadline = time.monotonic() + timeout
+        while "ready on" not in self.log():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited with {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"agent not ready after {timeout}s:\n{self.log()}")
+            time.sleep(0.02)
+
+    def terminate(self, timeout: float = 10) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self._log.close()
+
+
+@pytest.fixture
+def start_agent(tmp_path):
+    started: list[Agent] = []
+
+    def start(*args: str) -> Agent:
+        agent = Agent(tmp_path, *args)
+        started.append(agent)
+        agent.wait_ready()
+        return agent
+
+    yield start
+    for agent in started:
+        agent.close()
+
+
+def _socket_path(tmp_path: Path) -> Path:
+    """A unix socket path that fits sun_path (108 bytes), under tmp_path when it can."""
+    path = tmp_path / "spoa.sock"
+    if len(str(path)) < 100:
+        return path
+    return Path(tempfile.mkdtemp(prefix="spoa-", dir="/tmp")) / "spoa.sock"
+
+
+def _lease_session(client: SpopClient, sid: int) -> list[tuple]:
+    return client.notify(sid, 1, [("lease-session", [("src", "192.0.2.1")])])
+
+
+def test_help():
+    result = run_cli("--help")
+    assert result.returncode == 0, result.stderr
+    assert "agent" in result.stdout
+    result = run_cli("agent", "--help")
+    assert result.returncode == 0, result.stderr
+    for option in ("--listen", "--config", "--metrics", "--log-level"):
+        assert option in result.stdout
+
+
+def test_runs_without_config_answers_and_exports_metrics(start_agent):
+    port, mport = free_port(), free_port()
+    agent = start_agent("--listen", f"127.0.0.1:{port}", "--metrics", f"127.0.0.1:{mport}")
+    with SpopClient(timeout=TIMEOUT).connect(f"127.0.0.1:{port}") as client:
+        hello = client.hello()
+        assert hello["version"] == "2.0" and hello["max-frame-size"] == 16380
+        sess, txn = int(Scope.SESS), int(Scope.TXN)
+        assert ("set-var", sess, "duration_ms", 30000) in _lease_session(client, 1)  # the standard lease
+        assert client.notify(3, 1, [("something-else", [])]) == [("unset-var", txn, "noop")]
+    with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=TIMEOUT) as resp:
+        text = resp.read().decode()
+    acks = re.search(r"^spoa_agent_acks_total (\S+)$", text, re.M)
+    assert acks and float(acks.group(1)) >= 2, text
+    assert re.search(r"^spoa_agent_unknown_messages_total 1\.0$", text, re.M)
+    assert agent.terminate() == 0
+
+
+def test_sigterm_exits_0_and_disconnects_open_connections(start_agent):
+    port = free_port()
+    agent = start_agent("--listen", f"127.0.0.1:{port}")
+    client = SpopClient(timeout=TIMEOUT).connect(f"127.0.0.1:{port}")
+    client.hello()
+    assert _lease_session(client, 1)
+    started = time.monotonic()
+    agent.proc.send_signal(signal.SIGTERM)
+    frame = client.read_frame()
+    assert frame is not None and frame.type == FrameType.AGENT_DISCONNECT
+    assert frame.kv()["status-code"] == 0
+    client.expect_close()
+    client.close()
+    assert agent.proc.wait(10) == 0
+    assert time.monotonic() - started < 5  # the default shutdown_grace
+    assert "Traceback" not in agent.log()
+
+
+def test_sigterm_with_peers_that_never_read(start_agent, tmp_path):
+    """ACKs piling up unread (and idle peers) must not hold the exit beyond shutdown_grace."""
+    config = tmp_path / "agent.yaml"
+    config.write_text("agent:\n  shutdown_grace: 1\n")
+    port = free_port()
+    agent = start_agent("--config", str(config), "--listen", f"127.0.0.1:{port}")
+    idle = [SpopClient(timeout=TIMEOUT).connect(f"127.0.0.1:{port}") for _ in range(3)]
+    stuck = SpopClient(timeout=TIMEOUT).connect(f"127.0.0.1:{port}")
+    stuck.hello(max_frame_size=65532)
+    # NOTIFYs of 400 messages: each ACK is ~3x its NOTIFY; never read them.
+    notify = b"".join(build_notify(2 * i + 1, 1, [("lease-session", [])] * 400) for i in range(20))
+    stuck.sock.setblocking(False)
+    sent, deadline = 0, time.monotonic() + 3
+    while sent < 16 << 20 and time.monotonic() < deadline:
+        try:
+            sent += stuck.sock.send(notify)
+        except BlockingIOError:
+            break  # the agent stopped reading: its write buffer is full
+    stuck.sock.setblocking(True)
+    time.sleep(0.2)
+    started = time.monotonic()
+    assert agent.terminate() == 0
+    print(f"sent {sent} bytes; exit after {time.monotonic() - started:.2f}s")
+    assert time.monotonic() - started < 4
+    for c in idle + [stuck]:
+        c.close()
+
+
+def test_unix_socket_listen_replaces_a_stale_socket(start_agent, tmp_path):
+    path = _socket_path(tmp_path)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))  # a killed agent leaves its socket file behind
+    stale.close()
+    assert path.is_socket()
+    agent = start_agent("--listen", f"unix:{path}")
+    with SpopClient(timeout=TIMEOUT).connect(f"unix:{path}") as client:
+        client.hello()
+        assert _lease_session(client, 1)
+    assert agent.terminate() == 0
+
+
+def test_unix_socket_in_use_is_not_taken_over(start_agent, tmp_path):
+    path = _socket_path(tmp_path)
+    first = start_agent("--listen", f"unix:{path}")
+    second = run_cli("agent", "--listen", f"unix:{path}")
+    assert second.returncode != 0
+    assert "in use" in second.stderr
+    with SpopClient(timeout=TIMEOUT).connect(f"unix:{path}") as client:  # the first agent keeps it
+        client.hello()
+    assert first.terminate() == 0
+
+
+@pytest.mark.parametrize("kind", ["regular-file", "in-use"])
+def test_unusable_unix_socket_path_fails_with_a_one_line_error(start_agent, tmp_path, kind):
+    path = _socket_path(tmp_path)
+    if kind == "regular-file":
+        path.write_text("data")
+    else:
+        start_agent("--listen", f"unix:{path}")
+    result = run_cli("agent", "--listen", f"unix:{path}")
+    assert result.returncode in (1, 2)
+    assert ("not a socket" if kind == "regular-file" else "in use") in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    if kind == "regular-file":
+        assert path.read_text() == "data"
+
+
+def test_port_in_use_fails_with_exit_1():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli("agent", "--listen", f"127.0.0.1:{port}")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "spoa-lease:" in result.stderr
+
+
+# (id, YAML text or None, extra CLI args, text the error must contain). The
+# first group runs as real subprocesses (all at once); the rest, variations of
+# the same code path, call cli.main() in-process to keep the suite fast.
+SUBPROCESS_MISTAKES = [
+    ("unknown-key", "agent: {max_frame_sise: 1}\n", [], "agent.max_frame_sise: unknown key"),
+    ("wrong-type", 'agent: {max_frame_size: "big"}\n', [], "agent.max_frame_size: must be an integer"),
+    ("out-of-range", "agent: {max_frame_size: 10}\n", [], "agent.max_frame_size: 10 is out of range"),
+    ("unknown-section", "agnet: {max_frame_size: 1024}\n", [], "agnet: unknown section"),
+    ("cli-bad-address", None, ["--listen", "nohost"], "agent.listen"),
+    ("missing-file", "<missing>", [], "cannot read config file"),
+    ("invalid-yaml", "agent: [\n", [], "not valid YAML"),
+]
+INPROCESS_MISTAKES = [
+    ("bool-as-int", "agent: {max_frame_size: true}\n", [], "agent.max_frame_size: must be an integer"),
+    ("below-minimum", "agent: {hello_timeout: 0}\n", [], "agent.hello_timeout"),
+    ("bad-address-in-file", "agent: {listen: [nohost]}\n", [], "agent.listen[0]"),
+    ("empty-list", "agent: {listen: []}\n", [], "agent.listen: must not be empty"),
+    ("metrics-on-unix", "metrics: {listen: unix:/tmp/m.sock}\n", [], "metrics.listen"),
+    ("bad-choice", "log: {level: loud}\n", [], "log.level"),
+    ("not-a-mapping", "- agent\n", [], "top level must be a mapping"),
+    ("section-not-mapping", "agent: 3\n", [], "agent: must be a mapping"),
+    ("cli-port-out-of-range", None, ["--listen", "127.0.0.1:99999"], "agent.listen"),
+    ("cli-empty-unix-path", None, ["--listen", "unix:"], "agent.listen"),
+    ("cli-metrics-without-port", None, ["--metrics", "localhost"], "metrics.listen"),
+    ("file-is-a-directory", "<directory>", [], "cannot read config file"),
+]
+
+
+def _mistake_command(tmp: Path, case_id: str, text: str | None, args: list[str]) -> tuple[list[str], Path]:
+    path = tmp / f"{case_id}.yaml"
+    if text == "<directory>":
+        path.mkdir()
+    elif text is not None and text != "<missing>":
+        path.write_text(text)
+    cmd = ["agent"] + (["--config", str(path)] if text is not None else [])
+    if "--listen" not in args:
+        cmd += ["--listen", "127.0.0.1:0"]
+    return cmd + args, path
+
+
+def _check_mistake(case_id: str, needle: str, returncode: int, stderr: str, path: Path) -> None:
+    assert returncode == 2, (returncode, stderr)
+    assert needle in stderr, stderr
+    assert stderr.startswith("spoa-lease: config error: ") and "Traceback" not in stderr, stderr
+    if case_id in ("missing-file", "file-is-a-directory"):
+        assert str(path) in stderr
+
+
+@pytest.fixture(scope="module")
+def mistake_results(tmp_path_factory):
+    """Run every SUBPROCESS_MISTAKES case at once: id -> (returncode, stderr, seconds, config path)."""
+    tmp = tmp_path_factory.mktemp("config-mistakes")
+    procs = {}
+    for case_id, text, args, _ in SUBPROCESS_MISTAKES:
+        cmd, path = _mistake_command(tmp, case_id, text, args)
+        proc = subprocess.Popen([sys.executable, "-m", "spoa", *cmd], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=REPO, env=ENV)
+        procs[case_id] = (proc, time.monotonic(), path)
+    results = {}
+    for case_id, (proc, started, path) in procs.items():
+        try:
+            _, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        results[case_id] = (proc.returncode, err, time.monotonic() - started, path)
+    return results
+
+
+@pytest.mark.parametrize("case_id, needle", [(c[0], c[3]) for c in SUBPROCESS_MISTAKES],
+                         ids=[c[0] for c in SUBPROCESS_MISTAKES])
+def test_config_mistakes_fail_fast_naming_the_key(mistake_results, case_id, needle):
+    returncode, stderr, seconds, path = mistake_results[case_id]
+    _check_mistake(case_id, needle, returncode, stderr, path)
+    assert seconds < 15  # fails at once: it never starts serving
+
+
+@pytest.mark.parametrize("case_id, text, args, needle", INPROCESS_MISTAKES, ids=[c[0] for c in INPROCESS_MISTAKES])
+def test_more_config_mistakes(tmp_path, capsys, monkeypatch, case_id, text, args, needle):
+    from spoa import cli
+
+    async def must_not_serve(config):
+        raise AssertionError(f"config accepted: {config}")
+
+    monkeypatch.setattr(cli, "serve_agent", must_not_serve)
+    monkeypatch.setattr(cli.logs, "setup", lambda *a, **k: None)
+    cmd, path = _mistake_command(tmp_path, case_id, text, args)
+    returncode = cli.main(cmd)
+    _check_mistake(case_id, needle, returncode, capsys.readouterr().err, path)
+
+
+def test_empty_config_file_means_defaults(start_agent, tmp_path):
+    config = tmp_path / "empty.yaml"
+    config.write_text("")
+    port = free_port()
+    agent = start_agent("--config", str(config), "--listen", f"127.0.0.1:{port}")
+    with SpopClient(timeout=TIMEOUT).connect(f"127.0.0.1:{port}") as client:
+        assert client.hello(max_frame_size=65532)["max-frame-size"] == 65532
+    assert agent.terminate() == 0
+
+
+def test_config_values_reach_the_agent(start_agent, tmp_path):
+    port = free_port()
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        f"agent:\n  listen: ['127.0.0.1:{port}']\n  max_frame_size: 4096\n  accept_fragments: false\n"
+        "  allow_async: false\nlease:\n  standard_ms: 1234\nlog:\n  format: json\n"
+    )
+    agent = start_agent("--config", str(config))
+    with SpopClient(timeout=TIMEOUT).connect(f"127.0.0.1:{port}") as client:
+        hello = client.hello()
+        assert hello["max-frame-size"] == 4096 and hello["capabilities"] == "pipelining"
+        assert _lease_session(client, 1)[0] == ("set-var", int(Scope.SESS), "duration_ms", 1234)
+    assert agent.terminate() == 0
+    assert '"level": "info"' in agent.log()  # JSON log lines
