@@ -16,7 +16,7 @@ directives = {"language_level": "3", "embedsignature": True}
 if DEBUG:
     directives.update(boundscheck=True, wraparound=True)
 
-MODULES = ["_codec", "_tracker", "_sampler"]
+MODULES = ["_codec", "_tracker", "_packet", "_sampler"]
 
 extensions = [
     Extension(f"spoa.{name}", [f"cext/spoa/{name}.pyx"], extra_compile_args=extra_compile_args)

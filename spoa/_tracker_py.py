@@ -94,7 +94,7 @@ class SegmentTracker:
         max_segment_size: int = 64 << 20,
         split_bytes: int = 256 << 10,
         idle_ms: int = 5000,
-        max_segments_per_connection: int = 64,
+        max_segments_per_connection: int = 16,
         max_total_segments: int = 4_000_000,
         max_connections: int = 1_000_000,
         expire_ms: int = 300_000,

@@ -97,8 +97,8 @@ AGENT_SCHEMA: dict[str, dict[str, Field]] = {
                              minimum=1, maximum=1 << 50),
         "idle_ms": Field(int, 5000, "quiet time after which a segment counts as idle", minimum=1,
                          maximum=86_400_000),
-        "max_segments_per_connection": Field(int, 64, "bound per connection (coarsens beyond)",
-                                             minimum=2, maximum=65535),
+        "max_segments_per_connection": Field(int, 16, "bound per connection (coarsens beyond); must fit "
+                                             "one datagram at publish.mtu", minimum=2, maximum=65535),
         "max_total_segments": Field(int, 4_000_000, "bound across connections (coarsens beyond)",
                                     minimum=4, maximum=1 << 40),
         "max_connections": Field(int, 1_000_000, "tracked connections; more are refused and counted",
@@ -222,13 +222,25 @@ def _check_segment_sizes(config: dict) -> None:
                           "tracker.max_segments_per_connection")
 
 
+def _check_segments_fit_mtu(config: dict) -> None:
+    """A connection record never spans datagrams: its segments must fit one."""
+    t, p = config.get("tracker"), config.get("publish")
+    if t and p:
+        from .packet import max_segments
+
+        fit = max_segments(p["mtu"], 255)
+        if t["max_segments_per_connection"] > fit:
+            raise ConfigError(f"tracker.max_segments_per_connection: {t['max_segments_per_connection']} segments "
+                              f"do not fit one datagram at publish.mtu {p['mtu']} (at most {fit})")
+
+
 def _check_publish_key(config: dict) -> None:
     p = config.get("publish")
     if p and p["lb_nodes"] and not p["key_file"]:
         raise ConfigError("publish.key_file: required when publish.lb_nodes is set (packets are authenticated)")
 
 
-CROSS_CHECKS = (_check_segment_sizes, _check_publish_key)
+CROSS_CHECKS = (_check_segment_sizes, _check_segments_fit_mtu, _check_publish_key)
 
 
 def reference_markdown(title: str, schema: dict[str, dict[str, Field]]) -> str:

@@ -74,11 +74,15 @@ class LbModule:
         self.standard_lease_ms = standard_lease_ms
         self.stats = ModuleStats()
         self._ports: set[int] = set()
-        # Keys the kernel has shown at least once: only those are closed when
-        # they vanish (a socket never seen may live in another namespace).
-        self._in_kernel: set = set()
+        # Set once the kernel dump has shown a registered connection: we share
+        # HAProxy's network namespace, so a registered socket missing from the
+        # dump has closed. Until then, absence proves nothing (the agent may
+        # run elsewhere) and connections end by expiry or SPOE counters.
+        self._kernel_sees_haproxy = False
         self._answers = count(1)
-        self._sequence = 0
+        # Packet sequences start at the clock, so that after a restart they
+        # still run ahead of what the LB nodes' replay guards last saw.
+        self._sequence = now_ms()
         self._task: asyncio.Task | None = None
 
     # -- SPOE side ------------------------------------------------------------------
@@ -147,7 +151,6 @@ class LbModule:
         if self.sampler is not None and self._ports:
             self._apply_kernel_sample(now)
         self.tracker.end_interval(now)
-        self._in_kernel.intersection_update(self.tracker.keys())  # expired ones
         records = self.tracker.publish()
         self.tracker.begin_interval(now)
         if self.publisher is not None and records:
@@ -170,16 +173,18 @@ class LbModule:
         self.stats.sample_seconds += time.perf_counter() - started
         tracker = self.tracker
         kernel = CounterSource.KERNEL
-        in_kernel = self._in_kernel
-        for key in tracker.keys():
+        keys = tracker.keys()
+        if not self._kernel_sees_haproxy:
+            self._kernel_sees_haproxy = any(key in sample for key in keys)
+        for key in keys:
             info = sample.get(key)
             if info is None:
-                if key in in_kernel:
-                    in_kernel.discard(key)
+                if self._kernel_sees_haproxy:
+                    # Closed, possibly before any sample saw it: its final
+                    # record carries what the last sample (if any) counted.
                     tracker.close(key, now)
                     self.stats.connections_closed += 1
                 continue
-            in_kernel.add(key)
             tracker.update(key, DIR_IN, info.bytes_received, info.data_segs_in,
                            now - info.last_data_recv_ms, kernel)
             tracker.update(key, DIR_OUT, info.bytes_acked, info.data_segs_out,

@@ -103,7 +103,7 @@ cdef class Connection:
 
 cdef class SegmentTracker:
     def __init__(self, segment_size=1 << 20, min_segment_size=64 << 10, max_segment_size=64 << 20,
-                 split_bytes=256 << 10, idle_ms=5000, max_segments_per_connection=64,
+                 split_bytes=256 << 10, idle_ms=5000, max_segments_per_connection=16,
                  max_total_segments=4_000_000, max_connections=1_000_000, expire_ms=300_000):
         if not 1 <= min_segment_size <= segment_size <= max_segment_size:
             raise ValueError("need 1 <= min_segment_size <= segment_size <= max_segment_size")

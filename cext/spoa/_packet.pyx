@@ -1,0 +1,652 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Connection publishing packet v1, compiled. Same API and behaviour as spoa/_packet_py.py.
+
+Encoding serializes every record into one malloc'd scratch buffer through C
+pointers, then cuts it into datagrams at record boundaries, each written
+straight into its bytes object and signed in place. Decoding reads the
+datagram through a pointer after every length check.
+
+HMAC-SHA256 is Python's hmac (OpenSSL), through the twin's per-key cache of
+keyed HMAC objects. Error messages are never built
+here: on any invalid input the compiled path calls the twin's validation
+helper for that field, which raises the very same exception the twin raises.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLong
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.object cimport PyObject, PyTypeObject, Py_TYPE, descrsetfunc, newfunc
+from cpython.memoryview cimport PyMemoryView_FromMemory
+from cpython.buffer cimport PyBUF_READ
+from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
+from libc.stdint cimport int8_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcmp, memcpy, strlen
+
+import dataclasses
+import types
+from collections import OrderedDict
+from hmac import compare_digest
+
+from spoa._packet_py import (
+    CONN_SIZE as _CONN_SIZE,
+    DEFAULT_MTU,
+    HEADER_SIZE as _HEADER_SIZE,
+    MAGIC,
+    MAX_DATAGRAM as _MAX_DATAGRAM,
+    MIN_MTU,
+    OVERHEAD as _OVERHEAD,
+    REASONS,
+    SEG_SIZE as _SEG_SIZE,
+    TAG_SIZE as _TAG_SIZE,
+    VERSION as _VERSION,
+    PacketError,
+    _addresses,
+    _check_conn_id,
+    _check_guard_args,
+    _check_key,
+    _check_mtu,
+    _frontend_bytes,
+    _header_fields,
+    _int_field,
+    _keyed,
+    _record_too_big,
+    _too_many_datagrams,
+    max_segments,
+)
+from spoa.records import ConnectionRecord, PacketHeader, SegmentRecord
+
+CONN_SIZE = _CONN_SIZE
+HEADER_SIZE = _HEADER_SIZE
+MAX_DATAGRAM = _MAX_DATAGRAM
+OVERHEAD = _OVERHEAD
+SEG_SIZE = _SEG_SIZE
+TAG_SIZE = _TAG_SIZE
+VERSION = _VERSION
+
+cdef extern from "Python.h":
+    const char *PyUnicode_AsUTF8AndSize(object unicode, Py_ssize_t *size) except NULL
+
+cdef extern from "<arpa/inet.h>" nogil:
+    int AF_INET
+    int AF_INET6
+    int INET6_ADDRSTRLEN
+    int inet_pton(int af, const char *src, void *dst)
+    const char *inet_ntop(int af, const void *src, char *dst, unsigned int size)
+
+
+cdef enum:
+    C_HEADER = 42         # datagram header
+    C_TAG = 16            # truncated HMAC-SHA256
+    C_OVERHEAD = 58       # header + tag
+    C_CONN = 84           # fixed part of a connection record
+    C_SEG = 42            # one segment
+    C_MAX_DATAGRAM = 65507
+    C_MAX_FRONTEND = 255
+    C_MAX_DATAGRAMS = 65535
+    C_MIN_KEY = 16
+    C_VERSION = 1
+    FAMILY_IPV4 = 4
+    FAMILY_IPV6 = 6
+    ADDR_TEXT = 64        # >= INET6_ADDRSTRLEN (46)
+
+cdef uint64_t U64_MAX = 0xFFFFFFFFFFFFFFFFULL
+cdef const uint8_t *V4_MAPPED = <const uint8_t *>b"\0\0\0\0\0\0\0\0\0\0\xff\xff"
+cdef const uint8_t *C_MAGIC = <const uint8_t *>b"CPUB"
+assert MAGIC == b"CPUB" and (_HEADER_SIZE, _TAG_SIZE, _CONN_SIZE, _SEG_SIZE, _VERSION) == (42, 16, 84, 42, 1)
+
+
+# -- building the frozen record dataclasses fast -------------------------------------
+# Their generated __init__ stores each field with object.__setattr__, which
+# costs ~0.15 us a field and dominated decoding (a 16-segment record is 127
+# fields). We do what it does, minus the Python frames: allocate with the
+# type's tp_new, then store each field through its __slots__ member
+# descriptor. Used only when the classes look exactly as expected (slots
+# dataclasses, these fields, no __post_init__, object's __new__); otherwise
+# the constructors are called. tests/test_packet.py checks _FAST_RECORDS.
+
+SEG_FIELDS = ("direction", "start_byte_offset", "byte_count", "bytes_transferred", "packets_transferred",
+              "timestamp_last_activity_ms", "level")
+CONN_FIELDS = ("conn_id", "src", "src_port", "dst", "dst_port", "frontend", "flags", "counter_source",
+               "granularity_level", "requested_lease_ms", "predicted_lease_ms", "lease_source", "bytes_in_total",
+               "bytes_out_total", "segments")
+
+
+def _slot_descriptors(cls, names):
+    """The member descriptors of cls's fields in `names` order, or None."""
+    if (not dataclasses.is_dataclass(cls) or hasattr(cls, "__post_init__") or cls.__new__ is not object.__new__
+            or tuple(f.name for f in dataclasses.fields(cls)) != names):
+        return None
+    descriptors = [cls.__dict__.get(name) for name in names]
+    if not all(type(d) is types.MemberDescriptorType for d in descriptors):
+        return None
+    return descriptors
+
+
+cdef list SEG_DESCRS = _slot_descriptors(SegmentRecord, SEG_FIELDS)
+cdef list CONN_DESCRS = _slot_descriptors(ConnectionRecord, CONN_FIELDS)
+_FAST_RECORDS = SEG_DESCRS is not None and CONN_DESCRS is not None
+cdef bint FAST_RECORDS = _FAST_RECORDS
+cdef descrsetfunc MEMBER_SET = Py_TYPE(SEG_DESCRS[0]).tp_descr_set if FAST_RECORDS else NULL
+cdef newfunc SEG_NEW = (<PyTypeObject *>SegmentRecord).tp_new
+cdef newfunc CONN_NEW = (<PyTypeObject *>ConnectionRecord).tp_new
+cdef tuple NO_ARGS = ()
+
+
+cdef object new_segment(uint8_t direction, uint64_t start, uint64_t byte_count, uint64_t transferred,
+                        uint64_t packets, uint64_t last, int level):
+    cdef object seg
+    cdef list d = SEG_DESCRS
+    if not FAST_RECORDS:
+        return SegmentRecord(direction, start, byte_count, transferred, packets, last, level)
+    seg = SEG_NEW(SegmentRecord, <PyObject *>NO_ARGS, NULL)
+    MEMBER_SET(d[0], seg, direction)
+    MEMBER_SET(d[1], seg, start)
+    MEMBER_SET(d[2], seg, byte_count)
+    MEMBER_SET(d[3], seg, transferred)
+    MEMBER_SET(d[4], seg, packets)
+    MEMBER_SET(d[5], seg, last)
+    MEMBER_SET(d[6], seg, level)
+    return seg
+
+
+cdef object new_connection(tuple values):
+    """A ConnectionRecord from its 15 field values in CONN_FIELDS order."""
+    cdef object rec
+    cdef list d = CONN_DESCRS
+    cdef Py_ssize_t k
+    if not FAST_RECORDS:
+        return ConnectionRecord(*values)
+    rec = CONN_NEW(ConnectionRecord, <PyObject *>NO_ARGS, NULL)
+    for k in range(15):
+        MEMBER_SET(d[k], rec, values[k])
+    return rec
+
+
+# -- big-endian stores and loads ---------------------------------------------------
+
+cdef inline void st16(uint8_t *p, uint64_t v) noexcept nogil:
+    p[0] = <uint8_t>(v >> 8)
+    p[1] = <uint8_t>v
+
+cdef inline void st32(uint8_t *p, uint64_t v) noexcept nogil:
+    p[0] = <uint8_t>(v >> 24)
+    p[1] = <uint8_t>(v >> 16)
+    p[2] = <uint8_t>(v >> 8)
+    p[3] = <uint8_t>v
+
+cdef inline void st64(uint8_t *p, uint64_t v) noexcept nogil:
+    st32(p, v >> 32)
+    st32(p + 4, v)
+
+cdef inline uint16_t ld16(const uint8_t *p) noexcept nogil:
+    return (<uint16_t>p[0] << 8) | p[1]
+
+cdef inline uint32_t ld32(const uint8_t *p) noexcept nogil:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+cdef inline uint64_t ld64(const uint8_t *p) noexcept nogil:
+    return (<uint64_t>ld32(p) << 32) | ld32(p + 4)
+
+
+# -- integer fields: C fast path, the twin's checker on anything unusual -----------
+
+cdef inline bint as_u64(object value, uint64_t *out):
+    """True and *out set when value is an int in [0, 2^64-1]."""
+    cdef int overflow
+    cdef long long v
+    if not isinstance(value, int):
+        return False
+    v = PyLong_AsLongLongAndOverflow(value, &overflow)
+    if overflow == 0:
+        if v < 0:
+            return False
+        out[0] = <uint64_t>v
+        return True
+    if overflow < 0:
+        return False
+    try:
+        out[0] = PyLong_AsUnsignedLongLong(value)
+    except OverflowError:
+        return False
+    return True
+
+
+cdef uint64_t get_u(object value, uint64_t hi, str field, Py_ssize_t i, Py_ssize_t j) except? 0xFFFFFFFFFFFFFFFF:
+    """value as an unsigned int <= hi; else the twin's _int_field raises."""
+    cdef uint64_t v = 0
+    if as_u64(value, &v) and v <= hi:
+        return v
+    return _int_field(value, 0, hi, field, i, j)  # raises, or accepts an __index__ object
+
+
+cdef int get_i8(object value, str field, Py_ssize_t i, Py_ssize_t j) except -1000:
+    cdef int overflow
+    cdef long long v
+    if isinstance(value, int):
+        v = PyLong_AsLongLongAndOverflow(value, &overflow)
+        if overflow == 0 and -128 <= v <= 127:
+            return <int>v
+    return _int_field(value, -128, 127, field, i, j)
+
+
+# -- addresses ------------------------------------------------------------------------
+
+cdef int parse_addr(object text, int family, uint8_t *out) except -1:
+    """1 and the 16-byte form in out when text is an address of that family, else 0."""
+    cdef const char *s
+    cdef Py_ssize_t size
+    try:
+        s = PyUnicode_AsUTF8AndSize(text, &size)
+    except UnicodeEncodeError:
+        return 0
+    if <size_t>size != strlen(s):  # embedded NUL: socket.inet_pton refuses it too
+        return 0
+    if family == FAMILY_IPV4:
+        if inet_pton(AF_INET, s, out + 12) != 1:
+            return 0
+        memcpy(out, V4_MAPPED, 12)
+        return 1
+    return 1 if inet_pton(AF_INET6, s, out) == 1 else 0
+
+
+cdef int put_addresses(object src, object dst, Py_ssize_t i, uint8_t *out_src, uint8_t *out_dst) except -1:
+    """Same checks, order and errors as the twin's _addresses; returns the family."""
+    if not isinstance(src, str) or not isinstance(dst, str):
+        _addresses(src, dst, i)  # raises the twin's TypeError/ValueError
+        raise AssertionError("unreachable")
+    if parse_addr(src, FAMILY_IPV4, out_src):
+        if not parse_addr(dst, FAMILY_IPV4, out_dst):
+            _addresses(src, dst, i)
+            raise AssertionError("unreachable")
+        return FAMILY_IPV4
+    if parse_addr(src, FAMILY_IPV6, out_src) and parse_addr(dst, FAMILY_IPV6, out_dst):
+        return FAMILY_IPV6
+    _addresses(src, dst, i)
+    raise AssertionError("unreachable")
+
+
+cdef str addr_text(const uint8_t *p, uint8_t family):
+    cdef char buf[ADDR_TEXT]
+    if family == FAMILY_IPV4:
+        inet_ntop(AF_INET, p + 12, buf, ADDR_TEXT)
+    else:
+        inet_ntop(AF_INET6, p, buf, ADDR_TEXT)
+    return PyUnicode_DecodeASCII(buf, strlen(buf), NULL)
+
+
+# -- scratch buffer ---------------------------------------------------------------------
+
+cdef int scratch_reserve(Scratch *s, Py_ssize_t extra) except -1:
+    cdef Py_ssize_t cap = s.cap
+    cdef uint8_t *data
+    cdef Py_ssize_t *ends
+    if s.len + extra > cap:
+        while s.len + extra > cap:
+            cap = cap * 2 if cap else 4096
+        data = <uint8_t *>PyMem_Realloc(s.data, cap)
+        if data == NULL:
+            raise MemoryError()
+        s.data = data
+        s.cap = cap
+    if s.nrec == s.rcap:
+        cap = s.rcap * 2 if s.rcap else 64
+        ends = <Py_ssize_t *>PyMem_Realloc(s.ends, cap * sizeof(Py_ssize_t))
+        if ends == NULL:
+            raise MemoryError()
+        s.ends = ends
+        s.rcap = cap
+    return 0
+
+
+cdef int put_record(Scratch *s, object rec, Py_ssize_t i, Py_ssize_t mtu) except -1:
+    """Append one record; checks in the twin's order (see _encode_record)."""
+    cdef uint8_t src[16]
+    cdef uint8_t dst[16]
+    cdef const char *fe
+    cdef Py_ssize_t flen, nseg, size, j
+    cdef int family
+    cdef uint8_t *p
+    cdef object conn_id = rec.conn_id
+    cdef object frontend
+    cdef object segments
+    cdef tuple segs
+    if not isinstance(conn_id, bytes) or PyBytes_GET_SIZE(conn_id) != 16:
+        _check_conn_id(conn_id, i)
+        raise AssertionError("unreachable")
+    family = put_addresses(rec.src, rec.dst, i, src, dst)
+    frontend = rec.frontend
+    if not isinstance(frontend, str):
+        _frontend_bytes(frontend, i)
+        raise AssertionError("unreachable")
+    try:
+        fe = PyUnicode_AsUTF8AndSize(frontend, &flen)
+    except UnicodeEncodeError:
+        _frontend_bytes(frontend, i)
+        raise AssertionError("unreachable")
+    if flen > C_MAX_FRONTEND:
+        _frontend_bytes(frontend, i)
+        raise AssertionError("unreachable")
+    segments = rec.segments
+    nseg = len(segments)
+    if type(segments) is tuple:
+        segs = <tuple>segments
+    else:
+        segs = tuple(segments)
+        if len(segs) != nseg:
+            raise ValueError(f"connections[{i}].segments: len() gave {nseg}, iteration {len(segs)}")
+    size = C_CONN + flen + nseg * C_SEG
+    if size > mtu - C_OVERHEAD:
+        raise _record_too_big(i, flen, nseg, mtu)
+    scratch_reserve(s, size)
+    p = s.data + s.len
+    memcpy(p, PyBytes_AS_STRING(conn_id), 16)
+    st64(p + 16, get_u(rec.bytes_in_total, U64_MAX, "bytes_in_total", i, -1))
+    st64(p + 24, get_u(rec.bytes_out_total, U64_MAX, "bytes_out_total", i, -1))
+    memcpy(p + 32, src, 16)
+    memcpy(p + 48, dst, 16)
+    st16(p + 64, get_u(rec.src_port, 0xFFFF, "src_port", i, -1))
+    st16(p + 66, get_u(rec.dst_port, 0xFFFF, "dst_port", i, -1))
+    st32(p + 68, get_u(rec.requested_lease_ms, 0xFFFFFFFF, "requested_lease_ms", i, -1))
+    st32(p + 72, get_u(rec.predicted_lease_ms, 0xFFFFFFFF, "predicted_lease_ms", i, -1))
+    p[76] = family
+    p[77] = <uint8_t>get_u(rec.flags, 0xFF, "flags", i, -1)
+    p[78] = <uint8_t>get_u(rec.counter_source, 0xFF, "counter_source", i, -1)
+    p[79] = <uint8_t>get_u(rec.lease_source, 0xFF, "lease_source", i, -1)
+    p[80] = <uint8_t><int8_t>get_i8(rec.granularity_level, "granularity_level", i, -1)
+    p[81] = <uint8_t>flen
+    st16(p + 82, nseg)
+    memcpy(p + C_CONN, fe, flen)
+    p += C_CONN + flen
+    for j in range(nseg):
+        seg = segs[j]
+        p[0] = <uint8_t>get_u(seg.direction, 1, "direction", i, j)
+        p[1] = <uint8_t><int8_t>get_i8(seg.level, "level", i, j)
+        st64(p + 2, get_u(seg.start_byte_offset, U64_MAX, "start_byte_offset", i, j))
+        st64(p + 10, get_u(seg.byte_count, U64_MAX, "byte_count", i, j))
+        st64(p + 18, get_u(seg.bytes_transferred, U64_MAX, "bytes_transferred", i, j))
+        st64(p + 26, get_u(seg.packets_transferred, U64_MAX, "packets_transferred", i, j))
+        st64(p + 34, get_u(seg.timestamp_last_activity_ms, U64_MAX, "timestamp_last_activity_ms", i, j))
+        p += C_SEG
+    s.len += size
+    s.ends[s.nrec] = s.len
+    s.nrec += 1
+    return 0
+
+
+# -- encoding ---------------------------------------------------------------------------
+
+def encode_packet(header, connections, key, mtu=DEFAULT_MTU):
+    """Encode one logical packet as datagrams of at most `mtu` bytes each.
+
+    Records keep their order and are packed greedily; each datagram carries
+    whole records, the header (with its index and the datagram count) and its
+    own HMAC. No connections gives one datagram with zero records (a
+    heartbeat). ValueError/TypeError name the offending field.
+    """
+    cdef Scratch s
+    cdef Py_ssize_t cmtu, limit, k, first, start, count, index, length, payload
+    cdef uint64_t node_id, sequence, timestamp_ms, interval_ms, flags
+    cdef uint8_t *p
+    cdef list out = []
+    cdef bytes datagram, tag
+    _check_key(key)
+    keyed = _keyed(key)
+    cmtu = _check_mtu(mtu)
+    node_id, sequence, timestamp_ms, interval_ms, flags = _header_fields(header)
+    limit = cmtu - C_OVERHEAD
+    s.data = NULL
+    s.ends = NULL
+    s.len = s.cap = s.nrec = s.rcap = 0
+    try:
+        for k, rec in enumerate(connections):
+            put_record(&s, rec, k, cmtu)
+        # Pass 1: count the datagrams (greedy, records in order).
+        count = 1
+        start = 0
+        for k in range(s.nrec):
+            if s.ends[k] - start > limit:
+                count += 1
+                start = s.ends[k - 1]
+        if count > C_MAX_DATAGRAMS:
+            raise _too_many_datagrams(count)
+        # Pass 2: write them.
+        index = 0
+        first = 0
+        start = 0
+        k = 0
+        while True:
+            while k < s.nrec and s.ends[k] - start <= limit:
+                k += 1
+            payload = (s.ends[k - 1] if k > first else start) - start
+            length = C_HEADER + payload + C_TAG
+            datagram = PyBytes_FromStringAndSize(NULL, length)
+            p = <uint8_t *>PyBytes_AS_STRING(datagram)
+            memcpy(p, C_MAGIC, 4)
+            p[4] = C_VERSION
+            p[5] = <uint8_t>flags
+            st16(p + 6, length)
+            st64(p + 8, node_id)
+            st64(p + 16, sequence)
+            st64(p + 24, timestamp_ms)
+            st32(p + 32, interval_ms)
+            st16(p + 36, index)
+            st16(p + 38, count)
+            st16(p + 40, k - first)
+            if payload:
+                memcpy(p + C_HEADER, s.data + start, payload)
+            # The bytes object is ours alone until returned: sign it in place.
+            mac = keyed.copy()
+            mac.update(PyMemoryView_FromMemory(<char *>p, length - C_TAG, PyBUF_READ))
+            tag = mac.digest()
+            memcpy(p + length - C_TAG, PyBytes_AS_STRING(tag), C_TAG)
+            out.append(datagram)
+            index += 1
+            if k >= s.nrec:
+                break
+            first = k
+            start += payload
+    finally:
+        PyMem_Free(s.data)
+        PyMem_Free(s.ends)
+    return out
+
+
+# -- decoding ---------------------------------------------------------------------------
+
+cdef inline malformed(str detail):
+    return PacketError("malformed", detail)
+
+
+def decode_datagram(data, key):
+    """(header, datagram index, datagram count, records) of one datagram.
+
+    Checks, in this order: size, magic, version, length field, HMAC (before any
+    record is parsed), then every record's bounds and values. Any defect raises
+    PacketError with its reason; no other exception escapes for any bytes.
+    """
+    cdef const uint8_t *p
+    cdef const uint8_t *r
+    cdef const uint8_t *sp
+    cdef Py_ssize_t n, end, pos, i, j, nrec, flen, nseg
+    cdef Py_ssize_t prev_fe = -1, prev_flen = -1
+    cdef Py_ssize_t prev_dst = -1
+    cdef uint16_t length, index, count
+    cdef uint8_t family, prev_family = 0, direction
+    cdef bytes tag
+    cdef list records = []
+    cdef list segments
+    cdef str frontend = None, dst_text = None, src_text
+    if not (isinstance(key, bytes) and PyBytes_GET_SIZE(key) >= C_MIN_KEY):
+        _check_key(key)
+    if not isinstance(data, bytes):
+        data = bytes(data)
+    n = PyBytes_GET_SIZE(data)
+    p = <const uint8_t *>PyBytes_AS_STRING(data)
+    if n > C_MAX_DATAGRAM:
+        raise PacketError("oversized", f"{n} bytes; a UDP datagram carries at most {C_MAX_DATAGRAM}")
+    if n < 5:
+        raise PacketError("truncated", f"{n} bytes; too short for magic and version")
+    if memcmp(p, C_MAGIC, 4) != 0:
+        raise PacketError("bad_magic", f"magic {data[:4].hex()}, expected {MAGIC.hex()}")
+    if p[4] != C_VERSION:
+        raise PacketError("bad_version", f"version {p[4]}, this decoder reads {C_VERSION}")
+    if n < C_OVERHEAD:
+        raise PacketError("truncated", f"{n} bytes; a version {C_VERSION} datagram has at least {C_OVERHEAD}")
+    length = ld16(p + 6)
+    if length > n:
+        raise PacketError("truncated", f"{n} bytes; the header announces {length}")
+    if length < n:
+        raise malformed(f"{n} bytes; the header announces {length}")
+    end = n - C_TAG
+    mac = _keyed(key).copy()
+    mac.update(PyMemoryView_FromMemory(<char *>p, end, PyBUF_READ))
+    tag = mac.digest()
+    if not compare_digest(tag[:C_TAG], data[end:]):
+        raise PacketError("bad_hmac", "HMAC-SHA256 mismatch: wrong key or altered datagram")
+    index = ld16(p + 36)
+    count = ld16(p + 38)
+    nrec = ld16(p + 40)
+    if index >= count:
+        raise malformed(f"datagram index {index} not below count {count}")
+    header = PacketHeader(ld64(p + 8), ld64(p + 16), ld64(p + 24), ld32(p + 32), p[5])
+    pos = C_HEADER
+    for i in range(nrec):
+        if end - pos < C_CONN:
+            raise malformed(f"record {i} of {nrec} runs past the end")
+        r = p + pos
+        family = r[76]
+        flen = r[81]
+        nseg = ld16(r + 82)
+        if end - pos - C_CONN < flen + nseg * C_SEG:
+            raise malformed(f"record {i} of {nrec}: its {flen}-byte frontend name and {nseg} segments run past the end")
+        if family == FAMILY_IPV4:
+            if memcmp(r + 32, V4_MAPPED, 12) != 0 or memcmp(r + 48, V4_MAPPED, 12) != 0:
+                raise malformed(f"record {i}: IPv4 address outside ::ffff:0:0/96")
+        elif family != FAMILY_IPV6:
+            raise malformed(f"record {i}: address family {family}, expected 4 or 6")
+        src_text = addr_text(r + 32, family)
+        # Records of one datagram mostly share the frontend address and name.
+        if prev_dst < 0 or family != prev_family or memcmp(r + 48, p + prev_dst, 16) != 0:
+            dst_text = addr_text(r + 48, family)
+            prev_family = family
+        prev_dst = pos + 48
+        pos += C_CONN
+        if flen != prev_flen or memcmp(p + pos, p + prev_fe, flen) != 0:
+            try:
+                frontend = PyUnicode_DecodeUTF8(<const char *>p + pos, flen, NULL)
+            except UnicodeDecodeError:
+                raise malformed(f"record {i}: frontend name is not valid UTF-8") from None
+            prev_fe = pos
+            prev_flen = flen
+        pos += flen
+        segments = []
+        for j in range(nseg):
+            sp = p + pos
+            direction = sp[0]
+            if direction > 1:
+                raise malformed(f"record {i} segment {j}: direction {direction}, expected 0 or 1")
+            segments.append(new_segment(direction, ld64(sp + 2), ld64(sp + 10), ld64(sp + 18), ld64(sp + 26),
+                                        ld64(sp + 34), <int8_t>sp[1]))
+            pos += C_SEG
+        records.append(new_connection((
+            PyBytes_FromStringAndSize(<const char *>r, 16), src_text, ld16(r + 64), dst_text, ld16(r + 66),
+            frontend, r[77], r[78], <int8_t>r[80], ld32(r + 68), ld32(r + 72), r[79], ld64(r + 16), ld64(r + 24),
+            tuple(segments))))
+    if pos != end:
+        raise malformed(f"{end - pos} bytes after the last of {nrec} records")
+    return header, index, count, records
+
+
+# -- replay detection ---------------------------------------------------------------------
+
+cdef class _NodeWindow:
+    pass
+
+
+cdef class ReplayGuard:
+    """Accepts each (node_id, sequence, datagram index) once.
+
+    Per node it keeps the highest sequence seen and, for the last `window`
+    sequences (that one included), a bitmap of the datagram indexes accepted.
+    Older sequences are refused as "replayed". At most `max_nodes` nodes are
+    tracked; the least recently accepted one is forgotten first (`evictions`
+    counts them). Memory is bounded by max_nodes x window x (one bitmap of at
+    most 8 KiB, as indexes are u16; a few bytes in practice).
+
+    A refused check leaves the state unchanged. Call it only after the HMAC
+    verified: unauthenticated input must not move the window.
+    """
+
+    def __init__(self, window=64, max_nodes=4096):
+        self.window, self.max_nodes = _check_guard_args(window, max_nodes)
+        self.evictions = 0
+        self._nodes = OrderedDict()
+
+    def __len__(self):
+        return len(self._nodes)
+
+    def __contains__(self, node_id):
+        return node_id in self._nodes
+
+    def check(self, header, index):
+        """Record the datagram as seen, or raise PacketError("replayed")."""
+        cdef uint64_t node = get_u(header.node_id, U64_MAX, "header.node_id", -1, -1)
+        cdef uint64_t seq = get_u(header.sequence, U64_MAX, "header.sequence", -1, -1)
+        cdef uint64_t idx = get_u(index, C_MAX_DATAGRAMS - 1, "index", -1, -1)
+        cdef uint64_t behind
+        cdef _NodeWindow state
+        cdef object bit = 1
+        cdef object mask
+        cdef object node_key = node
+        cdef object seq_key = seq
+        cdef dict seen
+        bit <<= idx
+        nodes = self._nodes
+        state = nodes.get(node_key)
+        if state is None:
+            if len(nodes) >= self.max_nodes:
+                nodes.popitem(last=False)
+                self.evictions += 1
+            state = _NodeWindow.__new__(_NodeWindow)
+            state.highest = seq
+            state.seen = {seq_key: bit}
+            nodes[node_key] = state
+            return
+        seen = state.seen
+        if seq > state.highest:
+            state.highest = seq
+            for old in [s for s in seen if seq - <uint64_t>s >= <uint64_t>self.window]:
+                del seen[old]
+            seen[seq_key] = bit
+        else:
+            behind = state.highest - seq
+            if behind >= <uint64_t>self.window:
+                raise PacketError(
+                    "replayed",
+                    f"node {node} sequence {seq} is {behind} behind {state.highest}, outside the {self.window}-sequence window",
+                )
+            mask = seen.get(seq_key, 0)
+            if mask & bit:
+                raise PacketError("replayed", f"node {node} sequence {seq} datagram {idx} was accepted already")
+            seen[seq_key] = mask | bit
+        nodes.move_to_end(node_key)
+
+
+__all__ = [
+    "CONN_SIZE",
+    "DEFAULT_MTU",
+    "HEADER_SIZE",
+    "MAGIC",
+    "MAX_DATAGRAM",
+    "MIN_MTU",
+    "OVERHEAD",
+    "REASONS",
+    "SEG_SIZE",
+    "TAG_SIZE",
+    "VERSION",
+    "PacketError",
+    "ReplayGuard",
+    "decode_datagram",
+    "encode_packet",
+    "max_segments",
+]
