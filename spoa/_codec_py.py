@@ -227,6 +227,15 @@ class Message:
             pos = _skip_typed(buf, stop, end)
         return default
 
+    def get_address(self, name: str, default: Any = None) -> Any:
+        """The first argument called `name` as address text ("192.0.2.1", "2001:db8::1").
+
+        Cheaper than str(get(name)) for the per-message identity arguments;
+        an argument that is not an IP address is returned as get() would.
+        """
+        value = self.get(name, default)
+        return str(value) if isinstance(value, (IPv4Address, IPv6Address)) else value
+
     def items(self) -> list[tuple[str, Any]]:
         """Every argument in order, duplicates and unnamed ones included."""
         out = []

@@ -132,6 +132,10 @@ class SegmentTracker:
     def register(self, key: Hashable, conn_id: bytes, src: str, src_port: int, dst: str, dst_port: int,
                  frontend: str, now_ms: int) -> bool:
         conn = self._conns.get(key)
+        if not isinstance(conn_id, bytes):
+            raise TypeError("conn_id must be bytes")
+        if len(conn_id) != 16:
+            raise ValueError("conn_id must be 16 bytes")
         if conn is not None:
             if conn.conn_id == conn_id:
                 conn.last_seen = now_ms

@@ -1150,3 +1150,22 @@ def test_put_name_refuses_integers(codec):
     with pytest.raises(TypeError):
         writer.set_var(Scope.TXN, 5, 1)
     assert len(writer) == 0
+
+
+def test_get_address_gives_text(codec):
+    writer = codec.FrameWriter()
+    frames.write_notify(writer, 1, 1, [("m", [
+        ("v4", IPv4Address("192.0.2.254")), ("v6", IPv6Address("2001:db8::1")), ("s", "text"), ("i", 7),
+        ("edge", IPv4Address("255.255.255.255")),
+    ])])
+    reader = codec.FrameReader(16380)
+    reader.feed(writer.take())
+    message = reader.next_frame().messages()[0]
+    assert message.get_address("v4") == "192.0.2.254"
+    assert message.get_address("edge") == "255.255.255.255"
+    assert message.get_address("v6") == "2001:db8::1"
+    assert message.get_address("s") == "text"  # not an address: as get() returns it
+    assert message.get_address("i") == 7
+    assert message.get_address("absent", "dflt") == "dflt"
+    with pytest.raises(TypeError):
+        message.get_address(b"v4")

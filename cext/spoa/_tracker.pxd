@@ -27,7 +27,7 @@ cdef struct Direction:
 
 cdef class Connection:
     cdef object key             # the caller's key (e.g. the kernel 4-tuple)
-    cdef bytes conn_id          # 16-byte connection id
+    cdef unsigned char conn_id[16]  # connection id (kept inline: no bytes object per connection)
     cdef str src                # client address
     cdef str dst                # frontend address
     cdef str frontend           # frontend name

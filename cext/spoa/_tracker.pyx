@@ -8,7 +8,8 @@ integer operations.
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from libc.stdint cimport int32_t, int64_t, uint64_t
-from libc.string cimport memmove
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.string cimport memcmp, memcpy, memmove
 
 from spoa.records import (
     DIR_IN,
@@ -29,7 +30,8 @@ cdef int FLAG_CLOSING = ConnFlags.CLOSING
 cdef int FLAG_EXPIRED = ConnFlags.EXPIRED
 cdef int SOURCE_NONE = CounterSource.NONE
 cdef int LEASE_STANDARD = LeaseSource.STANDARD
-cdef Py_ssize_t INITIAL_SLOTS = 2
+# Most connections never need a second segment per direction.
+cdef Py_ssize_t INITIAL_SLOTS = 1
 
 
 cdef inline int bit_length(uint64_t value):
@@ -182,8 +184,10 @@ cdef class SegmentTracker:
     def register(self, key, bytes conn_id, str src, int src_port, str dst, int dst_port, str frontend,
                  int64_t now_ms):
         cdef Connection conn = self._conns.get(key)
+        if PyBytes_GET_SIZE(conn_id) != 16:
+            raise ValueError("conn_id must be 16 bytes")
         if conn is not None:
-            if conn.conn_id == conn_id:
+            if memcmp(conn.conn_id, PyBytes_AS_STRING(conn_id), 16) == 0:
                 conn.last_seen = now_ms
                 return True
             self.close(key, now_ms)  # the 4-tuple was reused: the old connection is over
@@ -192,7 +196,7 @@ cdef class SegmentTracker:
             return False
         conn = Connection.__new__(Connection)
         conn.key = key
-        conn.conn_id = conn_id
+        memcpy(conn.conn_id, PyBytes_AS_STRING(conn_id), 16)
         conn.src = src
         conn.src_port = src_port
         conn.dst = dst
@@ -475,7 +479,7 @@ cdef class SegmentTracker:
                 segments.append(SegmentRecord(k, s.start, s.count, s.bytes_interval, s.packets_interval,
                                               s.last_activity, s.level))
         return ConnectionRecord(
-            conn_id=conn.conn_id, src=conn.src, src_port=conn.src_port, dst=conn.dst, dst_port=conn.dst_port,
+            conn_id=PyBytes_FromStringAndSize(<char *>conn.conn_id, 16), src=conn.src, src_port=conn.src_port, dst=conn.dst, dst_port=conn.dst_port,
             frontend=conn.frontend, flags=conn.flags, counter_source=conn.source,
             granularity_level=max(conn.dirs[0].level, conn.dirs[1].level),
             requested_lease_ms=conn.requested_lease, predicted_lease_ms=conn.predicted_lease,
