@@ -11,7 +11,7 @@ import sys
 
 from . import __version__, config as cfg, logs
 from .agent import Agent, AgentSettings
-from .lb_module import LEASE_MESSAGES, LbModule
+from .lb_module import LEASE_MESSAGES, LbModule, LeaseSettings
 from .server import AgentServer
 
 log = logging.getLogger("spoa.cli")
@@ -52,7 +52,7 @@ def build_agent(config: dict) -> tuple[Agent, LbModule]:
 
         publisher = Publisher(publish["lb_nodes"], cfg.read_key_file(publish["key_file"]), publish["mtu"])
     module = LbModule(SegmentTracker(**config["tracker"]), make_sampler(config["sampler"]["source"]), publisher,
-                      publish["interval_ms"], publish["node_id"], config["lease"]["standard_ms"])
+                      publish["interval_ms"], publish["node_id"], LeaseSettings(**config["lease"]))
     for name in LEASE_MESSAGES:
         agent.registry.register(name, module.on_message)
     return agent, module
@@ -62,6 +62,8 @@ async def serve_agent(config: dict) -> None:
     agent, module = build_agent(config)
     server = AgentServer(agent, config["agent"]["listen"])
     await server.start()
+    if module.publisher is not None:
+        await module.publisher.open()
     module.start()
     if config["metrics"]["listen"]:
         from .metrics import serve_metrics
@@ -91,6 +93,21 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lbnode(args: argparse.Namespace) -> int:
+    config = cfg.load(
+        cfg.LBNODE_SCHEMA,
+        args.config,
+        {"lbnode.listen": args.listen, "lbnode.key_file": args.key_file, "metrics.listen": args.metrics,
+         "log.level": args.log_level},
+    )
+    logs.setup(config["log"]["level"], config["log"]["format"])
+    from .lbnode_service import serve_lbnode
+
+    with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+        runner.run(serve_lbnode(config))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spoa-lease", description=__doc__)
     parser.add_argument("--version", action="version", version=f"spoa-lease {__version__}")
@@ -108,6 +125,19 @@ def make_parser() -> argparse.ArgumentParser:
     agent.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics here")
     agent.add_argument("--log-level", choices=cfg.LOG_LEVELS)
     agent.set_defaults(func=cmd_agent)
+
+    lbnode = sub.add_parser(
+        "lbnode",
+        help="run an LB node: receives publishing packets, predicts leases, sends hints back",
+        description="Run an LB node. It holds each published connection's state under a lease, forecasts "
+        "its volume, grants leases (lease.policy volume or activity) and answers each server node with hints.",
+    )
+    lbnode.add_argument("--listen", metavar="HOST:PORT", help="UDP address for packets (overrides lbnode.listen)")
+    lbnode.add_argument("--config", metavar="FILE", help="YAML config (see docs/configuration.md)")
+    lbnode.add_argument("--key-file", metavar="FILE", help="shared HMAC key file (overrides lbnode.key_file)")
+    lbnode.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics here")
+    lbnode.add_argument("--log-level", choices=cfg.LOG_LEVELS)
+    lbnode.set_defaults(func=cmd_lbnode)
     return parser
 
 

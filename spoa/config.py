@@ -86,6 +86,14 @@ AGENT_SCHEMA: dict[str, dict[str, Field]] = {
     "lease": {
         "standard_ms": Field(int, 30000, "the standard lease, sent when no prediction applies",
                              minimum=1, maximum=(1 << 31) - 1),
+        "min_ms": Field(int, 1000, "a predicted lease below this is refused (standard lease, source fallback)",
+                        minimum=1, maximum=(1 << 31) - 1),
+        "max_ms": Field(int, 3_600_000, "a predicted lease above this is refused (standard lease, source fallback)",
+                        minimum=1, maximum=(1 << 31) - 1),
+        "hint_ttl_ms": Field(int, 5000, "a hint older than this is stale (the LB node went quiet): fallback",
+                             minimum=1, maximum=86_400_000),
+        "refresh_fraction": Field(float, 0.34, "under a predicted lease, publish a connection every "
+                                  "lease x this (never more often than every interval)", minimum=0.01, maximum=1.0),
     },
     "tracker": {
         "segment_size": Field(int, 1 << 20, "level-0 segment size in bytes", minimum=1024, maximum=1 << 40),
@@ -127,6 +135,58 @@ AGENT_SCHEMA: dict[str, dict[str, Field]] = {
         "level": Field(str, "info", "log level", choices=LOG_LEVELS),
         "format": Field(str, "text", "text or json (one object per line)", choices=("text", "json")),
     },
+}
+
+
+FORECASTERS = ("ses", "damped_holt", "croston", "tsb", "arima")
+POLICIES = ("volume", "activity")
+
+LBNODE_SCHEMA: dict[str, dict[str, Field]] = {
+    "lbnode": {
+        "listen": Field(str, "127.0.0.1:9400", "UDP address publishing packets arrive on (hints leave from it)",
+                        check=_check_tcp_address),
+        "key_file": Field(str, None, "file holding the HMAC key shared with the server nodes (required)",
+                          check=_check_key_file, nullable=True),
+        "node_id": Field(int, 1, "this LB node's id in the hints", minimum=0, maximum=(1 << 64) - 1),
+        "interval_ms": Field(int, 1000, "forecast / lease / hint interval", minimum=10, maximum=3_600_000),
+        "max_connections": Field(int, 1_000_000, "connections held; beyond, new ones are refused and counted",
+                                 minimum=1, maximum=1 << 32),
+        "remember_expired": Field(int, 100_000, "expired connections remembered to detect premature expiries",
+                                  minimum=0, maximum=1 << 32),
+        "mtu": Field(int, 1400, "largest hint datagram", minimum=576, maximum=65507),
+    },
+    "lease": {
+        "policy": Field(str, "volume", "volume: the specification's predicted_volume / threshold; activity: "
+                        "from the predicted time to the next activity", choices=POLICIES),
+        "standard_ms": Field(int, 30000, "lease when no prediction applies", minimum=1, maximum=(1 << 31) - 1),
+        "min_ms": Field(int, 3000, "shortest lease granted (keep it above the server nodes' interval)",
+                        minimum=1, maximum=(1 << 31) - 1),
+        "max_ms": Field(int, 3_600_000, "longest lease granted", minimum=1, maximum=(1 << 31) - 1),
+        "resource_utilization_threshold": Field((int, float), 100.0, "volume policy: bytes per interval that "
+                                                "buy one ms of lease", minimum=1e-9, maximum=1e18),
+        "quantile": Field(float, 0.99, "activity policy: quantile of inter-activity gaps", minimum=0.5,
+                          maximum=0.9999),
+        "safety": Field((int, float), 1.5, "activity policy: factor on that quantile", minimum=1.0, maximum=100.0),
+    },
+    "forecast": {
+        "method": Field(str, "ses", "forecaster of next-interval volume", choices=FORECASTERS),
+        "alpha": Field(float, 0.3, "smoothing of the level (and Croston/TSB sizes)", minimum=0.001, maximum=1.0),
+        "beta": Field(float, 0.1, "smoothing of the trend (Holt) or demand probability (TSB)", minimum=0.001,
+                      maximum=1.0),
+        "phi": Field(float, 0.9, "damping of the trend (Holt)", minimum=0.5, maximum=1.0),
+        "arima_order": Field(list, [1, 0, 0], "ARIMA (p, d, q)", item_kind=int),
+        "arima_refit_intervals": Field(int, 60, "ARIMA refit period, in intervals (off the hot path)",
+                                       minimum=1, maximum=1_000_000),
+        "history": Field(int, 120, "intervals of history kept per connection", minimum=8, maximum=10_000),
+    },
+    "anomaly": {
+        "enabled": Field(bool, True, "flag connections far outside their class"),
+        "quantile": Field(float, 0.999, "class quantile of segment rates", minimum=0.5, maximum=0.99999),
+        "factor": Field((int, float), 4.0, "flag above quantile x factor", minimum=1.0, maximum=1e6),
+        "min_samples": Field(int, 1000, "class samples before flagging", minimum=1, maximum=1 << 32),
+    },
+    "metrics": AGENT_SCHEMA["metrics"],
+    "log": AGENT_SCHEMA["log"],
 }
 
 
@@ -238,9 +298,26 @@ def _check_publish_key(config: dict) -> None:
     p = config.get("publish")
     if p and p["lb_nodes"] and not p["key_file"]:
         raise ConfigError("publish.key_file: required when publish.lb_nodes is set (packets are authenticated)")
+    node = config.get("lbnode")
+    if node is not None and not node["key_file"]:
+        raise ConfigError("lbnode.key_file: required (packets and hints are authenticated)")
 
 
-CROSS_CHECKS = (_check_segment_sizes, _check_segments_fit_mtu, _check_publish_key)
+def _check_arima_order(config: dict) -> None:
+    f = config.get("forecast")
+    if f and (len(f["arima_order"]) != 3 or not all(0 <= v <= 5 for v in f["arima_order"])
+              or f["arima_order"][1] > 2):
+        raise ConfigError("forecast.arima_order: must be [p, d, q] with 0 <= p, q <= 5 and 0 <= d <= 2")
+
+
+def _check_lease_bounds(config: dict) -> None:
+    lease = config.get("lease")
+    if lease and "min_ms" in lease and not lease["min_ms"] <= lease["standard_ms"] <= lease["max_ms"]:
+        raise ConfigError("lease.standard_ms: must lie between lease.min_ms and lease.max_ms")
+
+
+CROSS_CHECKS = (_check_segment_sizes, _check_segments_fit_mtu, _check_publish_key, _check_lease_bounds,
+                _check_arima_order)
 
 
 def reference_markdown(title: str, schema: dict[str, dict[str, Field]]) -> str:

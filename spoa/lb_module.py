@@ -23,7 +23,7 @@ from itertools import count
 from typing import Any
 
 from .constants import Scope
-from .records import DIR_IN, DIR_OUT, CounterSource, PacketHeader
+from .records import DIR_IN, DIR_OUT, ConnFlags, CounterSource, LeaseSource, PacketHeader
 from .tracker import SegmentTracker
 
 log = logging.getLogger("spoa.lb_module")
@@ -52,6 +52,22 @@ def connection_id(cid: Any) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=16).digest()
 
 
+@dataclass(frozen=True)
+class LeaseSettings:
+    """What this server node accepts from the LB nodes (the spec's "pre-defined bounds")."""
+
+    standard_ms: int = 30000  # used without a hint, or when a hint is refused
+    min_ms: int = 1000  # a hint below this is refused (fallback)
+    max_ms: int = 3_600_000  # a hint above this is refused (fallback)
+    hint_ttl_ms: int = 5000  # a hint older than this is stale: the LB node went quiet
+    refresh_fraction: float = 0.34  # publish a connection every lease * this (>= every interval)
+
+
+LEASE_SOURCE_NAMES = {LeaseSource.STANDARD: "standard", LeaseSource.PREDICTED: "predicted",
+                      LeaseSource.FALLBACK: "fallback"}
+LEASE_SOURCE_IDS = {name: int(source) for source, name in LEASE_SOURCE_NAMES.items()}
+
+
 @dataclass
 class ModuleStats:
     registrations: int = 0
@@ -61,20 +77,29 @@ class ModuleStats:
     sample_seconds: float = 0.0
     packets_sent: int = 0
     records_published: int = 0
+    records_deferred: int = 0  # not republished this interval: their lease is long enough
     connections_closed: int = 0
+    hints_applied: int = 0
+    hints_unknown: int = 0  # hints for connections not tracked here
+    leases: dict = field(default_factory=lambda: {"standard": 0, "predicted": 0, "fallback": 0})
     sources: dict = field(default_factory=lambda: {"kernel": 0, "spoe": 0})
 
 
 class LbModule:
     def __init__(self, tracker: SegmentTracker, sampler: Any, publisher: Any, interval_ms: int, node_id: int,
-                 standard_lease_ms: int) -> None:
+                 lease: LeaseSettings) -> None:
         self.tracker = tracker
         self.sampler = sampler  # KernelSampler or None
         self.publisher = publisher  # Publisher or None
+        if publisher is not None:
+            publisher.on_hints = self.on_hints
         self.interval_ms = interval_ms
         self.node_id = node_id
-        self.standard_lease_ms = standard_lease_ms
+        self.lease = lease
         self.stats = ModuleStats()
+        self._keys: dict[bytes, tuple] = {}  # conn_id -> tracker key
+        self._hints: dict[bytes, tuple] = {}  # conn_id -> (Hint, received unix ms)
+        self._last_published: dict[bytes, int] = {}  # conn_id -> unix ms
         self._ports: set[int] = set()
         # Set once the kernel dump has shown a registered connection: we share
         # HAProxy's network namespace, so a registered socket missing from the
@@ -93,24 +118,60 @@ class LbModule:
         src, src_port = message.get_address("src"), message.get("src_port")
         dst, dst_port = message.get_address("dst"), message.get("dst_port")
         cid = message.get("cid")
+        conn_id = None
         if not isinstance(src, str) or not isinstance(dst, str) or not isinstance(src_port, int) \
                 or not isinstance(dst_port, int):
             self.stats.registrations_bad += 1
         else:
             key = (dst, dst_port, src, src_port)  # HAProxy's socket: local, remote
             now = now_ms()
-            if self.tracker.register(key, connection_id(cid if cid is not None else key), src, src_port,
-                                     dst, dst_port, str(message.get("frontend") or ""), now):
+            conn_id = connection_id(cid if cid is not None else key)
+            if self.tracker.register(key, conn_id, src, src_port, dst, dst_port,
+                                     str(message.get("frontend") or ""), now):
+                self._keys[conn_id] = key
                 self.stats.registrations += 1
                 if dst_port not in self._ports:
                     self._ports.add(dst_port)
                     if self.sampler is not None:
                         self.sampler.set_ports(self._ports)
                 self._spoe_counters(key, message, now)
-        actions.set_var(Scope.SESS, "duration_ms", self.standard_lease_ms)
-        actions.set_var(Scope.SESS, "source", "standard")
+        lease_ms, source, level = self.lease_for(conn_id, now_ms())
+        self.stats.leases[source] += 1
+        actions.set_var(Scope.SESS, "duration_ms", lease_ms)
+        actions.set_var(Scope.SESS, "source", source)
+        if level is not None:
+            actions.set_var(Scope.SESS, "granularity", level)
         # A fresh number per answer: shows in HAProxy that the value is live.
         actions.set_var(Scope.TXN, "seq", next(self._answers))
+
+    # -- hints from the LB nodes ------------------------------------------------------
+    def on_hints(self, header: Any, hints: list) -> None:
+        now = now_ms()
+        for hint in hints:
+            key = self._keys.get(hint.conn_id)
+            if key is None:
+                self.stats.hints_unknown += 1
+                continue
+            self._hints[hint.conn_id] = (hint, now)
+            self.stats.hints_applied += 1
+            lease_ms, source, _ = self.lease_for(hint.conn_id, now)
+            self.tracker.set_lease(key, lease_ms, hint.lease_ms, LEASE_SOURCE_IDS[source])
+
+    def lease_for(self, conn_id: bytes | None, now: int) -> tuple[int, str, int | None]:
+        """(lease ms, source name, granularity level or None) in force for a connection.
+
+        A hint is honoured only inside [min_ms, max_ms] and while fresh; any
+        other case is the standard lease ("fallback" when a hint was refused
+        or went stale, "standard" when there never was one).
+        """
+        entry = self._hints.get(conn_id) if conn_id is not None else None
+        if entry is None:
+            return self.lease.standard_ms, "standard", None
+        hint, received = entry
+        if (now - received <= self.lease.hint_ttl_ms and hint.source == LeaseSource.PREDICTED
+                and self.lease.min_ms <= hint.lease_ms <= self.lease.max_ms):
+            return hint.lease_ms, "predicted", hint.granularity_level
+        return self.lease.standard_ms, "fallback", hint.granularity_level
 
     def _spoe_counters(self, key: tuple, message: Any, now: int) -> None:
         """3.0+ sends bytes_in/bytes_out: the fallback when the kernel cannot be read."""
@@ -154,7 +215,7 @@ class LbModule:
         if self.sampler is not None and self._ports:
             self._apply_kernel_sample(now)
         self.tracker.end_interval(now)
-        records = self.tracker.publish()
+        records = self._due(self.tracker.publish(), now)
         self.tracker.begin_interval(now)
         if self.publisher is not None and records:
             self._sequence += 1
@@ -163,6 +224,35 @@ class LbModule:
             self.publisher.send(header, records)
             self.stats.packets_sent += 1
             self.stats.records_published += len(records)
+
+    def _due(self, records: list, now: int) -> list:
+        """Records to publish now. A connection under a predicted lease that was
+        quiet this interval is refreshed only every lease * refresh_fraction (the
+        reduced lease overhead: most intervals of long connections are quiet);
+        active ones go out every interval, so the LB node sees traffic change.
+        Records carry cumulative totals, so a skipped interval loses nothing."""
+        due = []
+        for rec in records:
+            conn_id = rec.conn_id
+            if rec.flags & (ConnFlags.CLOSED | ConnFlags.EXPIRED):
+                self._forget(conn_id)
+                due.append(rec)
+                continue
+            lease_ms, source, _ = self.lease_for(conn_id, now)
+            last = self._last_published.get(conn_id)
+            quiet = not any(seg.bytes_transferred or seg.packets_transferred for seg in rec.segments)
+            if source == "predicted" and quiet and last is not None and \
+                    now - last < max(self.interval_ms, lease_ms * self.lease.refresh_fraction):
+                self.stats.records_deferred += 1
+                continue
+            self._last_published[conn_id] = now
+            due.append(rec)
+        return due
+
+    def _forget(self, conn_id: bytes) -> None:
+        self._keys.pop(conn_id, None)
+        self._hints.pop(conn_id, None)
+        self._last_published.pop(conn_id, None)
 
     def _apply_kernel_sample(self, now: int) -> None:
         started = time.perf_counter()

@@ -98,9 +98,16 @@ class ModuleCollector:
                           ("sample_errors", "failed kernel dumps"),
                           ("packets_sent", "publishing packets sent"),
                           ("records_published", "connection records published"),
-                          ("connections_closed", "connections closed on leaving the kernel dump")):
+                          ("connections_closed", "connections closed on leaving the kernel dump"),
+                          ("records_deferred", "quiet records not republished under a long lease"),
+                          ("hints_applied", "lease hints applied"),
+                          ("hints_unknown", "lease hints for connections not tracked here")):
             yield CounterMetricFamily(f"{p}_{name}", doc, value=getattr(s, name))
         yield CounterMetricFamily(f"{p}_sample_seconds", "time spent in kernel dumps", value=s.sample_seconds)
+        leases = CounterMetricFamily(f"{p}_leases", "leases answered to HAProxy, by source", labels=["source"])
+        for source, n in sorted(s.leases.items()):
+            leases.add_metric([source], n)
+        yield leases
         sources = CounterMetricFamily(f"{p}_counter_updates", "counter updates by source", labels=["source"])
         for source, n in sorted(s.sources.items()):
             sources.add_metric([source], n)
@@ -119,4 +126,48 @@ def serve_metrics(address: str, stats: AgentStats, module=None) -> tuple:
     registry.register(AgentCollector(stats))
     if module is not None:
         registry.register(ModuleCollector(module))
+    return start_http_server(int(port), addr=str(host), registry=registry)
+
+
+class LbNodeCollector:
+    """The LB node: connections held, leases, premature expiries, packets, hints."""
+
+    def __init__(self, lbnode, receiver, prefix: str = "spoa_lbnode") -> None:
+        self._lbnode = lbnode
+        self._receiver = receiver
+        self._prefix = prefix
+
+    def collect(self) -> Iterator:
+        p, table, r = self._prefix, self._lbnode.table, self._receiver
+        s = table.stats
+        yield GaugeMetricFamily(f"{p}_connections", "connections held under a lease", value=len(table))
+        for name, doc in (("records", "connection records ingested"),
+                          ("refreshes", "lease refreshes"),
+                          ("new_connections", "connections first seen"),
+                          ("closed", "connections released on their closed record"),
+                          ("expired", "connections whose lease ran out"),
+                          ("premature_expiries", "refreshes for connections whose lease had already run out"),
+                          ("refused", "connections refused: no free slot"),
+                          ("hints_sent", "lease hints sent"),
+                          ("hint_datagrams", "hint datagrams sent"),
+                          ("anomalies", "connection-intervals flagged as anomalous")):
+            yield CounterMetricFamily(f"{p}_{name}", doc, value=getattr(s, name))
+        leases = CounterMetricFamily(f"{p}_leases", "leases granted by source", labels=["source"])
+        for source, n in sorted(s.leases.items()):
+            leases.add_metric([source], n)
+        yield leases
+        yield CounterMetricFamily(f"{p}_forecast_abs_error", "sum of |forecast - actual| bytes per interval",
+                                  value=s.forecast_abs_error)
+        yield CounterMetricFamily(f"{p}_forecast_samples", "forecasts scored", value=s.forecast_samples)
+        yield CounterMetricFamily(f"{p}_packets_accepted", "datagrams accepted", value=r.accepted)
+        rejected = CounterMetricFamily(f"{p}_packets_rejected", "datagrams rejected, by reason", labels=["reason"])
+        for reason, n in sorted(r.rejected.items()):
+            rejected.add_metric([reason], n)
+        yield rejected
+
+
+def serve_lbnode_metrics(address: str, lbnode, receiver) -> tuple:
+    host, port = parse_address(address)
+    registry = CollectorRegistry()
+    registry.register(LbNodeCollector(lbnode, receiver))
     return start_http_server(int(port), addr=str(host), registry=registry)

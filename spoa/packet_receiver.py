@@ -3,7 +3,7 @@
 PacketReceiver is an asyncio DatagramProtocol: every datagram is decoded and
 HMAC-verified (spoa.packet.decode_datagram, which checks the HMAC before it
 parses any record), then replay-checked (ReplayGuard), and only then handed
-to `callback(header, records)`. Each datagram is self-contained, so the
+to `callback(header, records, addr)`. Each datagram is self-contained, so the
 callback sees each one on its own; header.sequence groups the datagrams of
 one logical packet.
 
@@ -28,7 +28,8 @@ from .records import ConnectionRecord, PacketHeader
 
 log = logging.getLogger("spoa.packet_receiver")
 
-Callback = Callable[[PacketHeader, list[ConnectionRecord]], Any]
+# callback(header, records, addr): addr is the sender, where hints go back.
+Callback = Callable[[PacketHeader, list[ConnectionRecord], Any], Any]
 
 # Rejected datagrams are logged at debug level, at most this often per reason,
 # so a flood of garbage cannot flood the log.
@@ -86,7 +87,7 @@ class PacketReceiver(asyncio.DatagramProtocol):
         self.accepted += 1
         self.records += len(records)
         try:
-            self.callback(header, records)
+            self.callback(header, records, addr)
         except Exception:
             self.callback_errors += 1
             log.exception("packet callback failed on node %s sequence %s", header.node_id, header.sequence)

@@ -1,55 +1,90 @@
-"""Sends connection publishing packets to the LB nodes over UDP.
+"""Sends connection publishing packets to the LB nodes over UDP, and hears their hints.
 
 UDP because a lost packet costs one interval of freshness, never
-correctness: the next packet carries the full current state again.
+correctness: every record carries cumulative totals and the full current
+segmentation. The LB nodes answer with lease hints on the same socket, to the
+address the packets came from.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from .packet import encode_packet
+from .hints import decode_hints
+from .packet import REASONS, PacketError, ReplayGuard, encode_packet
 from .records import ConnectionRecord, PacketHeader
 from .server import parse_address
 
 log = logging.getLogger("spoa.publisher")
 
 
+class _HintEndpoint(asyncio.DatagramProtocol):
+    def __init__(self, publisher: Publisher) -> None:
+        self.publisher = publisher
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.publisher._on_datagram(data)
+
+    def error_received(self, exc: Exception) -> None:
+        # e.g. ICMP port unreachable while an LB node is down: the next
+        # interval sends again; nothing to do but count it.
+        self.publisher.send_errors += 1
+
+
 class Publisher:
-    def __init__(self, targets: Sequence[str], key: bytes, mtu: int) -> None:
+    def __init__(self, targets: Sequence[str], key: bytes, mtu: int,
+                 on_hints: Callable[[Any, list], None] | None = None) -> None:
         self.key = key
         self.mtu = mtu
-        self.targets = []
-        self._sockets: dict[int, socket.socket] = {}
+        self.on_hints = on_hints
+        self.targets: list[tuple[int, Any]] = []
         for target in targets:
             host, port = parse_address(target)
             info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
-            family, address = info[0], info[4]
-            if family not in self._sockets:
-                sock = socket.socket(family, socket.SOCK_DGRAM)
-                sock.setblocking(False)
-                self._sockets[family] = sock
-            self.targets.append((family, address))
+            self.targets.append((info[0], info[4]))
+        self._transports: dict[int, asyncio.DatagramTransport] = {}
+        self.guard = ReplayGuard()
         self.datagrams_sent = 0
         self.bytes_sent = 0
         self.send_errors = 0
+        self.hints_received = 0
+        self.hints_rejected: dict[str, int] = dict.fromkeys(REASONS, 0)
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        for family in {family for family, _ in self.targets}:
+            transport, _ = await loop.create_datagram_endpoint(lambda: _HintEndpoint(self), family=family)
+            self._transports[family] = transport
 
     def send(self, header: PacketHeader, records: Sequence[ConnectionRecord]) -> None:
         datagrams = encode_packet(header, records, self.key, self.mtu)
         for family, address in self.targets:
-            sock = self._sockets[family]
+            transport = self._transports[family]
             for datagram in datagrams:
                 try:
-                    sock.sendto(datagram, address)
-                except OSError as exc:  # full buffer, unreachable: the next interval resends state
+                    transport.sendto(datagram, address)
+                except OSError as exc:
                     self.send_errors += 1
                     log.debug("send to %s failed: %s", address, exc)
                 else:
                     self.datagrams_sent += 1
                     self.bytes_sent += len(datagram)
 
+    def _on_datagram(self, data: bytes) -> None:
+        try:
+            header, hints = decode_hints(data, self.key)
+            self.guard.check(header, 0)
+        except PacketError as exc:
+            self.hints_rejected[exc.reason] += 1
+            return
+        self.hints_received += len(hints)
+        if self.on_hints is not None:
+            self.on_hints(header, hints)
+
     def close(self) -> None:
-        for sock in self._sockets.values():
-            sock.close()
+        for transport in self._transports.values():
+            transport.close()

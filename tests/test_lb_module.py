@@ -8,7 +8,7 @@ from ipaddress import IPv4Address
 from spoa import frames
 from spoa.codec import FrameReader, FrameWriter
 from spoa.constants import FrameType, Scope
-from spoa.lb_module import LbModule, connection_id
+from spoa.lb_module import LbModule, LeaseSettings, connection_id
 from spoa.records import CounterSource
 from spoa.tracker import SegmentTracker
 
@@ -36,7 +36,7 @@ IDENTITY = dict(cid="6f1c7b8e-0d3a-4b5e-9c1d-2a3b4c5d6e7f", src=IPv4Address("192
 
 
 def test_registers_and_answers_the_lease_in_force():
-    module = LbModule(SegmentTracker(), None, None, 1000, 1, 30000)
+    module = LbModule(SegmentTracker(), None, None, 1000, 1, LeaseSettings())
     actions = answer(module, message(**IDENTITY))
     assert ("set-var", Scope.SESS, "duration_ms", 30000) in actions
     assert ("set-var", Scope.SESS, "source", "standard") in actions
@@ -46,7 +46,7 @@ def test_registers_and_answers_the_lease_in_force():
 
 
 def test_spoe_counters_are_the_fallback_and_say_so():
-    module = LbModule(SegmentTracker(), None, None, 1000, 1, 30000)  # no kernel sampler
+    module = LbModule(SegmentTracker(), None, None, 1000, 1, LeaseSettings())  # no kernel sampler
     answer(module, message(**IDENTITY, bytes_in=1200, bytes_out=50000))
     rec = module.tracker.snapshot(("198.51.100.1", 443, "192.0.2.10", 40000))
     assert (rec.bytes_in_total, rec.bytes_out_total) == (1200, 50000)
@@ -54,7 +54,7 @@ def test_spoe_counters_are_the_fallback_and_say_so():
 
 
 def test_message_without_identity_is_counted_and_still_answered():
-    module = LbModule(SegmentTracker(), None, None, 1000, 1, 30000)
+    module = LbModule(SegmentTracker(), None, None, 1000, 1, LeaseSettings())
     actions = answer(module, message(cid="x", src="not-an-address-type", src_port="nope"))
     assert module.stats.registrations_bad == 1 and len(module.tracker) == 0
     assert ("set-var", Scope.SESS, "duration_ms", 30000) in actions

@@ -895,7 +895,7 @@ def test_receiver_over_udp(packet, monkeypatch):
 
     async def run():
         transport, protocol = await receiver_module.open_receiver(
-            "127.0.0.1", 0, KEY, lambda h, recs: received.append((h, recs)), replay_guard=packet.ReplayGuard()
+            "127.0.0.1", 0, KEY, lambda h, recs, addr: received.append((h, recs)), replay_guard=packet.ReplayGuard()
         )
         try:
             address = transport.get_extra_info("sockname")
@@ -932,7 +932,7 @@ def test_receiver_never_raises(packet, monkeypatch, caplog):
     def broken(data, key):
         raise RuntimeError("codec bug")
 
-    def bad_callback(header, records):
+    def bad_callback(header, records, addr):
         raise KeyError("consumer bug")
 
     with pytest.raises(ValueError, match="at least 16 bytes"):  # a bad key fails at once

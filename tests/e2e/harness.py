@@ -53,28 +53,31 @@ def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "co
     raise TimeoutError(f"{what} not reached after {timeout}s")
 
 
-class AgentProcess:
-    """`python -m spoa agent` as a subprocess, as an operator runs it."""
+class SpoaProcess:
+    """`python -m spoa COMMAND` as a subprocess, as an operator runs it."""
+
+    command = ""
 
     def __init__(self, tmp: Path, port: int | None = None, config: dict | None = None) -> None:
         self.port = port or free_port()
         self.metrics_port = free_port()
-        self.log_path = tmp / f"agent-{self.port}.log"
+        self.log_path = tmp / f"{self.command}-{self.port}.log"
         self.config_path: Path | None = None
         if config is not None:
-            self.config_path = tmp / f"agent-{self.port}.yaml"
+            self.config_path = tmp / f"{self.command}-{self.port}.yaml"
             self.config_path.write_text(yaml.safe_dump(config))
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> AgentProcess:
+    def start(self):
         log = open(self.log_path, "ab")
-        args = [sys.executable, "-m", "spoa", "agent", "--listen", f"127.0.0.1:{self.port}",
+        args = [sys.executable, "-m", "spoa", self.command, "--listen", f"127.0.0.1:{self.port}",
                 "--metrics", f"127.0.0.1:{self.metrics_port}"]
         if self.config_path is not None:
             args += ["--config", str(self.config_path)]
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         log.close()
-        wait_port(self.port, proc=self.proc)
+        if self.command == "agent":  # the LB node listens on UDP: its metrics port says it is up
+            wait_port(self.port, proc=self.proc)
         wait_port(self.metrics_port, proc=self.proc)
         return self
 
@@ -113,6 +116,14 @@ class AgentProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+class AgentProcess(SpoaProcess):
+    command = "agent"
+
+
+class LbNodeProcess(SpoaProcess):
+    command = "lbnode"
 
 
 class _AppHandler(BaseHTTPRequestHandler):

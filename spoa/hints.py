@@ -1,0 +1,87 @@
+"""Lease hints: what an LB node answers a server node, per connection.
+
+Format v1, big-endian, one self-contained UDP datagram (documented in
+docs/publishing-packet.md, "Lease hints"):
+
+  header (32 B)  magic "CHNT" | version u8 = 1 | flags u8 = 0 | count u16
+                 | lbnode_id u64 | sequence u64 | timestamp_ms u64
+  entry (24 B)   conn_id 16 B | lease_ms u32 | source u8 (LeaseSource)
+                 | granularity_level i8 | flags u8 (bit 0: anomaly) | reserved u8
+  tag (16 B)     HMAC-SHA256 over everything before it, truncated (as packets)
+
+Pure Python (struct): hints are one small datagram per server node per
+interval, far off any hot path.
+"""
+
+from __future__ import annotations
+
+import hmac
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from ._packet_py import TAG_SIZE, _tag
+from .packet import PacketError
+from .records import PacketHeader
+
+MAGIC = b"CHNT"
+VERSION = 1
+_HEADER = struct.Struct(">4sBBHQQQ")
+_ENTRY = struct.Struct(">16sIBbBx")
+ANOMALY = 0x01
+
+
+@dataclass(frozen=True, slots=True)
+class Hint:
+    conn_id: bytes  # 16 bytes, as in the publishing packet
+    lease_ms: int  # the lease the LB node granted
+    source: int  # LeaseSource: PREDICTED, or FALLBACK when prediction failed
+    granularity_level: int  # level the LB node suggests tracking at
+    anomaly: bool = False  # the connection is far outside its traffic class
+
+
+def max_hints(mtu: int) -> int:
+    return (mtu - _HEADER.size - TAG_SIZE) // _ENTRY.size
+
+
+def encode_hints(lbnode_id: int, sequence: int, timestamp_ms: int, hints: Sequence[Hint], key: bytes,
+                 mtu: int = 1400) -> list[bytes]:
+    """Datagrams of at most `mtu` bytes; each carries its own header and tag."""
+    per = max_hints(mtu)
+    if per < 1:
+        raise ValueError(f"mtu {mtu} cannot hold one hint")
+    out = []
+    for start in range(0, max(len(hints), 1), per):
+        chunk = hints[start:start + per]
+        body = bytearray(_HEADER.pack(MAGIC, VERSION, 0, len(chunk), lbnode_id, sequence, timestamp_ms))
+        for h in chunk:
+            body += _ENTRY.pack(h.conn_id, h.lease_ms, h.source, h.granularity_level,
+                                ANOMALY if h.anomaly else 0)
+        body += _tag(key, body)
+        out.append(bytes(body))
+    return out
+
+
+def decode_hints(data: bytes, key: bytes) -> tuple[PacketHeader, list[Hint]]:
+    """(header with node_id = the LB node's id, hints); PacketError on anything wrong."""
+    if len(data) < _HEADER.size + TAG_SIZE:
+        raise PacketError("truncated", "hint datagram shorter than header and tag")
+    magic, version, _flags, count, lbnode_id, sequence, timestamp_ms = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise PacketError("bad_magic", "not a hint datagram")
+    if version != VERSION:
+        raise PacketError("bad_version", f"hint version {version}")
+    signed = memoryview(data)[:-TAG_SIZE]
+    if not hmac.compare_digest(_tag(key, signed), data[-TAG_SIZE:]):
+        raise PacketError("bad_hmac", "hint tag does not verify")
+    if len(data) != _HEADER.size + count * _ENTRY.size + TAG_SIZE:
+        raise PacketError("malformed", "hint count does not match the length")
+    hints = []
+    for i in range(count):
+        conn_id, lease_ms, source, level, flags = _ENTRY.unpack_from(data, _HEADER.size + i * _ENTRY.size)
+        hints.append(Hint(conn_id, lease_ms, source, level, bool(flags & ANOMALY)))
+    return PacketHeader(node_id=lbnode_id, sequence=sequence, timestamp_ms=timestamp_ms, interval_ms=0), hints
+
+
+def hints_by_id(hints: Iterable[Hint]) -> dict[bytes, Hint]:
+    return {h.conn_id: h for h in hints}

@@ -1,0 +1,113 @@
+"""`python -m spoa lbnode`: the LB node process built from its configuration."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import numpy as np
+
+from . import __version__
+from .config import ConfigError, read_key_file
+from .forecast import ARIMA, SES, TSB, Croston, DampedHolt, History
+from .lbnode import LbNode, LeaseTable
+from .packet_receiver import PacketReceiver
+from .server import parse_address
+
+log = logging.getLogger("spoa.lbnode")
+
+# Most recently refreshed connections handed to an ARIMA refit (per class it
+# fits a few of the longest; handing it all would copy every history).
+ARIMA_REFIT_SAMPLE = 256
+
+
+def make_forecaster(f: dict, capacity: int):
+    method = f["method"]
+    if method == "ses":
+        return SES(capacity, alpha=f["alpha"])
+    if method == "damped_holt":
+        return DampedHolt(capacity, alpha=f["alpha"], beta=f["beta"], phi=f["phi"])
+    if method == "croston":
+        return Croston(capacity, alpha=f["alpha"])
+    if method == "tsb":
+        return TSB(capacity, alpha=f["alpha"], beta=f["beta"])
+    try:
+        import statsmodels  # noqa: F401 - fitting needs it; say so at start, not at the first refit
+    except ImportError:
+        raise ConfigError("forecast.method: arima needs statsmodels (pip install 'spoa-lease[arima]')") from None
+    return ARIMA(capacity, order=tuple(f["arima_order"]))
+
+
+def make_policy(lease: dict, interval_ms: int, capacity: int):
+    from .lease_policy import ActivityPolicy, LeaseBounds, VolumePolicy
+
+    bounds = LeaseBounds(min_ms=lease["min_ms"], max_ms=lease["max_ms"], standard_ms=lease["standard_ms"])
+    if lease["policy"] == "activity":
+        return ActivityPolicy(bounds, quantile=lease["quantile"], safety=lease["safety"], interval_ms=interval_ms,
+                              capacity=capacity)
+    return VolumePolicy(bounds, lease["resource_utilization_threshold"])
+
+
+def build_lbnode(config: dict) -> LbNode:
+    node = config["lbnode"]
+    capacity = node["max_connections"]
+    anomaly = None
+    if config["anomaly"]["enabled"]:
+        from .anomaly import AnomalyDetector
+
+        a = config["anomaly"]
+        anomaly = AnomalyDetector(q_high=a["quantile"], factor=a["factor"], min_samples=a["min_samples"])
+    forecaster = make_forecaster(config["forecast"], capacity)
+    history = None
+    if isinstance(forecaster, ARIMA):
+        # float32: the history costs 4 B x forecast.history per connection slot.
+        history = History(capacity, config["forecast"]["history"], np.float32)
+    table = LeaseTable(capacity, forecaster, make_policy(config["lease"], node["interval_ms"], capacity),
+                       config["lease"]["standard_ms"], node["interval_ms"], node["remember_expired"], anomaly,
+                       history)
+    return LbNode(table, read_key_file(node["key_file"]), node["node_id"], node["interval_ms"], node["mtu"])
+
+
+async def _interval_loop(lbnode: LbNode, refit_every: int) -> None:
+    loop = asyncio.get_running_loop()
+    table = lbnode.table
+    next_at = loop.time()
+    ticks = 0
+    refit: asyncio.Future | None = None
+    while True:
+        next_at += lbnode.interval_ms / 1000
+        await asyncio.sleep(max(0.0, next_at - loop.time()))
+        try:
+            lbnode.tick()
+        except Exception:
+            log.exception("interval failed")
+        ticks += 1
+        if table.history is not None and ticks % refit_every == 0 and (refit is None or refit.done()):
+            live = list(table.slots.values())[-ARIMA_REFIT_SAMPLE:]
+            histories = {slot: table.history.series(slot) for slot in live}
+            refit = loop.run_in_executor(None, table.forecaster.refit, histories)
+
+
+async def serve_lbnode(config: dict) -> None:
+    lbnode = build_lbnode(config)
+    host, port = parse_address(config["lbnode"]["listen"])
+    loop = asyncio.get_running_loop()
+    receiver = PacketReceiver(lbnode.key, lbnode.on_packet)
+    transport, _ = await loop.create_datagram_endpoint(lambda: receiver, local_addr=(host, port))
+    lbnode.transport = transport
+    if config["metrics"]["listen"]:
+        from .metrics import serve_lbnode_metrics
+
+        serve_lbnode_metrics(config["metrics"]["listen"], lbnode, receiver)
+    ticker = loop.create_task(_interval_loop(lbnode, config["forecast"]["arima_refit_intervals"]))
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("spoa-lease lbnode %s ready on udp %s (policy %s, forecaster %s)", __version__,
+             config["lbnode"]["listen"], config["lease"]["policy"], config["forecast"]["method"])
+    await stop.wait()
+    ticker.cancel()
+    transport.close()
+    log.info("stopped: %d connections held, %d premature expiries", len(lbnode.table),
+             lbnode.table.stats.premature_expiries)

@@ -1,0 +1,114 @@
+"""LB node: lease table bookkeeping and the hint codec (no network)."""
+
+from __future__ import annotations
+
+import pytest
+
+from spoa.forecast import SES
+from spoa.hints import Hint, decode_hints, encode_hints, max_hints
+from spoa.lbnode import LeaseTable
+from spoa.lease_policy import LeaseBounds, VolumePolicy
+from spoa.packet import PacketError
+from spoa.records import ConnectionRecord, ConnFlags, LeaseSource
+
+KEY = b"k" * 32
+BOUNDS = LeaseBounds(min_ms=1000, max_ms=60_000, standard_ms=30_000)
+
+
+def record(conn_id: bytes, total: int, flags: int = 0, frontend: str = "fe") -> ConnectionRecord:
+    return ConnectionRecord(conn_id=conn_id, src="192.0.2.1", src_port=1, dst="192.0.2.2", dst_port=2,
+                            frontend=frontend, flags=flags, counter_source=0, granularity_level=0,
+                            requested_lease_ms=0, predicted_lease_ms=0, lease_source=0, bytes_in_total=0,
+                            bytes_out_total=total)
+
+
+def table(capacity: int = 8) -> LeaseTable:
+    return LeaseTable(capacity, SES(capacity, alpha=0.5), VolumePolicy(BOUNDS, 10.0), BOUNDS.standard_ms, 1000)
+
+
+def test_refresh_then_predicted_lease_and_hint():
+    t = table()
+    t.ingest(1, [record(b"a" * 16, 100_000)], now=1000)
+    hints = t.end_interval(1000)
+    (hint,) = hints[1]
+    assert hint.conn_id == b"a" * 16 and hint.source == LeaseSource.PREDICTED
+    assert BOUNDS.min_ms <= hint.lease_ms <= BOUNDS.max_ms
+    assert t.stats.new_connections == 1 and len(t) == 1
+
+
+def test_lapsed_lease_then_refresh_is_a_premature_expiry():
+    t = table()
+    t.ingest(1, [record(b"a" * 16, 10)], now=0)
+    t.end_interval(0)
+    lease = int(t.lease[t.slots[(1, b"a" * 16)]])
+    t.end_interval(lease + 1)  # nothing refreshed it in time
+    assert t.stats.expired == 1 and len(t) == 0
+    t.ingest(1, [record(b"a" * 16, 20)], now=lease + 500)  # ... but it was alive
+    assert t.stats.premature_expiries == 1
+
+
+def test_closed_record_releases_without_counting_expiry():
+    t = table()
+    t.ingest(1, [record(b"a" * 16, 10)], now=0)
+    t.ingest(1, [record(b"a" * 16, 20, flags=ConnFlags.CLOSED)], now=500)
+    assert len(t) == 0 and t.stats.closed == 1
+    t.end_interval(10**9)
+    assert t.stats.expired == 0 and t.stats.premature_expiries == 0
+
+
+def test_new_connection_starts_from_its_class_prior():
+    t = table()
+    t.ingest(1, [record(b"a" * 16, 500_000, frontend="video")], now=0)
+    t.end_interval(0)
+    granted = int(t.lease[t.slots[(1, b"a" * 16)]])
+    t.ingest(1, [record(b"b" * 16, 0, frontend="video"), record(b"c" * 16, 0, frontend="chat")], now=100)
+    assert int(t.lease[t.slots[(1, b"b" * 16)]]) == granted  # same class: its prior
+    assert int(t.lease[t.slots[(1, b"c" * 16)]]) == BOUNDS.standard_ms  # cold class: standard
+
+
+def test_full_table_refuses_and_counts():
+    t = table(capacity=1)
+    t.ingest(1, [record(b"a" * 16, 1), record(b"b" * 16, 1)], now=0)
+    assert len(t) == 1 and t.stats.refused == 1
+
+
+def test_volume_is_taken_from_cumulative_totals_across_skipped_intervals():
+    t = table()
+    t.ingest(1, [record(b"a" * 16, 1000)], now=0)
+    t.end_interval(0)
+    t.ingest(1, [record(b"a" * 16, 4000)], now=3000)  # three intervals later
+    slot = t.slots[(1, b"a" * 16)]
+    assert t.volume[slot] == 3000 and t.elapsed[slot] == 3
+
+
+def test_hints_round_trip_and_split_by_mtu():
+    hints = [Hint(bytes([i]) * 16, 1000 + i, LeaseSource.PREDICTED, i % 5 - 2, i % 2 == 0) for i in range(120)]
+    datagrams = encode_hints(7, 42, 123456, hints, KEY, mtu=1400)
+    assert len(datagrams) == -(-120 // max_hints(1400)) and all(len(d) <= 1400 for d in datagrams)
+    decoded = []
+    for d in datagrams:
+        header, part = decode_hints(d, KEY)
+        assert (header.node_id, header.sequence, header.timestamp_ms) == (7, 42, 123456)
+        decoded += part
+    assert decoded == hints
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda d: d[:20], "truncated"),
+    (lambda d: b"XXXX" + d[4:], "bad_magic"),
+    (lambda d: d[:4] + b"\x09" + d[5:], "bad_version"),
+    (lambda d: d[:40] + bytes([d[40] ^ 1]) + d[41:], "bad_hmac"),
+])
+def test_bad_hint_datagrams_are_refused_with_a_reason(mutate, reason):
+    (datagram,) = encode_hints(1, 1, 1, [Hint(b"a" * 16, 5000, LeaseSource.PREDICTED, 0)], KEY)
+    with pytest.raises(PacketError) as err:
+        decode_hints(mutate(datagram), KEY)
+    assert err.value.reason == reason
+
+
+def test_hint_from_the_wrong_key_is_refused():
+    (datagram,) = encode_hints(1, 1, 1, [], b"x" * 32)
+    with pytest.raises(PacketError) as err:
+        decode_hints(datagram, KEY)
+    assert err.value.reason == "bad_hmac"
+

@@ -1,0 +1,236 @@
+"""Lease policies (spoa.lease_policy): known answers and bounds.
+
+* VolumePolicy (the specification's formula): volume / threshold, clamped;
+  NaN/inf/negative -> FALLBACK with the standard lease;
+* ActivityPolicy: lease from a high quantile of inter-activity gaps;
+* a constant-rate connection gets a stable lease under both;
+* an idle keep-alive connection talking every 20 s: ActivityPolicy leases it
+  for more than 20 s (never expired while alive), VolumePolicy gives it MIN
+  and would expire it before every keep-alive;
+* bounds always hold (hypothesis).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+np = pytest.importorskip("numpy")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from spoa.forecast import SES, TSB, Croston  # noqa: E402
+from spoa.lease_policy import FALLBACK, PREDICTED, ActivityPolicy, LeaseBounds, VolumePolicy  # noqa: E402
+from spoa.records import LeaseSource  # noqa: E402
+
+BOUNDS = LeaseBounds(min_ms=5_000, max_ms=600_000, standard_ms=30_000)
+ONE = np.array([0])
+
+
+def test_sources_are_the_wire_values():
+    assert PREDICTED == LeaseSource.PREDICTED == 1
+    assert FALLBACK == LeaseSource.FALLBACK == 2
+
+
+def test_bounds_validation():
+    with pytest.raises(ValueError):
+        LeaseBounds(min_ms=0, max_ms=10, standard_ms=5)
+    with pytest.raises(ValueError):
+        LeaseBounds(min_ms=10, max_ms=5, standard_ms=7)
+    with pytest.raises(ValueError):
+        LeaseBounds(min_ms=10, max_ms=20, standard_ms=30)
+    with pytest.raises(TypeError):
+        LeaseBounds(min_ms=1.5, max_ms=20, standard_ms=10)
+    with pytest.raises(ValueError):
+        VolumePolicy(BOUNDS, 0.0)
+    with pytest.raises(ValueError):
+        VolumePolicy(BOUNDS, 1.0, out_of_bounds="ignore")
+
+
+# ---------------------------------------------------------------- VolumePolicy
+
+
+def test_volume_policy_known_answers():
+    pol = VolumePolicy(BOUNDS, resource_utilization_threshold=0.05)  # bytes per ms of lease
+    vol = np.array([1000.0, 0.0, 1e12, 250.0001, np.nan, np.inf, -np.inf, -5.0, 249.0])
+    lease, src = pol.leases(vol)
+    assert lease.dtype == np.int64 and src.dtype == np.uint8
+    np.testing.assert_array_equal(
+        lease, [20_000, 5_000, 600_000, 5_001, 30_000, 30_000, 30_000, 30_000, 5_000])
+    np.testing.assert_array_equal(src, [1, 1, 1, 1, 2, 2, 2, 2, 1])
+
+
+def test_volume_policy_fallback_reading_of_out_of_bounds():
+    pol = VolumePolicy(BOUNDS, 0.05, out_of_bounds="fallback")
+    lease, src = pol.leases(np.array([1000.0, 0.0, 1e12, np.nan]))
+    np.testing.assert_array_equal(lease, [20_000, 30_000, 30_000, 30_000])
+    np.testing.assert_array_equal(src, [1, 2, 2, 2])
+
+
+def test_nan_prediction_falls_back_to_standard():
+    pol = VolumePolicy(BOUNDS, 0.05)
+    lease, src = pol.leases(np.full(4, np.nan))
+    assert (lease == BOUNDS.standard_ms).all() and (src == FALLBACK).all()
+    # ActivityPolicy: a slot with no activity yet and no prior.
+    act = ActivityPolicy(BOUNDS, capacity=3)
+    lease, src = act.leases(np.arange(3))
+    assert (lease == BOUNDS.standard_ms).all() and (src == FALLBACK).all()
+    lease, src = act.leases(np.arange(3), prior=np.array([12_345.2, np.nan, 1e9]))
+    np.testing.assert_array_equal(lease, [12_346, 30_000, 600_000])
+    np.testing.assert_array_equal(src, [PREDICTED, FALLBACK, PREDICTED])
+
+
+# ------------------------------------------------------------ constant rate
+
+
+@pytest.mark.parametrize("forecaster", [SES(1, alpha=0.3), Croston(1, alpha=0.2, variant="classic"),
+                                        TSB(1, alpha=0.2, beta=0.2)])
+def test_constant_rate_gives_stable_lease(forecaster):
+    vol = VolumePolicy(BOUNDS, 0.05)
+    act = ActivityPolicy(BOUNDS, capacity=1)
+    vol_leases, act_leases = [], []
+    for t in range(60):
+        forecaster.update(ONE, np.array([1000.0]))  # 1000 bytes every 1 s interval
+        act.observe(ONE, np.array([True]), now_ms=1000 * (t + 1))
+        vol_leases.append(vol.leases(forecaster.forecast(ONE))[0][0])
+        act_leases.append(act.leases(ONE)[0][0])
+    assert set(vol_leases) == {20_000}  # 1000 B / 0.05 B/ms, from the first interval on
+    # Active every interval: gap quantile 1000 ms -> 1000 * 1.5 + 1000 = 2500 -> MIN.
+    assert act.gap_quantile(ONE)[0] == 1000.0
+    assert set(act_leases[1:]) == {5_000}
+    wide = ActivityPolicy(LeaseBounds(min_ms=1_000, max_ms=600_000, standard_ms=30_000), capacity=1)
+    for t in range(10):
+        wide.observe(ONE, np.array([True]), now_ms=1000 * t)
+    assert wide.leases(ONE)[0][0] == 2_500
+
+
+# -------------------------------------------------------- idle keep-alive
+
+
+def keepalive_run(period_s: int = 20, seconds: int = 200, burst_s: int = 0):
+    """One connection: optional burst, then 100 bytes every ``period_s`` s (1 s intervals).
+
+    Returns per interval: bytes, the VolumePolicy lease (TSB forecast) and the
+    ActivityPolicy lease computed at the end of that interval.
+    """
+    tsb = TSB(1, alpha=0.2, beta=0.1)
+    vol = VolumePolicy(BOUNDS, 0.05)
+    act = ActivityPolicy(BOUNDS, quantile=0.99, safety=1.5, interval_ms=1000, capacity=1)
+    ys, vl, al = [], [], []
+    for t in range(seconds):
+        if t < burst_s:
+            y = 50_000.0
+        else:
+            y = 100.0 if (t - burst_s) % period_s == 0 else 0.0
+        tsb.update(ONE, np.array([y]))
+        act.observe(ONE, np.array([y > 0]), now_ms=1000 * t)
+        ys.append(y)
+        vl.append(vol.leases(tsb.forecast(ONE))[0][0])
+        al.append(act.leases(ONE)[0][0])
+    return np.array(ys), np.array(vl), np.array(al)
+
+
+def premature_expiries(ys: np.ndarray, leases: np.ndarray, start: int) -> int:
+    """Intervals after ``start`` whose lease ends before the next activity."""
+    active = np.flatnonzero(ys > 0)
+    count = 0
+    for t in range(start, len(ys)):
+        nxt = active[active > t]
+        if nxt.size and leases[t] < (nxt[0] - t) * 1000:
+            count += 1
+    return count
+
+
+def test_idle_keepalive_activity_lease_exceeds_period_volume_gives_minimum():
+    ys, vol_leases, act_leases = keepalive_run(period_s=20)
+    warm = 21  # after the first complete 20 s gap
+    # ActivityPolicy: gap quantile 20 s -> 20000 * 1.5 + 1000 = 31000 ms > 20 s.
+    assert set(act_leases[warm:]) == {31_000}
+    assert premature_expiries(ys, act_leases, warm) == 0
+    # VolumePolicy: ~0 predicted bytes -> MIN (5 s), far below the 20 s period.
+    assert set(vol_leases[warm:]) == {BOUNDS.min_ms}
+    assert premature_expiries(ys, vol_leases, warm) > 100
+
+
+def test_burst_does_not_flush_keepalive_gaps():
+    # Keep-alive first, then a 40 s burst, then keep-alive again: the burst's
+    # back-to-back intervals are not silences and do not push the 20 s gaps out.
+    act = ActivityPolicy(BOUNDS, capacity=1, window=4)
+    t = 0
+    for _ in range(5):   # five 20 s gaps
+        act.observe(ONE, np.array([True]), now_ms=t)
+        t += 20_000
+    for _ in range(40):  # burst: active every second
+        act.observe(ONE, np.array([True]), now_ms=t)
+        t += 1000
+    assert act.gap_quantile(ONE)[0] == 20_000.0
+    assert act.leases(ONE)[0][0] == 31_000
+
+
+def test_activity_quantile_tracks_recent_gaps():
+    act = ActivityPolicy(BOUNDS, quantile=0.5, safety=1.0, capacity=2, window=4)
+    slots = np.arange(2)
+    # Slot 0 gaps 10, 20, 30, 40, 50 s (window 4 keeps 20..50); slot 1 never active.
+    t = 0
+    for gap in (10, 20, 30, 40, 50):
+        act.observe(slots, np.array([True, False]), now_ms=t)
+        t += gap * 1000
+    act.observe(slots, np.array([True, False]), now_ms=t)
+    assert act.gap_quantile(slots)[0] == 35_000.0  # median of 20, 30, 40, 50
+    lease, src = act.leases(slots)
+    np.testing.assert_array_equal(lease, [36_000, 30_000])
+    np.testing.assert_array_equal(src, [PREDICTED, FALLBACK])
+    act.reset(np.array([0]))
+    assert np.isnan(act.gap_quantile(slots)).all()
+    act.resize(5)
+    assert act.leases(np.arange(5))[1].tolist() == [FALLBACK] * 5
+    act.observe(None, np.array([True] * 5), now_ms=t + 1000)
+    act.observe(None, np.array([True] * 5), now_ms=t + 4000)
+    assert (act.gap_quantile(None) == 3000.0).all()
+
+
+# ------------------------------------------------------------- properties
+
+finite_or_not = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=0, max_value=1e15),
+)
+
+
+@st.composite
+def bounds(draw):
+    lo = draw(st.integers(1, 10**6))
+    hi = draw(st.integers(lo, 10**9))
+    std = draw(st.integers(lo, hi))
+    return LeaseBounds(min_ms=lo, max_ms=hi, standard_ms=std)
+
+
+@settings(max_examples=150, deadline=None)
+@given(b=bounds(), thr=st.floats(min_value=1e-9, max_value=1e9),
+       vols=st.lists(finite_or_not, min_size=1, max_size=30),
+       mode=st.sampled_from(["clamp", "fallback"]))
+def test_volume_policy_bounds_always_hold(b, thr, vols, mode):
+    lease, src = VolumePolicy(b, thr, out_of_bounds=mode).leases(np.array(vols))
+    assert ((lease >= b.min_ms) & (lease <= b.max_ms)).all()
+    assert set(src.tolist()) <= {1, 2}
+    assert (lease[src == FALLBACK] == b.standard_ms).all()
+    bad = ~np.isfinite(vols) | (np.array(vols) < 0)
+    assert (src[bad] == FALLBACK).all()
+
+
+@settings(max_examples=80, deadline=None)
+@given(b=bounds(), q=st.floats(0.5, 1.0), safety=st.floats(1.0, 5.0),
+       interval=st.integers(10, 10_000),
+       pattern=st.lists(st.lists(st.booleans(), min_size=6, max_size=6), min_size=1, max_size=40),
+       prior=st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True)))
+def test_activity_policy_bounds_always_hold(b, q, safety, interval, pattern, prior):
+    act = ActivityPolicy(b, quantile=q, safety=safety, interval_ms=interval, capacity=6, window=4)
+    slots = np.arange(6)
+    for t, active in enumerate(pattern):
+        act.observe(slots, np.array(active), now_ms=t * interval)
+        lease, src = act.leases(slots, prior=prior)
+        assert ((lease >= b.min_ms) & (lease <= b.max_ms)).all()
+        assert set(src.tolist()) <= {1, 2}
+        assert (lease[src == FALLBACK] == b.standard_ms).all()
+        gq = act.gap_quantile(slots)
+        warm = ~np.isnan(gq)
+        assert (gq[warm] >= interval * 0.999).all()  # a gap is at least one interval
