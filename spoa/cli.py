@@ -52,7 +52,8 @@ def build_agent(config: dict) -> tuple[Agent, LbModule]:
 
         publisher = Publisher(publish["lb_nodes"], cfg.read_key_file(publish["key_file"]), publish["mtu"])
     module = LbModule(SegmentTracker(**config["tracker"]), make_sampler(config["sampler"]["source"]), publisher,
-                      publish["interval_ms"], publish["node_id"], LeaseSettings(**config["lease"]))
+                      publish["interval_ms"], publish["node_id"],
+                      LeaseSettings(**{**config["lease"], "class_bounds_ms": tuple(config["lease"]["class_bounds_ms"])}))
     for name in LEASE_MESSAGES:
         agent.registry.register(name, module.on_message)
     return agent, module
@@ -108,6 +109,12 @@ def cmd_lbnode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run
+
+    return run(args)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spoa-lease", description=__doc__)
     parser.add_argument("--version", action="version", version=f"spoa-lease {__version__}")
@@ -138,6 +145,24 @@ def make_parser() -> argparse.ArgumentParser:
     lbnode.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics here")
     lbnode.add_argument("--log-level", choices=cfg.LOG_LEVELS)
     lbnode.set_defaults(func=cmd_lbnode)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run everything on loopback (HAProxy, agent, LB node, backends, traffic) with a live view",
+        description="Start HAProxy (provisioned as the tests do), the agent, the LB node, a backend and a "
+        "traffic generator on loopback, show what flows (a live view on a terminal, progress lines "
+        "otherwise), then stop everything and print a JSON summary as the last line. Exit status 1 if "
+        "anything failed.",
+    )
+    demo.add_argument("--duration", type=float, metavar="SECONDS",
+                      help="stop after this long (default: run until Ctrl-C)")
+    demo.add_argument("--haproxy", choices=("2.6", "2.8", "3.2"), default="3.2", help="HAProxy line (default 3.2)")
+    demo.add_argument("--policy", choices=cfg.POLICIES, default="activity",
+                      help="the LB node's lease policy (default activity)")
+    demo.add_argument("--plain", action="store_true", help="progress lines even on a terminal")
+    demo.add_argument("--keep", action="store_true", help="keep the work dir (configs, key, logs)")
+    demo.add_argument("--seed", type=int, help="seed of the traffic's randomness")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -94,6 +94,9 @@ AGENT_SCHEMA: dict[str, dict[str, Field]] = {
                              minimum=1, maximum=86_400_000),
         "refresh_fraction": Field(float, 0.34, "under a predicted lease, publish a connection every "
                                   "lease x this (never more often than every interval)", minimum=0.01, maximum=1.0),
+        "class_bounds_ms": Field(list, [60_000, 600_000], "sess.lease.class is short up to the first bound, "
+                                 "medium up to the second, long above (TCP frontends route on it)", item_kind=int,
+                                 minimum=1, maximum=(1 << 31) - 1),
     },
     "tracker": {
         "segment_size": Field(int, 1 << 20, "level-0 segment size in bytes", minimum=1024, maximum=1 << 40),
@@ -314,6 +317,9 @@ def _check_lease_bounds(config: dict) -> None:
     lease = config.get("lease")
     if lease and "min_ms" in lease and not lease["min_ms"] <= lease["standard_ms"] <= lease["max_ms"]:
         raise ConfigError("lease.standard_ms: must lie between lease.min_ms and lease.max_ms")
+    bounds = lease.get("class_bounds_ms") if lease else None
+    if bounds is not None and (len(bounds) != 2 or bounds[0] >= bounds[1]):
+        raise ConfigError("lease.class_bounds_ms: must be two increasing bounds [short, medium]")
 
 
 CROSS_CHECKS = (_check_segment_sizes, _check_segments_fit_mtu, _check_publish_key, _check_lease_bounds,

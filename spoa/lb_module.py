@@ -61,6 +61,13 @@ class LeaseSettings:
     max_ms: int = 3_600_000  # a hint above this is refused (fallback)
     hint_ttl_ms: int = 5000  # a hint older than this is stale: the LB node went quiet
     refresh_fraction: float = 0.34  # publish a connection every lease * this (>= every interval)
+    # sess.lease.class: "short" up to the first bound, "medium" up to the
+    # second, "long" above: what TCP-mode frontends route on (no set-timeout there).
+    class_bounds_ms: tuple[int, int] = (60_000, 600_000)
+
+    def lease_class(self, lease_ms: int) -> str:
+        short, medium = self.class_bounds_ms
+        return "short" if lease_ms <= short else "medium" if lease_ms <= medium else "long"
 
 
 LEASE_SOURCE_NAMES = {LeaseSource.STANDARD: "standard", LeaseSource.PREDICTED: "predicted",
@@ -139,6 +146,7 @@ class LbModule:
         self.stats.leases[source] += 1
         actions.set_var(Scope.SESS, "duration_ms", lease_ms)
         actions.set_var(Scope.SESS, "source", source)
+        actions.set_var(Scope.SESS, "class", self.lease.lease_class(lease_ms))
         if level is not None:
             actions.set_var(Scope.SESS, "granularity", level)
         # A fresh number per answer: shows in HAProxy that the value is live.

@@ -10,7 +10,7 @@ import pytest
 
 from spoa import provision
 
-from .harness import AgentProcess, AppServer, HAProxyProcess
+from .harness import AgentProcess, AppServer, HAProxyProcess, TcpEchoServer
 
 
 def pytest_collection_modifyitems(items):
@@ -27,7 +27,9 @@ def haproxy_binary(request):
 @pytest.fixture(scope="session")
 def app_server():
     app = AppServer().start()
+    app.echo = TcpEchoServer()
     yield app
+    app.echo.stop()
     app.stop()
 
 
@@ -39,7 +41,7 @@ class Stack:
         self.tmp = tmp
         self.app = app
         self.agent = AgentProcess(tmp, config=agent_config).start()
-        self.haproxy = HAProxyProcess(binary, tmp, self.agent.port, app.port).start()
+        self.haproxy = HAProxyProcess(binary, tmp, self.agent.port, app.port, app.echo.port).start()
 
     def stop(self):
         self.haproxy.stop()

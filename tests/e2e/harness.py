@@ -192,12 +192,45 @@ class AppServer:
         self.server.server_close()
 
 
-class HAProxyProcess:
-    """HAProxy in the foreground (-db) with haproxy/example.cfg + agents.cfg."""
+class TcpEchoServer:
+    """The TCP application behind the TCP frontend: echoes what it reads."""
 
-    def __init__(self, binary: HAProxyBinary, tmp: Path, agent_port: int, app_port: int) -> None:
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            try:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self.sock.close()
+
+
+class HAProxyProcess:
+    """HAProxy in the foreground (-db) with haproxy/example.cfg, example-tcp.cfg and agents.cfg."""
+
+    def __init__(self, binary: HAProxyBinary, tmp: Path, agent_port: int, app_port: int,
+                 tcp_app_port: int = 9) -> None:
         self.binary = binary
         self.http_port = free_port()
+        self.tcp_port = free_port()
         self.run_dir = tmp
         self.log_path = tmp / f"haproxy-{binary.line}-{self.http_port}.log"
         self.env = binary.run_env()
@@ -207,11 +240,14 @@ class HAProxyProcess:
             SPOA_LEASE_APP=f"127.0.0.1:{app_port}",
             SPOA_LEASE_RUN=str(tmp),
             SPOA_LEASE_AGENT=f"127.0.0.1:{agent_port}",
+            SPOA_LEASE_TCP=f"127.0.0.1:{self.tcp_port}",
+            SPOA_LEASE_TCP_APP=f"127.0.0.1:{tcp_app_port}",
         )
         self.proc: subprocess.Popen | None = None
 
     def args(self, *extra: str) -> list[str]:
-        return self.binary.command(*extra, "-f", str(HAPROXY_DIR / "example.cfg"), "-f", str(HAPROXY_DIR / "agents.cfg"))
+        return self.binary.command(*extra, *(arg for name in ("example.cfg", "example-tcp.cfg", "agents.cfg")
+                                             for arg in ("-f", str(HAPROXY_DIR / name))))
 
     def check(self) -> subprocess.CompletedProcess:
         return subprocess.run(self.args("-c"), env=self.env, capture_output=True, text=True, timeout=30)

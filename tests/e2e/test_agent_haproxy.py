@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import threading
 import time
 
@@ -117,3 +118,14 @@ def test_agent_stops_cleanly_under_haproxy(own_stack):
     own_stack.agent.proc.send_signal(signal.SIGTERM)
     assert own_stack.agent.proc.wait(timeout=15) == 0
     assert "Traceback" not in own_stack.agent.log()
+
+
+def test_tcp_frontend_routes_by_lease_class(stack):
+    """TCP mode has no set-timeout: the lease class picks the backend's timeouts."""
+    before = stack.agent.metrics()["spoa_lease_registrations_total"]
+    with socket.create_connection(("127.0.0.1", stack.haproxy.tcp_port), timeout=5) as sock:
+        sock.sendall(b"ping over tcp")
+        assert sock.recv(100) == b"ping over tcp"
+    # the standard lease (30 s) is in the "short" class (<= 60 s by default)
+    wait_until(lambda: "fe_tcp be_tcp_short/app1" in stack.haproxy.log(), timeout=5, what="tcp log line")
+    assert stack.agent.metrics()["spoa_lease_registrations_total"] > before
