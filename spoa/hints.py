@@ -20,6 +20,8 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from ._packet_py import TAG_SIZE, _tag
 from .packet import PacketError
 from .records import PacketHeader
@@ -28,6 +30,11 @@ MAGIC = b"CHNT"
 VERSION = 1
 _HEADER = struct.Struct(">4sBBHQQQ")
 _ENTRY = struct.Struct(">16sIBbBx")
+# The same entry as a numpy record: the LB node builds a whole interval's
+# hints as one array and sends slices of its bytes.
+HINT_DTYPE = np.dtype([("conn_id", "S16"), ("lease_ms", ">u4"), ("source", "u1"), ("level", "i1"),
+                       ("flags", "u1"), ("reserved", "u1")])
+assert HINT_DTYPE.itemsize == _ENTRY.size
 ANOMALY = 0x01
 
 
@@ -44,19 +51,28 @@ def max_hints(mtu: int) -> int:
     return (mtu - _HEADER.size - TAG_SIZE) // _ENTRY.size
 
 
-def encode_hints(lbnode_id: int, sequence: int, timestamp_ms: int, hints: Sequence[Hint], key: bytes,
-                 mtu: int = 1400) -> list[bytes]:
-    """Datagrams of at most `mtu` bytes; each carries its own header and tag."""
+def hint_array(hints: Sequence[Hint]) -> np.ndarray:
+    entries = np.zeros(len(hints), HINT_DTYPE)
+    for i, h in enumerate(hints):
+        entries[i] = (h.conn_id, h.lease_ms, h.source, h.granularity_level, ANOMALY if h.anomaly else 0, 0)
+    return entries
+
+
+def encode_hints(lbnode_id: int, sequence: int, timestamp_ms: int, hints: Sequence[Hint] | np.ndarray,
+                 key: bytes, mtu: int = 1400) -> list[bytes]:
+    """Datagrams of at most `mtu` bytes; each carries its own header and tag.
+
+    `hints`: Hint objects, or a HINT_DTYPE array (what the LB node builds).
+    """
+    entries = hints if isinstance(hints, np.ndarray) else hint_array(hints)
     per = max_hints(mtu)
     if per < 1:
         raise ValueError(f"mtu {mtu} cannot hold one hint")
     out = []
-    for start in range(0, max(len(hints), 1), per):
-        chunk = hints[start:start + per]
+    for start in range(0, max(len(entries), 1), per):
+        chunk = entries[start:start + per]
         body = bytearray(_HEADER.pack(MAGIC, VERSION, 0, len(chunk), lbnode_id, sequence, timestamp_ms))
-        for h in chunk:
-            body += _ENTRY.pack(h.conn_id, h.lease_ms, h.source, h.granularity_level,
-                                ANOMALY if h.anomaly else 0)
+        body += chunk.tobytes()
         body += _tag(key, body)
         out.append(bytes(body))
     return out

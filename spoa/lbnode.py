@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .hints import Hint, encode_hints
+from .hints import ANOMALY, HINT_DTYPE, encode_hints
 from .records import ConnFlags, LeaseSource
 
 log = logging.getLogger("spoa.lbnode")
@@ -56,7 +56,11 @@ class LbNodeStats:
 
 
 class LeaseTable:
-    """Per-connection state in numpy arrays indexed by slot."""
+    """Per-connection state in numpy arrays indexed by slot.
+
+    Python touches each record once on ingest (a dict lookup for its slot);
+    everything else, per packet and per interval, is array operations.
+    """
 
     def __init__(self, capacity: int, forecaster: Any, policy: Any, standard_ms: int, interval_ms: int,
                  remember_expired: int = 100_000, anomaly: Any = None, history: Any = None) -> None:
@@ -79,10 +83,14 @@ class LeaseTable:
         self.source = np.zeros(capacity, np.uint8)  # LeaseSource of it
         self.level = np.zeros(capacity, np.int8)  # granularity level reported
         self.flagged = np.zeros(capacity, bool)  # anomaly
-        self.klass: list[tuple[int, str] | None] = [None] * capacity
+        self.node = np.zeros(capacity, np.uint64)  # server node id (where hints go)
+        self.conn_id = np.zeros(capacity, "S16")  # connection id (what hints name)
+        self.class_id = np.zeros(capacity, np.int32)  # traffic class: server node + frontend
+        self.refreshed = np.zeros(capacity, bool)  # refreshed during this interval
         self.segments: list[tuple] = [()] * capacity  # cached granularity array per connection
-        self.refreshed: set[int] = set()  # slots refreshed this interval
-        self.class_lease: dict[tuple[int, str], float] = {}  # EWMA of leases granted per class
+        self.classes: dict[tuple[int, str], int] = {}  # traffic class -> id
+        self.class_names: list[str] = []  # id -> frontend name (the anomaly detector's class)
+        self.class_lease = np.full(0, np.nan)  # id -> EWMA of leases granted (NaN: none yet)
         self.recently_expired: OrderedDict[tuple[int, bytes], int] = OrderedDict()
         self.remember_expired = remember_expired
         self.stats = LbNodeStats()
@@ -92,81 +100,100 @@ class LeaseTable:
         stats = self.stats
         stats.packets += 1
         stats.records += len(records)
+        slots_of = self.slots
+        slots, totals, levels, closed, new = [], [], [], [], []
         for rec in records:
             key = (node_id, rec.conn_id)
-            slot = self.slots.get(key)
+            slot = slots_of.get(key)
             if slot is None:
                 if rec.flags & ConnFlags.CLOSED:
                     self.recently_expired.pop(key, None)
                     continue  # final report of a connection we no longer hold
                 if self.recently_expired.pop(key, None) is not None:
                     stats.premature_expiries += 1
-                slot = self._allocate(key, (node_id, rec.frontend), now)
+                slot = self._allocate(key, rec.frontend)
                 if slot is None:
                     continue
-            total = rec.bytes_in_total + rec.bytes_out_total
-            last = int(self.last_total[slot])
-            if total >= last:
-                self.volume[slot] += total - last
-            self.last_total[slot] = total
-            if now > self.refreshed_at[slot]:
-                self.elapsed[slot] = max(1, round((now - int(self.refreshed_at[slot])) / self.interval_ms))
-            self.refreshed_at[slot] = now
-            self.expires[slot] = now + self.lease[slot]
-            self.level[slot] = rec.granularity_level
+                new.append(slot)
+            slots.append(slot)
+            totals.append(rec.bytes_in_total + rec.bytes_out_total)
+            levels.append(rec.granularity_level)
             self.segments[slot] = rec.segments
-            stats.refreshes += 1
             if rec.flags & ConnFlags.CLOSED:
-                self._release(slot)
-                stats.closed += 1
-            else:
-                self.refreshed.add(slot)
+                closed.append(slot)
+        if new:
+            self._start(np.array(new, np.int64), now)
+        if not slots:
+            return
+        idx = np.array(slots, np.int64)
+        total = np.array(totals, np.uint64)
+        last = self.last_total[idx]
+        # totals are cumulative: the growth since the last record is the volume
+        np.add.at(self.volume, idx, np.where(total >= last, total - last, 0).astype(np.float64))
+        self.last_total[idx] = total
+        since = now - self.refreshed_at[idx]
+        self.elapsed[idx] = np.where(since > 0, np.maximum(1, np.rint(since / self.interval_ms)), self.elapsed[idx])
+        self.refreshed_at[idx] = now
+        self.expires[idx] = now + self.lease[idx]
+        self.level[idx] = levels
+        self.refreshed[idx] = True
+        stats.refreshes += len(slots)
+        for slot in closed:
+            self._release(slot)
+        stats.closed += len(closed)
 
-    def _allocate(self, key: tuple[int, bytes], klass: tuple[int, str], now: int) -> int | None:
+    def _allocate(self, key: tuple[int, bytes], frontend: str) -> int | None:
         if not self.free:
             self.stats.refused += 1
             return None
         slot = self.free.pop()
         self.slots[key] = slot
         self.keys[slot] = key
-        self.klass[slot] = klass
-        prior = self.class_lease.get(klass)
-        self.lease[slot] = int(prior) if prior is not None else self.standard_ms
-        self.source[slot] = LeaseSource.PREDICTED if prior is not None else LeaseSource.STANDARD
-        self.last_total[slot] = 0
-        self.volume[slot] = 0.0
-        self.elapsed[slot] = 1
-        self.refreshed_at[slot] = now
-        self.flagged[slot] = False
-        slots = np.array([slot])
-        self.forecaster.reset(slots)
-        self.policy_reset(slots)
-        if self.history is not None:
-            self.history.reset(slots)
+        self.node[slot] = key[0]
+        self.conn_id[slot] = key[1]
+        klass = (key[0], frontend)
+        cid = self.classes.get(klass)
+        if cid is None:
+            cid = self.classes[klass] = len(self.class_names)
+            self.class_names.append(frontend)
+            self.class_lease = np.append(self.class_lease, np.nan)
+        self.class_id[slot] = cid
         self.stats.new_connections += 1
         return slot
 
-    def policy_reset(self, slots: np.ndarray) -> None:
+    def _start(self, slots: np.ndarray, now: int) -> None:
+        """First lease of new connections: their class's, else the standard one."""
+        prior = self.class_lease[self.class_id[slots]]
+        known = np.isfinite(prior)
+        self.lease[slots] = np.where(known, np.nan_to_num(prior), self.standard_ms).astype(np.int64)
+        self.source[slots] = np.where(known, LeaseSource.PREDICTED, LeaseSource.STANDARD)
+        self.last_total[slots] = 0
+        self.volume[slots] = 0.0
+        self.elapsed[slots] = 1
+        self.refreshed_at[slots] = now
+        self.flagged[slots] = False
+        self.forecaster.reset(slots)
         reset = getattr(self.policy, "reset", None)
         if reset is not None:
             reset(slots)
+        if self.history is not None:
+            self.history.reset(slots)
 
     def _release(self, slot: int) -> None:
         key = self.keys[slot]
         del self.slots[key]
         self.keys[slot] = None
-        self.klass[slot] = None
         self.segments[slot] = ()
-        self.refreshed.discard(slot)
+        self.refreshed[slot] = False
         self.free.append(slot)
 
     # -- per interval ----------------------------------------------------------------------
-    def end_interval(self, now: int) -> dict[int, list[Hint]]:
-        """Forecast, lease and expire; the hints to send, by server node id."""
-        hints: dict[int, list[Hint]] = {}
-        if self.refreshed:
-            slots = np.fromiter(self.refreshed, np.int64, len(self.refreshed))
-            self.refreshed.clear()
+    def end_interval(self, now: int) -> dict[int, np.ndarray]:
+        """Forecast, lease and expire; the hints to send (HINT_DTYPE arrays) by server node id."""
+        hints: dict[int, np.ndarray] = {}
+        slots = np.flatnonzero(self.refreshed)
+        if len(slots):
+            self.refreshed[slots] = False
             per_interval = self.volume[slots] / self.elapsed[slots]
             self._score(slots, per_interval)
             self.forecaster.update(slots, per_interval)
@@ -180,21 +207,31 @@ class LeaseTable:
             self.volume[slots] = 0.0
             self._flag(slots, per_interval)
             self._learn_classes(slots, leases)
-            for slot, lease, source in zip(slots.tolist(), leases.tolist(), sources.tolist()):
-                node_id, conn_id = self.keys[slot]
-                hints.setdefault(node_id, []).append(
-                    Hint(conn_id, int(lease), int(source), int(self.level[slot]), bool(self.flagged[slot])))
-                self.stats.leases["predicted" if source == LeaseSource.PREDICTED else "fallback"] += 1
+            predicted_count = int(np.count_nonzero(sources == LeaseSource.PREDICTED))
+            self.stats.leases["predicted"] += predicted_count
+            self.stats.leases["fallback"] += len(slots) - predicted_count
+            hints = self._hints(slots, leases, sources)
         self._expire(now)
         return hints
+
+    def _hints(self, slots: np.ndarray, leases: np.ndarray, sources: np.ndarray) -> dict[int, np.ndarray]:
+        entries = np.zeros(len(slots), HINT_DTYPE)
+        entries["conn_id"] = self.conn_id[slots]
+        entries["lease_ms"] = np.clip(leases, 0, 0xFFFFFFFF)
+        entries["source"] = sources
+        entries["level"] = self.level[slots]
+        entries["flags"] = np.where(self.flagged[slots], ANOMALY, 0)
+        nodes = self.node[slots]
+        if (nodes == nodes[0]).all():  # the common case: one server node
+            return {int(nodes[0]): entries}
+        return {int(n): entries[nodes == n] for n in np.unique(nodes)}
 
     def _leases(self, slots, per_interval, predicted, now):
         observe = getattr(self.policy, "observe", None)
         if observe is not None:  # activity policy: driven by when traffic happens
             observe(slots, per_interval > 0, now)
             # cold connections (no gap seen yet) start from their class's leases
-            prior = np.array([self.class_lease.get(self.klass[slot], np.nan) for slot in slots.tolist()])
-            return self.policy.leases(slots, prior)
+            return self.policy.leases(slots, self.class_lease[self.class_id[slots]])
         return self.policy.leases(predicted)
 
     def _score(self, slots: np.ndarray, actual: np.ndarray) -> None:
@@ -207,21 +244,25 @@ class LeaseTable:
     def _flag(self, slots: np.ndarray, rates: np.ndarray) -> None:
         if self.anomaly is None:
             return
-        by_class: dict[str, list[int]] = {}
-        for i, slot in enumerate(slots.tolist()):
-            by_class.setdefault(self.klass[slot][1], []).append(i)
-        for klass, idx in by_class.items():
-            class_rates = rates[idx]
-            flags = self.anomaly.flag(klass, class_rates)
-            self.anomaly.observe(klass, class_rates[class_rates > 0])
-            self.flagged[slots[idx]] = flags
+        classes = self.class_id[slots]
+        for cid in np.unique(classes).tolist():
+            members = classes == cid
+            class_rates = rates[members]
+            name = self.class_names[cid]
+            flags = self.anomaly.flag(name, class_rates)
+            self.anomaly.observe(name, class_rates[class_rates > 0])
+            self.flagged[slots[members]] = flags
             self.stats.anomalies += int(np.count_nonzero(flags))
 
     def _learn_classes(self, slots: np.ndarray, leases: np.ndarray) -> None:
-        for slot, lease in zip(slots.tolist(), leases.tolist()):
-            klass = self.klass[slot]
-            prior = self.class_lease.get(klass)
-            self.class_lease[klass] = lease if prior is None else 0.9 * prior + 0.1 * lease
+        """Each class's lease prior: an EWMA (0.1) of its interval mean lease."""
+        classes = self.class_id[slots]
+        counts = np.bincount(classes, minlength=len(self.class_lease))
+        sums = np.bincount(classes, weights=leases, minlength=len(self.class_lease))
+        seen = counts > 0
+        mean = sums[seen] / counts[seen]
+        prior = self.class_lease[seen]
+        self.class_lease[seen] = np.where(np.isnan(prior), mean, 0.9 * prior + 0.1 * mean)
 
     def _expire(self, now: int) -> None:
         live = np.fromiter(self.slots.values(), np.int64, len(self.slots))

@@ -30,9 +30,9 @@ def test_refresh_then_predicted_lease_and_hint():
     t = table()
     t.ingest(1, [record(b"a" * 16, 100_000)], now=1000)
     hints = t.end_interval(1000)
-    (hint,) = hints[1]
-    assert hint.conn_id == b"a" * 16 and hint.source == LeaseSource.PREDICTED
-    assert BOUNDS.min_ms <= hint.lease_ms <= BOUNDS.max_ms
+    (hint,) = hints[1]  # one HINT_DTYPE entry, as it goes on the wire
+    assert hint["conn_id"] == b"a" * 16 and hint["source"] == LeaseSource.PREDICTED
+    assert BOUNDS.min_ms <= hint["lease_ms"] <= BOUNDS.max_ms
     assert t.stats.new_connections == 1 and len(t) == 1
 
 
@@ -79,6 +79,16 @@ def test_volume_is_taken_from_cumulative_totals_across_skipped_intervals():
     t.ingest(1, [record(b"a" * 16, 4000)], now=3000)  # three intervals later
     slot = t.slots[(1, b"a" * 16)]
     assert t.volume[slot] == 3000 and t.elapsed[slot] == 3
+
+
+def test_hint_arrays_encode_like_hint_objects():
+    t = table()
+    t.ingest(1, [record(b"a" * 16, 100_000), record(b"b" * 16, 0)], now=1000)
+    entries = t.end_interval(1000)[1]
+    decoded = decode_hints(encode_hints(1, 1, 1, entries, KEY)[0], KEY)[1]
+    assert [(h.conn_id, h.lease_ms, h.source) for h in decoded] == \
+        [(e["conn_id"], int(e["lease_ms"]), int(e["source"])) for e in entries]
+    assert encode_hints(1, 1, 1, decoded, KEY) == encode_hints(1, 1, 1, entries, KEY)
 
 
 def test_hints_round_trip_and_split_by_mtu():
