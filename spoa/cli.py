@@ -50,7 +50,8 @@ def build_agent(config: dict) -> tuple[Agent, LbModule]:
     if publish["lb_nodes"]:
         from .publisher import Publisher
 
-        publisher = Publisher(publish["lb_nodes"], cfg.read_key_file(publish["key_file"]), publish["mtu"])
+        publisher = Publisher(publish["lb_nodes"], cfg.read_key_file(publish["key_file"]), publish["mtu"],
+                              transport=publish["transport"])
     module = LbModule(SegmentTracker(**config["tracker"]), make_sampler(config["sampler"]["source"]), publisher,
                       publish["interval_ms"], publish["node_id"],
                       LeaseSettings(**{**config["lease"], "class_bounds_ms": tuple(config["lease"]["class_bounds_ms"])}))

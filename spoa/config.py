@@ -125,6 +125,8 @@ AGENT_SCHEMA: dict[str, dict[str, Field]] = {
         "key_file": Field(str, None, "file holding the shared HMAC key (required with lb_nodes)",
                           check=_check_key_file, nullable=True),
         "mtu": Field(int, 1400, "largest datagram sent", minimum=576, maximum=65507),
+        "transport": Field(str, "udp", "udp, or tcp (length-prefixed datagrams on one connection per LB node, "
+                           "to its lbnode.tcp_listen)", choices=("udp", "tcp")),
     },
     "sampler": {
         "source": Field(str, "auto", "kernel: sock_diag tcp_info; spoe: counters in SPOE messages; "
@@ -148,6 +150,8 @@ LBNODE_SCHEMA: dict[str, dict[str, Field]] = {
     "lbnode": {
         "listen": Field(str, "127.0.0.1:9400", "UDP address publishing packets arrive on (hints leave from it)",
                         check=_check_tcp_address),
+        "tcp_listen": Field(str, None, "also accept packets over TCP here (length-prefixed; hints return on "
+                            "the connection)", check=_check_tcp_address, nullable=True),
         "key_file": Field(str, None, "file holding the HMAC key shared with the server nodes (required)",
                           check=_check_key_file, nullable=True),
         "node_id": Field(int, 1, "this LB node's id in the hints", minimum=0, maximum=(1 << 64) - 1),

@@ -28,6 +28,7 @@ import numpy as np
 
 from .hints import ANOMALY, HINT_DTYPE, encode_hints
 from .records import ConnFlags, LeaseSource
+from .stream_transport import DatagramStream
 
 log = logging.getLogger("spoa.lbnode")
 
@@ -290,8 +291,10 @@ class LbNode:
         self.lbnode_id = lbnode_id
         self.interval_ms = interval_ms
         self.mtu = mtu
-        self.transport: Any = None  # the receiving socket; hints leave through it
-        self.addresses: dict[int, Any] = {}  # server node id -> where its packets come from
+        self.transport: Any = None  # the UDP socket; hints to UDP senders leave through it
+        # server node id -> where its packets come from: a UDP address, or the
+        # DatagramStream of a TCP sender (hints go back on that connection)
+        self.addresses: dict[int, Any] = {}
         self._sequence = now_ms()  # ahead of what a replay guard saw before a restart
 
     def on_packet(self, header: Any, records: list, addr: Any) -> None:
@@ -300,8 +303,6 @@ class LbNode:
 
     def tick(self) -> None:
         hints = self.table.end_interval(now_ms())
-        if self.transport is None:
-            return
         stats = self.table.stats
         for node_id, node_hints in hints.items():
             addr = self.addresses.get(node_id)
@@ -310,7 +311,10 @@ class LbNode:
             self._sequence += 1
             for datagram in encode_hints(self.lbnode_id, self._sequence, now_ms(), node_hints, self.key, self.mtu):
                 try:
-                    self.transport.sendto(datagram, addr)
+                    if isinstance(addr, DatagramStream):
+                        addr.send(datagram)
+                    else:
+                        self.transport.sendto(datagram, addr)
                 except OSError:
                     stats.hint_send_errors += 1
                 else:

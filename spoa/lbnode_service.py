@@ -14,6 +14,7 @@ from .forecast import ARIMA, SES, TSB, Croston, DampedHolt, History
 from .lbnode import LbNode, LeaseTable
 from .packet_receiver import PacketReceiver
 from .server import parse_address
+from .stream_transport import DatagramStream
 
 log = logging.getLogger("spoa.lbnode")
 
@@ -96,6 +97,12 @@ async def serve_lbnode(config: dict) -> None:
     receiver = PacketReceiver(lbnode.key, lbnode.on_packet)
     transport, _ = await loop.create_datagram_endpoint(lambda: receiver, local_addr=(host, port))
     lbnode.transport = transport
+    tcp_server = None
+    if config["lbnode"]["tcp_listen"]:
+        # The TCP option: the same datagrams, length-prefixed, through the same receiver.
+        tcp_host, tcp_port = parse_address(config["lbnode"]["tcp_listen"])
+        tcp_server = await loop.create_server(lambda: DatagramStream(receiver.datagram_received), tcp_host, tcp_port,
+                                              reuse_address=True)
     if config["metrics"]["listen"]:
         from .metrics import serve_lbnode_metrics
 
@@ -109,5 +116,7 @@ async def serve_lbnode(config: dict) -> None:
     await stop.wait()
     ticker.cancel()
     transport.close()
+    if tcp_server is not None:
+        tcp_server.close()
     log.info("stopped: %d connections held, %d premature expiries", len(lbnode.table),
              lbnode.table.stats.premature_expiries)

@@ -18,6 +18,7 @@ from .hints import decode_hints
 from .packet import REASONS, PacketError, ReplayGuard, encode_packet
 from .records import ConnectionRecord, PacketHeader
 from .server import parse_address
+from .stream_transport import StreamClient
 
 log = logging.getLogger("spoa.publisher")
 
@@ -37,13 +38,18 @@ class _HintEndpoint(asyncio.DatagramProtocol):
 
 class Publisher:
     def __init__(self, targets: Sequence[str], key: bytes, mtu: int,
-                 on_hints: Callable[[Any, list], None] | None = None) -> None:
+                 on_hints: Callable[[Any, list], None] | None = None, transport: str = "udp") -> None:
         self.key = key
         self.mtu = mtu
         self.on_hints = on_hints
+        self.transport = transport
         self.targets: list[tuple[int, Any]] = []
+        self._streams: list[StreamClient] = []
         for target in targets:
             host, port = parse_address(target)
+            if transport == "tcp":
+                self._streams.append(StreamClient(str(host), int(port), lambda data, _peer: self._on_datagram(data)))
+                continue
             info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
             self.targets.append((info[0], info[4]))
         self._transports: dict[int, asyncio.DatagramTransport] = {}
@@ -55,6 +61,8 @@ class Publisher:
         self.hints_rejected: dict[str, int] = dict.fromkeys(REASONS, 0)
 
     async def open(self) -> None:
+        for stream in self._streams:
+            stream.start()
         loop = asyncio.get_running_loop()
         for family in {family for family, _ in self.targets}:
             transport, _ = await loop.create_datagram_endpoint(lambda: _HintEndpoint(self), family=family)
@@ -62,6 +70,13 @@ class Publisher:
 
     def send(self, header: PacketHeader, records: Sequence[ConnectionRecord]) -> None:
         datagrams = encode_packet(header, records, self.key, self.mtu)
+        for stream in self._streams:
+            for datagram in datagrams:
+                if stream.send(datagram):
+                    self.datagrams_sent += 1
+                    self.bytes_sent += len(datagram)
+                else:
+                    self.send_errors += 1
         for family, address in self.targets:
             transport = self._transports[family]
             for datagram in datagrams:
@@ -86,5 +101,7 @@ class Publisher:
             self.on_hints(header, hints)
 
     def close(self) -> None:
+        for stream in self._streams:
+            stream.close()
         for transport in self._transports.values():
             transport.close()

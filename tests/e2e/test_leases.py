@@ -17,7 +17,7 @@ from spoa.packet import encode_packet
 from spoa.records import ConnectionRecord, PacketHeader
 
 from .conftest import Stack
-from .harness import LbNodeProcess, parse_lease_header, wait_until
+from .harness import LbNodeProcess, free_port, parse_lease_header, wait_until
 
 KEY = b"lease-e2e-shared-key-0123456789ab"
 INTERVAL_MS = 200
@@ -56,11 +56,12 @@ class KeepAliveClient:
         self.sock.close()
 
 
-def start_lbnode(tmp, policy: str, port: int | None = None) -> LbNodeProcess:
+def start_lbnode(tmp, policy: str, port: int | None = None, tcp_port: int | None = None) -> LbNodeProcess:
     key_file = tmp / "lease.key"
     key_file.write_bytes(KEY)
     return LbNodeProcess(tmp, port=port, config={
-        "lbnode": {"key_file": str(key_file), "interval_ms": INTERVAL_MS, "max_connections": 10000},
+        "lbnode": {"key_file": str(key_file), "interval_ms": INTERVAL_MS, "max_connections": 10000,
+                   "tcp_listen": f"127.0.0.1:{tcp_port}" if tcp_port else None},
         "lease": {"policy": policy, "min_ms": 1000, "max_ms": 600_000, "standard_ms": STANDARD_MS,
                   "resource_utilization_threshold": 20.0},
         "anomaly": {"min_samples": 50},
@@ -72,11 +73,12 @@ def make_lease_stack(haproxy_binary, app_server, tmp_path):
     """HAProxy + agent + LB node running the given lease policy."""
     stacks = []
 
-    def make(policy: str) -> Stack:
-        lbnode = start_lbnode(tmp_path, policy)
+    def make(policy: str, transport: str = "udp") -> Stack:
+        tcp_port = free_port() if transport == "tcp" else None
+        lbnode = start_lbnode(tmp_path, policy, tcp_port=tcp_port)
         stack = Stack(haproxy_binary, tmp_path, app_server, agent_config={
-            "publish": {"lb_nodes": [f"127.0.0.1:{lbnode.port}"], "key_file": str(tmp_path / "lease.key"),
-                        "interval_ms": INTERVAL_MS},
+            "publish": {"lb_nodes": [f"127.0.0.1:{tcp_port or lbnode.port}"], "key_file": str(tmp_path / "lease.key"),
+                        "interval_ms": INTERVAL_MS, "transport": transport},
             "lease": {"standard_ms": STANDARD_MS, "min_ms": 1000, "max_ms": 600_000, "hint_ttl_ms": 1000},
         })
         stack.lbnode = lbnode
@@ -181,3 +183,16 @@ def test_forged_and_replayed_packets_are_refused_and_counted(make_lease_stack):
                         what="every kind of bad packet counted")
     assert counts["replayed"] == 1 and counts["bad_hmac"] == 1
     assert lease_stack.lbnode.proc.poll() is None  # still serving
+
+
+def test_packets_and_hints_over_tcp(make_lease_stack):
+    """The TCP option: same datagrams, length-prefixed; hints come back on the connection."""
+    lease_stack = make_lease_stack("volume", transport="tcp")
+    client = KeepAliveClient(lease_stack.haproxy.http_port)
+    try:
+        wait_until(lambda: client.lease("/stream?bytes=500000&rate=0")[1] == "predicted", timeout=10,
+                   interval=0.3, what="a predicted lease over TCP")
+    finally:
+        client.close()
+    metrics = lease_stack.lbnode.metrics()
+    assert metrics["spoa_lbnode_packets_accepted_total"] > 0 and metrics["spoa_lbnode_hints_sent_total"] > 0
