@@ -184,7 +184,8 @@ LBNODE_SCHEMA: dict[str, dict[str, Field]] = {
         "arima_order": Field(list, [1, 0, 0], "ARIMA (p, d, q)", item_kind=int),
         "arima_refit_intervals": Field(int, 60, "ARIMA refit period, in intervals (off the hot path)",
                                        minimum=1, maximum=1_000_000),
-        "history": Field(int, 120, "intervals of history kept per connection", minimum=8, maximum=10_000),
+        "history": Field(int, 32, "intervals of volume history kept per connection (a ring; 4 B each per "
+                         "connection slot; ARIMA refits fit on it)", minimum=8, maximum=10_000),
     },
     "anomaly": {
         "enabled": Field(bool, True, "flag connections far outside their class"),

@@ -71,7 +71,7 @@ class LeaseTable:
         self.standard_ms = standard_ms
         self.interval_ms = interval_ms
         self.anomaly = anomaly
-        self.history = history  # per-interval volumes for ARIMA refits (None otherwise)
+        self.history = history  # rolling per-interval volumes per connection (a History ring), or None
         self.slots: dict[tuple[int, bytes], int] = {}
         self.keys: list[tuple[int, bytes] | None] = [None] * capacity
         self.free = list(range(capacity - 1, -1, -1))

@@ -60,10 +60,10 @@ def build_lbnode(config: dict) -> LbNode:
         a = config["anomaly"]
         anomaly = AnomalyDetector(q_high=a["quantile"], factor=a["factor"], min_samples=a["min_samples"])
     forecaster = make_forecaster(config["forecast"], capacity)
-    history = None
-    if isinstance(forecaster, ARIMA):
-        # float32: the history costs 4 B x forecast.history per connection slot.
-        history = History(capacity, config["forecast"]["history"], np.float32)
+    # The rolling per-connection history (bounded ring): ARIMA refits read it,
+    # and it is what one inspects a connection's recent volumes by. float32:
+    # it costs 4 B x forecast.history per connection slot.
+    history = History(capacity, config["forecast"]["history"], np.float32)
     table = LeaseTable(capacity, forecaster, make_policy(config["lease"], node["interval_ms"], capacity),
                        config["lease"]["standard_ms"], node["interval_ms"], node["remember_expired"], anomaly,
                        history)
@@ -84,7 +84,7 @@ async def _interval_loop(lbnode: LbNode, refit_every: int) -> None:
         except Exception:
             log.exception("interval failed")
         ticks += 1
-        if table.history is not None and ticks % refit_every == 0 and (refit is None or refit.done()):
+        if isinstance(table.forecaster, ARIMA) and ticks % refit_every == 0 and (refit is None or refit.done()):
             live = list(table.slots.values())[-ARIMA_REFIT_SAMPLE:]
             histories = {slot: table.history.series(slot) for slot in live}
             refit = loop.run_in_executor(None, table.forecaster.refit, histories)
