@@ -227,6 +227,29 @@ cdef int skip_typed(const uint8_t *p, Py_ssize_t *pos, Py_ssize_t end) except -1
     raise invalid(E_UNKNOWN_DATA_TYPE)
 
 
+cdef const char *utf8_of(object name, Py_ssize_t *size) except NULL:
+    """UTF-8 of an argument name without a new object: CPython caches it in the str.
+
+    Names with lone surrogates (never in HAProxy configs) take the twin's
+    surrogateescape encoding, kept alive in a small cache.
+    """
+    if not isinstance(name, str):
+        raise TypeError("argument names are str")
+    try:
+        return PyUnicode_AsUTF8AndSize(name, size)
+    except UnicodeEncodeError:
+        encoded = _ESCAPED_NAMES.get(name)
+        if encoded is None:
+            if len(_ESCAPED_NAMES) >= 1024:  # bounded: such names are a caller's oddity
+                _ESCAPED_NAMES.clear()
+            encoded = _ESCAPED_NAMES[name] = (<str>name).encode("utf-8", "surrogateescape")
+        size[0] = PyBytes_GET_SIZE(encoded)
+        return PyBytes_AS_STRING(encoded)
+
+
+cdef dict _ESCAPED_NAMES = {}
+
+
 cdef inline const uint8_t *data_of(bytes buf):
     return <const uint8_t *>PyBytes_AS_STRING(buf)
 
@@ -248,11 +271,8 @@ cdef class Message:
 
     def get(self, name, default=None):
         """Value of the first argument called `name` (default if absent)."""
-        if not isinstance(name, str):
-            raise TypeError("argument names are str")
-        cdef bytes want = (<str>name).encode("utf-8", "surrogateescape")
-        cdef const char *w = PyBytes_AS_STRING(want)
-        cdef Py_ssize_t wlen = PyBytes_GET_SIZE(want)
+        cdef Py_ssize_t wlen
+        cdef const char *w = utf8_of(name, &wlen)
         cdef const uint8_t *p = data_of(self._buf)
         cdef Py_ssize_t pos = self._start
         cdef Py_ssize_t start
@@ -270,11 +290,8 @@ cdef class Message:
         Cheaper than str(get(name)) for the per-message identity arguments;
         an argument that is not an IP address is returned as get() would.
         """
-        if not isinstance(name, str):
-            raise TypeError("argument names are str")
-        cdef bytes want = (<str>name).encode("utf-8", "surrogateescape")
-        cdef const char *w = PyBytes_AS_STRING(want)
-        cdef Py_ssize_t wlen = PyBytes_GET_SIZE(want)
+        cdef Py_ssize_t wlen
+        cdef const char *w = utf8_of(name, &wlen)
         cdef const uint8_t *p = data_of(self._buf)
         cdef Py_ssize_t pos = self._start
         cdef Py_ssize_t start
