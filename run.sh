@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # One entry point on a fresh machine; installs what is missing, then runs.
+#   ./run.sh demo [demo args]     the live demo: HAProxy, agent, LB node, backends, traffic
 #   ./run.sh test [pytest args]   the whole suite, as CI runs it
 #   ./run.sh setup                only install (venv in .venv, HAProxy 2.6/2.8/3.2)
 set -euo pipefail
@@ -20,11 +21,15 @@ setup() {
 case "${1:-}" in
     setup)
         setup ;;
+    demo)
+        shift
+        setup
+        exec "$VENV/bin/python" -m spoa demo "$@" ;;
     test)
         shift
         setup
         exec "$VENV/bin/python" -m pytest "$@" ;;
     *)
-        sed -n '2,5p' "$0" >&2
+        sed -n '2,6p' "$0" >&2
         exit 2 ;;
 esac

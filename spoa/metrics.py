@@ -92,7 +92,7 @@ class ModuleCollector:
             events.add_metric([event], n)
         yield events
         s = m.stats
-        for name, doc in (("registrations", "connections registered from SPOE"),
+        for name, doc in (("registrations", "lease messages that registered or refreshed a connection"),
                           ("registrations_bad", "lease messages without src/dst arguments"),
                           ("samples", "kernel sock_diag dumps"),
                           ("sample_errors", "failed kernel dumps"),
