@@ -116,6 +116,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_backtest(args: argparse.Namespace) -> int:
+    from .backtest.report import command
+
+    return command(args)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spoa-lease", description=__doc__)
     parser.add_argument("--version", action="version", version=f"spoa-lease {__version__}")
@@ -164,6 +170,17 @@ def make_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="keep the work dir (configs, key, logs)")
     demo.add_argument("--seed", type=int, help="seed of the traffic's randomness")
     demo.set_defaults(func=cmd_demo)
+
+    backtest = sub.add_parser(
+        "backtest",
+        help="replay traces offline: fixed vs predictive leases (overhead, premature expiries, forecast error)",
+        description="Simulate connection publishing on pcap/pcapng or CSV traces under the fixed lease, the "
+        "volume policy and the activity policy with every forecaster; print a table, write JSON and plots.",
+    )
+    from .backtest import add_arguments  # the package __init__ only: numpy loads in cmd_backtest
+
+    add_arguments(backtest)
+    backtest.set_defaults(func=cmd_backtest)
     return parser
 
 

@@ -1,37 +1,23 @@
-"""The SPOP codec: the compiled core, or its pure-Python twin.
-
-SPOA_NO_EXTENSIONS=1 forces the twin (aio-libs convention). When the
-extension is missing the twin is used with a warning: it is about 10x slower,
-and tests/test_codec_twins.py::test_compiled_codec_loaded fails in CI.
-"""
+"""The SPOP codec: the compiled core, or its pure-Python twin (see spoa._accel)."""
 
 from __future__ import annotations
 
-import logging
-import os
 from typing import TYPE_CHECKING
 
-NO_EXTENSIONS = os.environ.get("SPOA_NO_EXTENSIONS", "") not in ("", "0")
+from ._accel import NO_EXTENSIONS, load
 
-if TYPE_CHECKING or NO_EXTENSIONS:
+if TYPE_CHECKING:
     from ._codec_py import Frame, FrameReader, FrameWriter, Message, decode_varint, encode_varint
 
     IMPLEMENTATION = "python"
 else:
-    try:
-        from ._codec import Frame, FrameReader, FrameWriter, Message, decode_varint, encode_varint
-
-        IMPLEMENTATION = "cython"
-    except ImportError:  # pragma: no cover - exercised by the loaded-module test
-        logging.getLogger(__name__).warning(
-            "spoa._codec is not built; using the pure-Python codec (run `pip install .`)"
-        )
-        from ._codec_py import Frame, FrameReader, FrameWriter, Message, decode_varint, encode_varint
-
-        IMPLEMENTATION = "python"
+    _impl, IMPLEMENTATION = load("_codec", "_codec_py")
+    Frame, FrameReader, FrameWriter = _impl.Frame, _impl.FrameReader, _impl.FrameWriter
+    Message, decode_varint, encode_varint = _impl.Message, _impl.decode_varint, _impl.encode_varint
 
 __all__ = [
     "IMPLEMENTATION",
+    "NO_EXTENSIONS",
     "Frame",
     "FrameReader",
     "FrameWriter",

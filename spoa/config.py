@@ -163,8 +163,9 @@ LBNODE_SCHEMA: dict[str, dict[str, Field]] = {
         "mtu": Field(int, 1400, "largest hint datagram", minimum=576, maximum=65507),
     },
     "lease": {
-        "policy": Field(str, "volume", "volume: the specification's predicted_volume / threshold; activity: "
-                        "from the predicted time to the next activity", choices=POLICIES),
+        "policy": Field(str, "activity", "activity: from the predicted time to the next activity (the default: "
+                        "it wins the backtest on real traces); volume: the specification's predicted_volume / "
+                        "threshold", choices=POLICIES),
         "standard_ms": Field(int, 30000, "lease when no prediction applies", minimum=1, maximum=(1 << 31) - 1),
         "min_ms": Field(int, 3000, "shortest lease granted (keep it above the server nodes' interval)",
                         minimum=1, maximum=(1 << 31) - 1),
@@ -176,7 +177,8 @@ LBNODE_SCHEMA: dict[str, dict[str, Field]] = {
         "safety": Field((int, float), 1.5, "activity policy: factor on that quantile", minimum=1.0, maximum=100.0),
     },
     "forecast": {
-        "method": Field(str, "ses", "forecaster of next-interval volume", choices=FORECASTERS),
+        "method": Field(str, "tsb", "forecaster of next-interval volume (tsb: lowest pinball loss on active "
+                        "intervals of the real traces)", choices=FORECASTERS),
         "alpha": Field(float, 0.3, "smoothing of the level (and Croston/TSB sizes)", minimum=0.001, maximum=1.0),
         "beta": Field(float, 0.1, "smoothing of the trend (Holt) or demand probability (TSB)", minimum=0.001,
                       maximum=1.0),

@@ -92,6 +92,7 @@ class LeaseTable:
         self.classes: dict[tuple[int, str], int] = {}  # traffic class -> id
         self.class_names: list[str] = []  # id -> frontend name (the anomaly detector's class)
         self.class_lease = np.full(0, np.nan)  # id -> EWMA of leases granted (NaN: none yet)
+        # expired key -> its last cumulative total (a later refresh is a premature expiry)
         self.recently_expired: OrderedDict[tuple[int, bytes], int] = OrderedDict()
         self.remember_expired = remember_expired
         self.stats = LbNodeStats()
@@ -102,7 +103,7 @@ class LeaseTable:
         stats.packets += 1
         stats.records += len(records)
         slots_of = self.slots
-        slots, totals, levels, closed, new = [], [], [], [], []
+        slots, totals, levels, closed, new, resumed = [], [], [], [], [], []
         for rec in records:
             key = (node_id, rec.conn_id)
             slot = slots_of.get(key)
@@ -110,12 +111,14 @@ class LeaseTable:
                 if rec.flags & ConnFlags.CLOSED:
                     self.recently_expired.pop(key, None)
                     continue  # final report of a connection we no longer hold
-                if self.recently_expired.pop(key, None) is not None:
-                    stats.premature_expiries += 1
+                last_total = self.recently_expired.pop(key, None)
                 slot = self._allocate(key, rec.frontend)
                 if slot is None:
                     continue
                 new.append(slot)
+                if last_total is not None:
+                    stats.premature_expiries += 1
+                    resumed.append((slot, last_total))
             slots.append(slot)
             totals.append(rec.bytes_in_total + rec.bytes_out_total)
             levels.append(rec.granularity_level)
@@ -124,6 +127,10 @@ class LeaseTable:
                 closed.append(slot)
         if new:
             self._start(np.array(new, np.int64), now)
+        for slot, last_total in resumed:
+            # A connection back from a premature expiry: only what it moved since
+            # its last record is new volume, not its whole cumulative count.
+            self.last_total[slot] = last_total
         if not slots:
             return
         idx = np.array(slots, np.int64)
@@ -274,7 +281,7 @@ class LeaseTable:
             key = self.keys[slot]
             self._release(slot)
             self.stats.expired += 1
-            self.recently_expired[key] = now
+            self.recently_expired[key] = int(self.last_total[slot])  # to detect and resume it
             if len(self.recently_expired) > self.remember_expired:
                 self.recently_expired.popitem(last=False)
 

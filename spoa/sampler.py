@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+from ._accel import load
+
 __all__ = [
     "DEFAULT_STATES",
     "FIELD_MIN_INFO_LEN",
@@ -347,14 +349,8 @@ def _short_info(buf: Any, info: int, ilen: int) -> tuple[int, ...]:
     return (u32(44), u32(52), u32(56), u32(68), u64(120), u64(128), u32(136), u32(140), u32(152), u32(156))
 
 
-NO_EXTENSIONS = os.environ.get("SPOA_NO_EXTENSIONS", "") not in ("", "0")
-_compiled: Any = None
-if not NO_EXTENSIONS:
-    try:
-        from . import _sampler as _compiled  # type: ignore[no-redef]
-    except ImportError:  # pragma: no cover - exercised when the extension is not built
-        log.warning("spoa._sampler is not built; using the pure-Python sock_diag parser (run `pip install .`)")
-        _compiled = None
+# The compiled parser, or None: the pure-Python one below is then used.
+_compiled, _ = load("_sampler", None)
 
 if _compiled is not None:
     # True: the compiled parser fills TcpSample's slots directly (see _sampler.pyx).

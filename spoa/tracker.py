@@ -1,26 +1,17 @@
-"""The segment tracker: the compiled core, or its pure-Python twin.
-
-Same switch as spoa.codec: SPOA_NO_EXTENSIONS=1 forces the twin.
-"""
+"""The segment tracker: the compiled core, or its pure-Python twin (see spoa._accel)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .codec import NO_EXTENSIONS
+from ._accel import load
 
-if TYPE_CHECKING or NO_EXTENSIONS:
+if TYPE_CHECKING:
     from ._tracker_py import SegmentTracker
 
     IMPLEMENTATION = "python"
 else:
-    try:
-        from ._tracker import SegmentTracker
-
-        IMPLEMENTATION = "cython"
-    except ImportError:  # pragma: no cover - the loaded-module test fails in CI
-        from ._tracker_py import SegmentTracker
-
-        IMPLEMENTATION = "python"
+    _impl, IMPLEMENTATION = load("_tracker", "_tracker_py")
+    SegmentTracker = _impl.SegmentTracker
 
 __all__ = ["IMPLEMENTATION", "SegmentTracker"]

@@ -45,6 +45,8 @@ def test_lapsed_lease_then_refresh_is_a_premature_expiry():
     assert t.stats.expired == 1 and len(t) == 0
     t.ingest(1, [record(b"a" * 16, 20)], now=lease + 500)  # ... but it was alive
     assert t.stats.premature_expiries == 1
+    # resumed where it was: 10 new bytes, not its whole cumulative 20
+    assert t.volume[t.slots[(1, b"a" * 16)]] == 10
 
 
 def test_closed_record_releases_without_counting_expiry():

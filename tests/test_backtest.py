@@ -1,0 +1,378 @@
+"""Lease backtest: known answers on synthetic traffic, the same protocol as the
+product's LeaseTable + LbModule, trace readers (pcap/pcapng written here with
+dpkt, CSV), and the CLI contract."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spoa import config as cfg
+from spoa.backtest import synthetic
+from spoa.backtest.simulate import DEFAULT_POLICY, SimConfig, passes, simulate, simulate_all
+from spoa.backtest.traces import (
+    END_CENSORED,
+    END_CLOSE,
+    END_VANISH,
+    Connections,
+    load_trace,
+    read_csv,
+    read_pcap,
+    write_csv,
+)
+from spoa.hints import decode_hints, encode_hints
+from spoa.records import ConnectionRecord, ConnFlags, SegmentRecord
+
+REPO = Path(__file__).resolve().parent.parent
+KEY = b"k" * 32
+I = 1000
+RUNS = [("fixed", "ses"), ("volume", "ses"), ("volume", "tsb"), ("activity", "ses")]
+
+
+def keepalive(period: int, seconds: int, size: int = 100) -> np.ndarray:
+    y = np.zeros(seconds)
+    y[::period] = size
+    return y
+
+
+# ------------------------------------------------------------------ known answers
+
+
+@pytest.mark.parametrize("policy,forecaster", RUNS)
+def test_constant_rate_connection_never_expires_prematurely(policy, forecaster):
+    conns = synthetic.from_series([np.full(300, 5000.0), np.full(200, 80.0)], starts=[0, 50],
+                                  end_kinds=[END_CLOSE, END_CENSORED])
+    r = simulate(conns, policy, forecaster)
+    assert r.premature_expiries == 0 and r.lb_detected_premature == 0
+    assert r.expired == 1  # the censored one, after the trace: nothing publishes it any more
+    assert r.publishing_entries == 500  # active every interval: published every interval
+    assert r.connection_intervals == 500 and r.active_intervals == 500
+    if policy == "fixed":  # 30 s lease, refreshed every second: 20 % loss cannot lapse it
+        r = simulate(conns, policy, forecaster, SimConfig(loss=0.2, hint_loss=0.2, seed=3))
+        assert r.premature_expiries == 0
+
+
+@pytest.mark.parametrize("policy,forecaster", RUNS)
+def test_connection_that_stops_is_released_within_one_lease(policy, forecaster):
+    y = np.r_[np.full(5, 20_000.0), keepalive(15, 120)]
+    conns = synthetic.from_series([y], end_kinds=[END_VANISH])
+    r = simulate(conns, policy, forecaster, samples=[0])
+    lease_at_end = r.samples[0]["lease_ms"][-1]
+    assert r.samples[0]["held"][-1] and lease_at_end > 0
+    assert 0 < r.state_ms_after_end <= lease_at_end + I
+    assert r.premature_expiries == 0 and r.expired == 1 and r.closed == 0
+    if policy == "fixed":
+        assert lease_at_end == 30_000
+
+
+def test_closed_connections_leave_no_state_behind_and_fixed_publishes_every_interval():
+    conns = synthetic.generate(300, seed=5, duration_s=60)
+    results = simulate_all(conns, policies=("fixed", "volume", "activity"), forecasters=("ses", "tsb"))
+    fixed = results["fixed"]
+    assert fixed.publishing_entries == conns.connection_intervals
+    assert fixed.hints == 0 and fixed.leases_predicted == 0
+    for r in results.values():
+        assert r.premature_expiries == 0 and r.state_ms_after_end == 0
+        assert r.closed == len(conns) and r.expired == 0
+        assert r.entries_active == conns.active_intervals  # active intervals are always published
+        assert r.publishing_entries <= fixed.publishing_entries
+    # activity leases do not depend on the forecaster: one pass, same lease metrics
+    a, b = results["activity-ses"].as_dict(), results["activity-tsb"].as_dict()
+    assert a["publishing_entries"] == b["publishing_entries"] and a["forecast_error"] != b["forecast_error"]
+
+
+def test_keepalive_cadence_volume_halves_activity_caps_at_hint_ttl():
+    """Known cadence: the volume policy grants idle connections MIN (3 s) -> republished every
+    2nd interval; the activity policy covers 20 s gaps, but a hint older than hint_ttl_ms (5 s)
+    is stale, so a quiet connection still goes out every 6th interval."""
+    conns = synthetic.from_series([keepalive(20, 601)])
+    fixed = simulate(conns, "fixed")
+    vol = simulate(conns, "volume", "ses")
+    act = simulate(conns, "activity", "ses")
+    assert fixed.publishing_entries == 601
+    assert 0.45 <= 1 - vol.publishing_entries / 601 <= 0.52
+    assert 1 - act.publishing_entries / 601 >= 0.75
+    conf = SimConfig()
+    conf.server = dataclasses.replace(conf.server, hint_ttl_ms=120_000)
+    long_ttl = simulate(conns, "activity", "ses", conf)
+    assert long_ttl.publishing_entries < act.publishing_entries * 0.6  # now lease x 0.34 (~10 s) rules
+
+
+def test_lost_records_make_short_leases_lapse_not_the_fixed_lease():
+    conns = synthetic.from_series([keepalive(20, 400)] * 40)
+    conf = SimConfig(loss=0.05, hint_loss=0.05, seed=11)
+    assert simulate(conns, "fixed", config=conf).premature_expiries == 0
+    vol = simulate(conns, "volume", "ses", conf)
+    assert vol.premature_expiries > 20  # one lost record lapses a 3 s lease refreshed every 2 s
+    assert vol.lb_detected_premature == vol.premature_expiries  # each lapsed connection talked again
+
+
+def test_forecast_error_scores_idle_and_active_apart():
+    conns = synthetic.from_series([keepalive(10, 200, 1000)])
+    r = simulate(conns, "fixed")
+    assert r.forecast == {}
+    r = simulate(conns, "volume", "ses")
+    f = r.forecast_metrics()
+    assert f["idle"]["n"] + f["active"]["n"] == 199  # every interval after the first refresh
+    assert f["active"]["n"] == 19
+    # SES decays towards 0 between pings: its idle error is small, active error large
+    assert f["idle"]["mae"] < f["active"]["mae"]
+    assert conns.naive_scale() == pytest.approx(1000 * 39 / 199)
+
+
+# ------------------------------------------------------ same protocol as the product
+
+
+def reference_run(conns: Connections, policy: str, forecaster: str, loss: float, monkeypatch):
+    """The product's own LbModule._due/on_hints and LeaseTable, one record at a time."""
+    from spoa import lb_module
+    from spoa.lb_module import LbModule, LeaseSettings
+    from spoa.lbnode import LeaseTable
+    from spoa.lbnode_service import make_forecaster, make_policy
+
+    lb = cfg.defaults(cfg.LBNODE_SCHEMA)
+    cap, phase = len(conns), I // 2
+    table = LeaseTable(cap, make_forecaster({**lb["forecast"], "method": forecaster}, cap),
+                       make_policy({**lb["lease"], "policy": policy}, I, cap), lb["lease"]["standard_ms"], I)
+    clock = {"now": 0}
+    monkeypatch.setattr(lb_module, "now_ms", lambda: clock["now"])
+
+    class Tracker:
+        def set_lease(self, *args):
+            pass
+
+    module = LbModule(Tracker(), None, None, I, 1, LeaseSettings())
+    ids = [i.to_bytes(15, "big") + b"\x01" for i in range(cap)]
+    for i, cid in enumerate(ids):
+        module._keys[cid] = ("key", i)
+    series = [conns.series(i) for i in range(cap)]
+    rng = np.random.default_rng(0)
+    entries = 0
+    for k in range(conns.n_intervals):
+        T = (k + 1) * I
+        records = []
+        for i in range(cap):
+            s, e = int(conns.start[i]), int(conns.end[i])
+            if not s <= k <= e:
+                continue
+            ser, j = series[i], k - s
+            b_in, b_out = int(ser["bytes_in"][: j + 1].sum()), int(ser["bytes_out"][: j + 1].sum())
+            y = int(ser["bytes_in"][j] + ser["bytes_out"][j])
+            flags = ConnFlags.CLOSED if k == e and conns.end_kind[i] == END_CLOSE else 0
+            seg = SegmentRecord(0, 0, b_in + b_out, y, 1 if y else 0, 0, 0)
+            records.append(ConnectionRecord(ids[i], "192.0.2.1", 1, "192.0.2.2", 2,
+                                            conns.classes[conns.klass[i]], flags, 0, 0, 0, 0, 0, b_in, b_out,
+                                            (seg,)))
+        due = module._due(records, T)
+        entries += len(due)
+        if loss:
+            due = [rec for rec, keep in zip(due, rng.random(len(due)) >= loss) if keep]
+        table.ingest(1, due, T)
+        clock["now"] = T + phase
+        hints = table.end_interval(T + phase)
+        if 1 in hints:  # through the wire format, as the LB node sends them
+            for datagram in encode_hints(7, k + 1, T + phase, hints[1], KEY, 1400):
+                module.on_hints(*decode_hints(datagram, KEY))
+    table.end_interval(10**12)  # let every remaining lease run out
+    return entries, table.stats
+
+
+@pytest.mark.parametrize("policy,forecaster,loss", [("volume", "ses", 0.0), ("volume", "tsb", 0.05),
+                                                    ("activity", "ses", 0.0), ("activity", "croston", 0.05)])
+def test_vectorized_simulation_matches_lease_table_and_lb_module(policy, forecaster, loss, monkeypatch):
+    conns = synthetic.generate(60, seed=2, duration_s=60, vanish_share=0.3,
+                               mix={"onoff": 1, "bulk": 1, "chatty": 1, "http_keepalive": 2})
+    keep = conns.end < 400  # keep the reference loop short
+    conns = conns.subset(np.flatnonzero(keep))
+    entries, stats = reference_run(conns, policy, forecaster, loss, monkeypatch)
+    r = simulate(conns, policy, forecaster, SimConfig(loss=loss))
+    assert r.publishing_entries == entries
+    assert (r.refreshes, r.allocations, r.closed) == (stats.refreshes, stats.new_connections, stats.closed)
+    assert (r.expired, r.lb_detected_premature) == (stats.expired, stats.premature_expiries)
+    assert r.leases_predicted == stats.leases["predicted"] and r.leases_fallback == stats.leases["fallback"]
+    if loss:
+        assert r.lb_detected_premature > 0 or r.expired > 0
+
+
+def test_parallel_passes_give_the_same_results():
+    conns = synthetic.generate(200, seed=9, duration_s=60)
+    kw = dict(policies=("fixed", "volume", "activity"), forecasters=("ses", "croston"))
+    one = simulate_all(conns, **kw, jobs=1)
+    two = simulate_all(conns, **kw, jobs=2)
+    assert list(one) == list(two) == ["fixed", "volume-ses", "volume-croston", "activity-ses", "activity-croston"]
+    for name in one:
+        a, b = one[name].as_dict(), two[name].as_dict()
+        a.pop("sim_seconds"), b.pop("sim_seconds")
+        assert a == b
+    assert len(passes(("fixed", "volume", "activity"), ("ses", "croston"))) == 4
+
+
+# ----------------------------------------------------------------- trace readers
+
+
+def _tcp_packet(src, dst, sport, dport, flags, seq=1, payload=b"", v6=False):
+    import dpkt
+
+    tcp = dpkt.tcp.TCP(sport=sport, dport=dport, flags=flags, seq=seq, data=payload)
+    if v6:
+        ip = dpkt.ip6.IP6(src=src, dst=dst, nxt=6, hlim=64, data=tcp, plen=len(tcp))
+        etype = dpkt.ethernet.ETH_TYPE_IP6
+    else:
+        ip = dpkt.ip.IP(src=src, dst=dst, p=6, data=tcp, len=20 + len(tcp))
+        etype = dpkt.ethernet.ETH_TYPE_IP
+    return bytes(dpkt.ethernet.Ethernet(src=b"\x00" * 6, dst=b"\x01" * 6, type=etype, data=ip))
+
+
+def _capture():
+    """(t, frame) list: 3 TCP connections + a UDP datagram."""
+    import dpkt
+
+    S, A, F, R, P = dpkt.tcp.TH_SYN, dpkt.tcp.TH_ACK, dpkt.tcp.TH_FIN, dpkt.tcp.TH_RST, dpkt.tcp.TH_PUSH
+    c, s = b"\x0a\x00\x00\x01", b"\x0a\x00\x00\x02"
+    t0 = 1_700_000_000.0
+    pk = []
+    # 1: handshake, 100 B up at 0.5 s, 1000 B down at 1.2 s, silence, 50 B up at 5.1 s, FIN at 7.3 s
+    pk += [(t0 + 0.0, _tcp_packet(c, s, 40000, 443, S, seq=7)), (t0 + 0.01, _tcp_packet(s, c, 443, 40000, S | A)),
+           (t0 + 0.02, _tcp_packet(c, s, 40000, 443, A)),
+           (t0 + 0.5, _tcp_packet(c, s, 40000, 443, A | P, payload=b"x" * 100)),
+           (t0 + 1.2, _tcp_packet(s, c, 443, 40000, A | P, payload=b"y" * 1000)),
+           (t0 + 5.1, _tcp_packet(c, s, 40000, 443, A | P, payload=b"z" * 50)),
+           (t0 + 7.3, _tcp_packet(c, s, 40000, 443, F | A)), (t0 + 7.31, _tcp_packet(s, c, 443, 40000, F | A))]
+    # 2: the same 4-tuple again after the close (a new SYN): a new connection, reset at 9.4 s
+    pk += [(t0 + 9.0, _tcp_packet(c, s, 40000, 443, S, seq=99)),
+           (t0 + 9.2, _tcp_packet(s, c, 443, 40000, A | P, payload=b"w" * 300)),
+           (t0 + 9.4, _tcp_packet(c, s, 40000, 443, R))]
+    # 3: mid-stream, no handshake, IPv6, never closed (censored): server is the lower port
+    c6, s6 = b"\x20\x01" + b"\x00" * 13 + b"\x01", b"\x20\x01" + b"\x00" * 13 + b"\x02"
+    pk += [(t0 + 2.5, _tcp_packet(s6, c6, 8080, 51000, A | P, payload=b"q" * 70, v6=True)),
+           (t0 + 3.5, _tcp_packet(c6, s6, 51000, 8080, A, v6=True))]
+    udp = dpkt.udp.UDP(sport=53, dport=5353, data=b"d" * 10)
+    udp_ip = dpkt.ip.IP(src=c, dst=s, p=17, data=udp, len=20 + len(udp))
+    pk.append((t0 + 4.0, bytes(dpkt.ethernet.Ethernet(src=b"\x00" * 6, dst=b"\x01" * 6, data=udp_ip))))
+    return sorted(pk, key=lambda p: p[0])
+
+
+@pytest.mark.parametrize("fmt", ["pcap", "pcapng"])
+def test_pcap_reconstruction(tmp_path, fmt):
+    dpkt = pytest.importorskip("dpkt", reason="the pcap reader needs dpkt (pip install dpkt)")
+    path = tmp_path / f"t.{fmt}"
+    with open(path, "wb") as fh:
+        w = dpkt.pcap.Writer(fh) if fmt == "pcap" else dpkt.pcapng.Writer(fh)
+        for t, frame in _capture():
+            w.writepkt(frame, ts=t)
+    conns = read_pcap(path)
+    assert conns.info["tcp_connections"] == 3 and conns.info["non_tcp_packets"] == 1
+    assert len(conns) == 3
+    assert [cid.split("#")[0] for cid in conns.ids] == [  # ordered by first interval
+        "10.0.0.1:40000>10.0.0.2:443", "2001::1:51000>2001::2:8080", "10.0.0.1:40000>10.0.0.2:443"]
+    first, v6, second = 0, 1, 2
+    s1 = conns.series(first)
+    assert (int(conns.start[first]), int(conns.end[first]), conns.end_kind[first]) == (0, 7, END_CLOSE)
+    assert s1["bytes_in"].tolist() == [100, 0, 0, 0, 0, 50, 0, 0]
+    assert s1["bytes_out"].tolist() == [0, 1000, 0, 0, 0, 0, 0, 0]
+    assert s1["packets_in"].sum() == 5 and s1["packets_out"].sum() == 3
+    assert (int(conns.start[second]), int(conns.end[second]), conns.end_kind[second]) == (9, 9, END_CLOSE)
+    assert conns.series(second)["bytes_out"].tolist() == [300]
+    assert conns.end_kind[v6] == END_CENSORED
+    assert conns.series(v6)["bytes_out"].tolist() == [70, 0]
+    assert sorted(conns.classes) == ["443", "8080"]
+    assert load_trace(path).ids == conns.ids  # dispatch by magic number
+    r = simulate(conns, "activity", "ses")
+    assert r.connections == 3 and r.active_intervals == 5
+
+
+def test_csv_reader_and_round_trip(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("conn_id,t,dir,bytes,packets\n"
+                    "a,100.2,in,500,1\n" "a,100.7,out,1500,2\n" "b,101.0,in,0,0\n" "a,103.4,in,10,1\n"
+                    "a,104.0,close,0,0\n" "b,109.9,out,70,1\n" "b,110.5,vanish,0,0\n" "c,102.0,s2c,5,1\n")
+    conns = read_csv(path)
+    assert conns.ids == ["a", "b", "c"]
+    assert conns.start.tolist() == [0, 1, 2] and conns.end.tolist() == [4, 10, 2]
+    assert conns.end_kind.tolist() == [END_CLOSE, END_VANISH, END_CENSORED]
+    assert conns.series(0)["bytes_in"].tolist() == [500, 0, 0, 10, 0]
+    assert conns.series(0)["bytes_out"].tolist() == [1500, 0, 0, 0, 0]
+    assert conns.active_intervals == 4 and conns.connection_intervals == 5 + 10 + 1
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,1,sideways,1,1\n")
+    with pytest.raises(ValueError, match="dir must be"):
+        read_csv(bad)
+    bad.write_text("a,1,in,1,1\na,2,close,0,0\na,3,in,1,1\n")
+    with pytest.raises(ValueError, match="after its"):
+        read_csv(bad)
+
+    gen = synthetic.generate(150, seed=4, duration_s=30, vanish_share=0.2)
+    write_csv(gen, tmp_path / "gen.csv")
+    back = read_csv(tmp_path / "gen.csv")
+    assert sorted(back.ids) == sorted(gen.ids)
+    pos = {cid: i for i, cid in enumerate(back.ids)}
+    for i, cid in enumerate(gen.ids):
+        j = pos[cid]
+        assert (back.start[j], back.end[j], back.end_kind[j]) == (gen.start[i], gen.end[i], gen.end_kind[i])
+        a, b = gen.series(i), back.series(j)
+        for key in ("k", "bytes_in", "bytes_out", "packets_in", "packets_out"):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"{cid} {key}")
+
+
+def test_synthetic_generator_is_seeded_and_shaped():
+    a = synthetic.generate(500, seed=1, duration_s=120)
+    b = synthetic.generate(500, seed=1, duration_s=120)
+    c = synthetic.generate(500, seed=2, duration_s=120)
+    np.testing.assert_array_equal(a.ev_bytes, b.ev_bytes)
+    assert a.ev_bytes.shape != c.ev_bytes.shape or (a.ev_bytes != c.ev_bytes).any()
+    assert set(a.classes) == set(synthetic.KINDS)
+    life = a.end - a.start + 1
+    act = np.bincount(a.ev_conn, minlength=len(a))
+    kind = np.array([a.classes[k] for k in a.klass])
+    assert (act[kind == "bulk"] == life[kind == "bulk"]).all()  # bulk: active every interval
+    ka = kind == "keepalive"
+    assert (act[ka] <= life[ka] // 10 + 1).all()  # keep-alive only: a ping every 10-60 s
+    assert 0.5 < 1 - a.active_intervals / a.connection_intervals < 0.99  # mostly idle, as real traffic
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def test_cli_contract_json_and_plots(tmp_path):
+    pytest.importorskip("dpkt", reason="the pcap reader needs dpkt (pip install dpkt)")
+    pytest.importorskip("matplotlib", reason="--plots needs matplotlib (pip install matplotlib)")
+    import dpkt
+
+    write_csv(synthetic.generate(60, seed=3, duration_s=60, vanish_share=0.2), tmp_path / "syn.csv")
+    with open(tmp_path / "cap.pcap", "wb") as fh:
+        w = dpkt.pcap.Writer(fh)
+        for t, frame in _capture():
+            w.writepkt(frame, ts=t)
+    out = tmp_path / "out.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "spoa", "backtest", str(tmp_path / "syn.csv"),
+                           str(tmp_path / "cap.pcap"), "--json", str(out), "--plots", str(tmp_path / "plots"),
+                           "--forecasters", "ses,tsb", "--no-progress"],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "activity-tsb" in proc.stdout and "fixed" in proc.stdout
+    doc = json.loads(out.read_text())
+    assert doc["default_policy"] == DEFAULT_POLICY and DEFAULT_POLICY in doc["policies"]
+    assert set(doc["policies"]) == {"fixed", "volume-ses", "volume-tsb", "activity-ses", "activity-tsb"}
+    for d in doc["policies"].values():
+        for key in ("publishing_entries", "premature_expiries", "connection_intervals",
+                    "state_seconds_after_end", "connections"):
+            assert isinstance(d[key], (int, float)), key
+    assert doc["policies"]["fixed"]["connections"] == 63
+    assert set(doc["traces"]) == {"syn.csv", "cap.pcap"}
+    assert doc["traces"]["syn.csv"]["policies"]["fixed"]["publishing_entries"] == \
+        doc["traces"]["syn.csv"]["summary"]["connection_intervals"]
+    pngs = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert "overhead_vs_premature.png" in pngs and "samples-syn.csv.png" in pngs
+    assert all((tmp_path / "plots" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+    bad = subprocess.run([sys.executable, "-m", "spoa", "backtest", str(tmp_path / "syn.csv")],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
+    assert bad.returncode == 2 and "--json" in bad.stderr
