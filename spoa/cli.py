@@ -53,14 +53,36 @@ def build_agent(config: dict) -> tuple[Agent, LbModule]:
         publisher = Publisher(publish["lb_nodes"], cfg.read_key_file(publish["key_file"]), publish["mtu"],
                               transport=publish["transport"])
     module = LbModule(SegmentTracker(**config["tracker"]), make_sampler(config["sampler"]["source"]), publisher,
-                      publish["interval_ms"], publish["node_id"],
-                      LeaseSettings(**{**config["lease"], "class_bounds_ms": tuple(config["lease"]["class_bounds_ms"])}))
+                      publish["interval_ms"], publish["node_id"], lease_settings(config))
     for name in LEASE_MESSAGES:
         agent.registry.register(name, module.on_message)
     return agent, module
 
 
-async def serve_agent(config: dict) -> None:
+def lease_settings(config: dict) -> LeaseSettings:
+    return LeaseSettings(**{**config["lease"], "class_bounds_ms": tuple(config["lease"]["class_bounds_ms"])})
+
+
+def on_reload(schema: dict, path: str | None, overrides: dict, current: dict, apply) -> None:
+    """SIGHUP: re-read and validate the file; apply what can change live, name the rest.
+
+    A file that does not validate changes nothing: the process goes on with the
+    configuration it has, and says why.
+    """
+    try:
+        new = cfg.load(schema, path, overrides)
+    except cfg.ConfigError as exc:
+        log.error("reload refused, still running on the previous configuration: %s", exc)
+        return
+    logs.setup(new["log"]["level"], new["log"]["format"])
+    live = apply(new)
+    pending = [f"{section}.{key}" for section, values in new.items() for key, value in values.items()
+               if value != current[section][key] and section not in live]
+    current.update(new)
+    log.info("configuration reloaded%s", f"; after a restart only: {', '.join(pending)}" if pending else "")
+
+
+async def serve_agent(config: dict, reload=None) -> None:
     agent, module = build_agent(config)
     server = AgentServer(agent, config["agent"]["listen"])
     await server.start()
@@ -76,6 +98,12 @@ async def serve_agent(config: dict) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if reload is not None:
+        def apply(new: dict) -> set[str]:
+            module.lease = lease_settings(new)
+            return {"log", "lease"}
+
+        loop.add_signal_handler(signal.SIGHUP, reload, apply)
     log.info("spoa-lease agent %s ready on %s", __version__, " ".join(server.addresses))
     await stop.wait()
     log.info("shutting down: draining %d connections", len(agent.connections))
@@ -84,29 +112,30 @@ async def serve_agent(config: dict) -> None:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    config = cfg.load(
-        cfg.AGENT_SCHEMA,
-        args.config,
-        {"agent.listen": args.listen, "metrics.listen": args.metrics, "log.level": args.log_level},
-    )
+    overrides = {"agent.listen": args.listen, "metrics.listen": args.metrics, "log.level": args.log_level}
+    config = cfg.load(cfg.AGENT_SCHEMA, args.config, overrides)
     logs.setup(config["log"]["level"], config["log"]["format"])
+
+    def reload(apply) -> None:
+        on_reload(cfg.AGENT_SCHEMA, args.config, overrides, config, apply)
+
     with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
-        runner.run(serve_agent(config))
+        runner.run(serve_agent(config, reload))
     return 0
 
 
 def cmd_lbnode(args: argparse.Namespace) -> int:
-    config = cfg.load(
-        cfg.LBNODE_SCHEMA,
-        args.config,
-        {"lbnode.listen": args.listen, "lbnode.key_file": args.key_file, "metrics.listen": args.metrics,
-         "log.level": args.log_level},
-    )
+    overrides = {"lbnode.listen": args.listen, "lbnode.key_file": args.key_file, "metrics.listen": args.metrics,
+                 "log.level": args.log_level}
+    config = cfg.load(cfg.LBNODE_SCHEMA, args.config, overrides)
     logs.setup(config["log"]["level"], config["log"]["format"])
     from .lbnode_service import serve_lbnode
 
+    def reload(apply) -> None:
+        on_reload(cfg.LBNODE_SCHEMA, args.config, overrides, config, apply)
+
     with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
-        runner.run(serve_lbnode(config))
+        runner.run(serve_lbnode(config, reload))
     return 0
 
 

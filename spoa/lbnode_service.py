@@ -90,7 +90,7 @@ async def _interval_loop(lbnode: LbNode, refit_every: int) -> None:
             refit = loop.run_in_executor(None, table.forecaster.refit, histories)
 
 
-async def serve_lbnode(config: dict) -> None:
+async def serve_lbnode(config: dict, reload=None) -> None:
     lbnode = build_lbnode(config)
     host, port = parse_address(config["lbnode"]["listen"])
     loop = asyncio.get_running_loop()
@@ -111,6 +111,10 @@ async def serve_lbnode(config: dict) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if reload is not None:
+        # Leases, policy and forecaster hold per-connection state built from
+        # the old values: only logging changes live; the rest is named.
+        loop.add_signal_handler(signal.SIGHUP, reload, lambda new: {"log"})
     log.info("spoa-lease lbnode %s ready on udp %s (policy %s, forecaster %s)", __version__,
              config["lbnode"]["listen"], config["lease"]["policy"], config["forecast"]["method"])
     await stop.wait()

@@ -245,6 +245,12 @@ INPROCESS_MISTAKES = [
     ("cli-empty-unix-path", None, ["--listen", "unix:"], "agent.listen"),
     ("cli-metrics-without-port", None, ["--metrics", "localhost"], "metrics.listen"),
     ("file-is-a-directory", "<directory>", [], "cannot read config file"),
+    ("missing-key-file", 'publish: {lb_nodes: ["127.0.0.1:9400"], key_file: /nonexistent/lease.key}\n', [],
+     "publish.key_file: cannot read key file /nonexistent/lease.key"),
+    ("publish-without-key", 'publish: {lb_nodes: ["127.0.0.1:9400"]}\n', [], "publish.key_file: required"),
+    ("lease-bounds", "lease: {min_ms: 5000, standard_ms: 1000}\n", [], "lease.standard_ms: must lie between"),
+    ("segments-over-mtu", "tracker: {max_segments_per_connection: 100}\n", [],
+     "tracker.max_segments_per_connection: 100 segments do not fit"),
 ]
 
 
@@ -335,3 +341,58 @@ def test_config_values_reach_the_agent(start_agent, tmp_path):
         assert _lease_session(client, 1)[0] == ("set-var", int(Scope.SESS), "duration_ms", 1234)
     assert agent.terminate() == 0
     assert '"level": "info"' in agent.log()  # JSON log lines
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("lbnode: {interval_ms: 1000}\n", "lbnode.key_file: required"),
+    ("lbnode: {key_file: /nonexistent/lease.key}\n", "lbnode.key_file: cannot read key file"),
+    ("lease: {policy: psychic}\n", "lease.policy"),
+    ("forecast: {arima_order: [1, 3, 0]}\n", "forecast.arima_order"),
+])
+def test_lbnode_config_mistakes_fail_fast(tmp_path, capsys, text, needle):
+    from spoa import cli
+
+    path = tmp_path / "lbnode.yaml"
+    path.write_text(text)
+    args = ["lbnode", "--config", str(path)]
+    if "key_file" not in needle:  # a good key, so that the mistake under test is the one reported
+        key = tmp_path / "good.key"
+        key.write_bytes(b"k" * 32)
+        args += ["--key-file", str(key)]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("spoa-lease: config error: ") and needle in err, err
+
+
+def test_short_key_file_is_refused(tmp_path, capsys):
+    from spoa import cli
+
+    key = tmp_path / "short.key"
+    key.write_bytes(b"tooshort")
+    assert cli.main(["lbnode", "--key-file", str(key)]) == 2
+    assert "at least 16 are needed" in capsys.readouterr().err
+
+
+def test_sighup_reloads_lease_settings_and_refuses_a_bad_file(start_agent, tmp_path):
+    port = free_port()
+    config = tmp_path / "agent.yaml"
+    config.write_text("lease: {standard_ms: 30000}\n")
+    agent = start_agent("--listen", f"127.0.0.1:{port}", "--config", str(config))
+    sess = int(Scope.SESS)
+    with SpopClient(timeout=TIMEOUT).connect(f"127.0.0.1:{port}") as client:
+        client.hello()
+        assert ("set-var", sess, "duration_ms", 30000) in _lease_session(client, 1)
+        config.write_text("lease: {standard_ms: 45000}\ntracker: {idle_ms: 9000}\n")
+        agent.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + TIMEOUT
+        while "configuration reloaded" not in agent.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "after a restart only: tracker.idle_ms" in agent.log()
+        assert ("set-var", sess, "duration_ms", 45000) in _lease_session(client, 3)  # same connection
+        config.write_text("lease: {standard_ms: -1}\n")
+        agent.proc.send_signal(signal.SIGHUP)
+        while "reload refused" not in agent.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "lease.standard_ms: -1 is out of range" in agent.log()
+        assert ("set-var", sess, "duration_ms", 45000) in _lease_session(client, 5)  # unchanged, still serving
+    assert agent.terminate() == 0
