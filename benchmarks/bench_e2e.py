@@ -76,40 +76,8 @@ from spoa import provision  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-# -- small helpers (as in tests/e2e/harness.py, copied so that edits there
-# cannot change what this benchmark does) -------------------------------------------
+from spoa.testing import free_port, wait_port, wait_until  # noqa: E402
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            result = predicate()
-        except OSError:
-            result = None
-        if result:
-            return result
-        time.sleep(interval)
-    raise TimeoutError(f"{what} not reached after {timeout}s")
 
 
 def http_get(port: int, path: str = "/", timeout: float = 5.0) -> tuple[int, dict[str, str]]:
@@ -565,7 +533,7 @@ def main() -> int:
             codec = agent.codec()
             if codec != ("python" if pure else "cython"):
                 raise RuntimeError(f"agent {name} loaded the {codec} codec")
-            wait_until(lambda: sanity(haproxy)["ok"], 10, 0.2, "agent answering through HAProxy")
+            wait_until(lambda: sanity(haproxy)["ok"], 10, 0.2, "agent answering through HAProxy", ignore=(OSError,))
             chk = sanity(haproxy)
             runs = []
             print(f"\n## {name}: {'the product agent' if kind == 'product' else 'SPOP core only'}, {codec} codec "

@@ -111,32 +111,30 @@ async def serve_agent(config: dict, reload=None) -> None:
     await module.stop()
 
 
-def cmd_agent(args: argparse.Namespace) -> int:
-    overrides = {"agent.listen": args.listen, "metrics.listen": args.metrics, "log.level": args.log_level}
-    config = cfg.load(cfg.AGENT_SCHEMA, args.config, overrides)
+def _run_daemon(schema: dict, args: argparse.Namespace, overrides: dict, serve) -> int:
+    """Validate the configuration, set up logging, serve until SIGTERM (SIGHUP reloads)."""
+    config = cfg.load(schema, args.config, overrides)
     logs.setup(config["log"]["level"], config["log"]["format"])
 
     def reload(apply) -> None:
-        on_reload(cfg.AGENT_SCHEMA, args.config, overrides, config, apply)
+        on_reload(schema, args.config, overrides, config, apply)
 
     with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
-        runner.run(serve_agent(config, reload))
+        runner.run(serve(config, reload))
     return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    return _run_daemon(cfg.AGENT_SCHEMA, args, {"agent.listen": args.listen, "metrics.listen": args.metrics,
+                                                "log.level": args.log_level}, serve_agent)
 
 
 def cmd_lbnode(args: argparse.Namespace) -> int:
-    overrides = {"lbnode.listen": args.listen, "lbnode.key_file": args.key_file, "metrics.listen": args.metrics,
-                 "log.level": args.log_level}
-    config = cfg.load(cfg.LBNODE_SCHEMA, args.config, overrides)
-    logs.setup(config["log"]["level"], config["log"]["format"])
     from .lbnode_service import serve_lbnode
 
-    def reload(apply) -> None:
-        on_reload(cfg.LBNODE_SCHEMA, args.config, overrides, config, apply)
-
-    with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
-        runner.run(serve_lbnode(config, reload))
-    return 0
+    return _run_daemon(cfg.LBNODE_SCHEMA, args, {"lbnode.listen": args.listen, "lbnode.key_file": args.key_file,
+                                                 "metrics.listen": args.metrics, "log.level": args.log_level},
+                       serve_lbnode)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -42,22 +42,4 @@ else:
     _impl, IMPLEMENTATION = load("_packet", "_packet_py")
     globals().update({name: getattr(_impl, name) for name in _EXPORTED})
 
-__all__ = [
-    "CONN_SIZE",
-    "DEFAULT_MTU",
-    "HEADER_SIZE",
-    "IMPLEMENTATION",
-    "MAGIC",
-    "MAX_DATAGRAM",
-    "MIN_MTU",
-    "OVERHEAD",
-    "REASONS",
-    "SEG_SIZE",
-    "TAG_SIZE",
-    "VERSION",
-    "PacketError",
-    "ReplayGuard",
-    "decode_datagram",
-    "encode_packet",
-    "max_segments",
-]
+__all__ = ["IMPLEMENTATION", *_EXPORTED]

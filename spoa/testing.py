@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import subprocess
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -352,3 +353,42 @@ class SpopClient:
 def _describe(frame: Frame) -> str:
     name = _FRAME_NAMES.get(frame.type, f"type {frame.type}")
     return f"{name} (flags {frame.flags:#x}, ids {frame.stream_id}/{frame.frame_id}, {frame.payload_length}B payload)"
+
+
+# -- processes on loopback (tests, benchmarks) ------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
+    """Until something accepts on 127.0.0.1:port (failing early if `proc` exits)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "condition",
+               ignore: tuple[type[BaseException], ...] = ()):
+    """The predicate's first truthy result; exceptions in `ignore` count as not yet."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            result = predicate()
+        except ignore:
+            result = None
+        if result:
+            return result
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not reached after {timeout}s")
