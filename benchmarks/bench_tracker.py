@@ -46,6 +46,22 @@ def updates_per_second(cls, n, rounds):
     return best
 
 
+def batch_updates_per_second(cls, n, rounds):
+    """update_batch over the whole table per round: the kernel-sample shape."""
+    from array import array
+
+    t, keys = make(cls, n)
+    best = 0.0
+    packets = array("Q", [0] * n)
+    stamps = array("q", [1] * n)
+    for r in range(rounds):
+        totals = array("Q", [1000 * (r + 1)] * n)
+        started = time.perf_counter()
+        t.update_batch(keys, DIR_OUT, totals, packets, stamps, 0)
+        best = max(best, n / (time.perf_counter() - started))
+    return best
+
+
 def memory_per_connection(cls, n, segments):
     gc.collect()
     tracemalloc.start()
@@ -74,6 +90,7 @@ def main() -> None:
         m = n if name == "cython" else n // 10
         result["twins"][name] = {
             "updates_per_s": updates_per_second(cls, m, 5),
+            "batch_updates_per_s": batch_updates_per_second(cls, m, 5),
             "bytes_per_conn_1seg": memory_per_connection(cls, m, 2),
             "bytes_per_conn_16seg": memory_per_connection(cls, m, 16),
         }
@@ -81,6 +98,8 @@ def main() -> None:
     print(f"{'':24}{'cython':>14}{'python':>14}{'ratio':>8}")
     print(f"{'updates/s':24}{c['updates_per_s']:>14,.0f}{p['updates_per_s']:>14,.0f}"
           f"{c['updates_per_s'] / p['updates_per_s']:>7.1f}x")
+    print(f"{'updates/s, update_batch':24}{c['batch_updates_per_s']:>14,.0f}{p['batch_updates_per_s']:>14,.0f}"
+          f"{c['batch_updates_per_s'] / p['batch_updates_per_s']:>7.1f}x")
     for label, key in (("bytes/conn, 1 seg/dir", "bytes_per_conn_1seg"), ("bytes/conn, 16 segs", "bytes_per_conn_16seg")):
         print(f"{label:24}{c[key]:>14,.0f}{p[key]:>14,.0f}{p[key] / c[key]:>7.1f}x")
     for key in ("bytes_per_conn_1seg", "bytes_per_conn_16seg"):

@@ -208,6 +208,21 @@ class SegmentTracker:
             self._attribute(conn, d, delta_bytes, delta_packets, last_activity_ms)
         return True
 
+    def update_batch(self, keys: list, direction: int, bytes_totals: Any, packets_totals: Any,
+                     last_activity_ms: Any, source: int) -> int:
+        """update() for many connections of one direction at once (e.g. a kernel sample).
+
+        The counter arguments are sequences (array.array, numpy arrays, lists)
+        aligned with `keys`. Returns how many keys were known.
+        """
+        if not len(keys) == len(bytes_totals) == len(packets_totals) == len(last_activity_ms):
+            raise ValueError("keys and counters must have the same length")
+        known = 0
+        for i, key in enumerate(keys):
+            known += self.update(key, direction, int(bytes_totals[i]), int(packets_totals[i]),
+                                 int(last_activity_ms[i]), source)
+        return known
+
     def touch(self, key: Hashable, now_ms: int) -> None:
         """The connection is known alive (e.g. seen in the kernel dump)."""
         conn = self._conns.get(key)

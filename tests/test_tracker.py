@@ -256,3 +256,31 @@ def test_compiled_tracker_loaded():
 
     if os.environ.get("SPOA_NO_EXTENSIONS", "") in ("", "0"):
         assert tracker.IMPLEMENTATION == "cython"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 3 << 20), st.integers(0, 500)), max_size=40))
+def test_update_batch_equals_one_update_at_a_time(steps):
+    from array import array
+
+    results = []
+    for cls in TWINS.values():
+        for batched in (True, False):
+            t = small_tracker(cls, max_connections=10)
+            for k in range(4):  # keys 4 and 5 stay unknown
+                t.register(k, bytes([k]) * 16, "a", 1, "b", 2, "fe", 0)
+            totals: dict = {}
+            keys, byts, pkts = [], [], []
+            for key, more_bytes, more_packets in steps:
+                b, p = totals.get(key, (0, 0))
+                totals[key] = (b + more_bytes, p + more_packets)
+                keys.append(key)
+                byts.append(totals[key][0])
+                pkts.append(totals[key][1])
+            if batched:
+                known = t.update_batch(keys, DIR_OUT, array("Q", byts), array("Q", pkts),
+                                       array("q", [7] * len(keys)), 0)
+            else:
+                known = sum(t.update(k, DIR_OUT, b, p, 7, 0) for k, b, p in zip(keys, byts, pkts))
+            results.append((known, [t.snapshot(k) for k in range(4)], t.stats))
+    assert all(r == results[0] for r in results)

@@ -265,6 +265,46 @@ cdef class SegmentTracker:
             self._attribute(conn, d, delta_bytes, delta_packets, last_activity_ms)
         return True
 
+    def update_batch(self, list keys, int direction, const uint64_t[:] bytes_totals,
+                     const uint64_t[:] packets_totals, const int64_t[:] last_activity_ms, int source):
+        """update() for many connections of one direction at once (e.g. a kernel sample).
+
+        The counter arguments are uint64/int64 buffers (array.array("Q"/"q"),
+        numpy arrays) aligned with `keys`. Returns how many keys were known.
+        """
+        cdef Py_ssize_t i, n = len(keys)
+        cdef Py_ssize_t known = 0
+        cdef Connection conn
+        cdef Direction *d
+        cdef uint64_t delta_bytes, delta_packets
+        cdef dict conns = self._conns
+        if not n == bytes_totals.shape[0] == packets_totals.shape[0] == last_activity_ms.shape[0]:
+            raise ValueError("keys and counters must have the same length")
+        if direction != DIR_IN and direction != DIR_OUT:
+            raise ValueError("direction must be DIR_IN or DIR_OUT")
+        for i in range(n):
+            conn = conns.get(keys[i])
+            if conn is None:
+                self.stats["unknown_updates"] += 1
+                continue
+            known += 1
+            conn.source = source
+            if last_activity_ms[i] > conn.last_seen:
+                conn.last_seen = last_activity_ms[i]
+            d = &conn.dirs[direction]
+            if bytes_totals[i] < d.bytes_counter or packets_totals[i] < d.packets_counter:
+                self.stats["counter_resets"] += 1
+                d.bytes_counter = bytes_totals[i]
+                d.packets_counter = packets_totals[i]
+                continue
+            delta_bytes = bytes_totals[i] - d.bytes_counter
+            delta_packets = packets_totals[i] - d.packets_counter
+            d.bytes_counter = bytes_totals[i]
+            d.packets_counter = packets_totals[i]
+            if delta_bytes or delta_packets:
+                self._attribute(conn, d, delta_bytes, delta_packets, last_activity_ms[i])
+        return known
+
     def touch(self, key, int64_t now_ms):
         """The connection is known alive (e.g. seen in the kernel dump)."""
         cdef Connection conn = self._conns.get(key)
