@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from array import array
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
@@ -277,6 +278,7 @@ class LbModule:
         keys = tracker.keys()
         if not self._kernel_sees_haproxy:
             self._kernel_sees_haproxy = any(key in sample for key in keys)
+        present, infos = [], []
         for key in keys:
             info = sample.get(key)
             if info is None:
@@ -286,11 +288,19 @@ class LbModule:
                     tracker.close(key, now)
                     self.stats.connections_closed += 1
                 continue
-            tracker.update(key, DIR_IN, info.bytes_received, info.data_segs_in,
-                           now - info.last_data_recv_ms, kernel)
-            tracker.update(key, DIR_OUT, info.bytes_acked, info.data_segs_out,
-                           now - info.last_data_sent_ms, kernel)
-            tracker.touch(key, now)
+            present.append(key)
+            infos.append(info)
             if info.state in _CLOSING_STATES:
                 tracker.set_closing(key)
-            self.stats.sources["kernel"] += 1
+        if not present:
+            return
+        # One call per direction for the whole sample (see update_batch).
+        tracker.update_batch(present, DIR_IN, array("Q", [i.bytes_received for i in infos]),
+                             array("Q", [i.data_segs_in for i in infos]),
+                             array("q", [now - i.last_data_recv_ms for i in infos]), kernel)
+        tracker.update_batch(present, DIR_OUT, array("Q", [i.bytes_acked for i in infos]),
+                             array("Q", [i.data_segs_out for i in infos]),
+                             array("q", [now - i.last_data_sent_ms for i in infos]), kernel)
+        for key in present:
+            tracker.touch(key, now)
+        self.stats.sources["kernel"] += len(present)
