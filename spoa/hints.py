@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hmac
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,6 +98,3 @@ def decode_hints(data: bytes, key: bytes) -> tuple[PacketHeader, list[Hint]]:
         hints.append(Hint(conn_id, lease_ms, source, level, bool(flags & ANOMALY)))
     return PacketHeader(node_id=lbnode_id, sequence=sequence, timestamp_ms=timestamp_ms, interval_ms=0), hints
 
-
-def hints_by_id(hints: Iterable[Hint]) -> dict[bytes, Hint]:
-    return {h.conn_id: h for h in hints}
