@@ -48,6 +48,7 @@ import sys
 import timeit
 from ipaddress import IPv4Address
 from pathlib import Path
+from _machine import cpu_model  # noqa: E402 - benchmarks/ is the script's folder
 
 REPO = Path(__file__).resolve().parents[1]
 FORGE_PYTHON = os.environ.get("SPOE_FORGE_PYTHON", "/root/.pyenv/versions/3.12.1/bin/python")
@@ -344,15 +345,8 @@ def git_state() -> dict:
 
 
 def machine_info() -> dict:
-    info = {"python": platform.python_version(), "kernel": platform.release(), "cpus": os.cpu_count()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return info
+    return {"python": platform.python_version(), "kernel": platform.release(), "cpus": os.cpu_count(),
+            "cpu": cpu_model()}
 
 
 def main() -> int:

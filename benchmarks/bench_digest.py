@@ -42,7 +42,6 @@ when it is not installed).
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import gc
 import json
@@ -58,6 +57,7 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+from _machine import cpu_model  # noqa: E402 - benchmarks/ is the script's folder
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -480,16 +480,8 @@ def bench_detector(args, values) -> dict:
 
 
 def machine() -> dict:
-    cpu = "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "kernel": platform.release(),

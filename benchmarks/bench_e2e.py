@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import http.client
 import json
 import os
 import platform
@@ -76,19 +75,8 @@ from spoa import provision  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-from spoa.testing import free_port, wait_port, wait_until  # noqa: E402
-
-
-
-def http_get(port: int, path: str = "/", timeout: float = 5.0) -> tuple[int, dict[str, str]]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        resp.read()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}
-    finally:
-        conn.close()
+from spoa.testing import free_port, http_get, wait_port, wait_until  # noqa: E402
+from _machine import cpu_model  # noqa: E402 - benchmarks/ is the script's folder
 
 
 _LEASE = re.compile(r"duration=(\d+);source=(\w+);seq=(\d+)")
@@ -434,11 +422,7 @@ def summarize_profile(raw: Path, top: int = 25) -> dict:
 
 def machine_info(binary) -> dict:
     info = {"python": platform.python_version(), "kernel": platform.release(), "cpus": os.cpu_count(),
-            "haproxy": binary.version}
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            info["cpu"] = line.split(":", 1)[1].strip()
-            break
+            "haproxy": binary.version, "cpu": cpu_model()}
     if shutil.which("wrk"):
         first = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
         info["wrk"] = first.split(" Copyright")[0].strip() or "wrk"

@@ -42,6 +42,7 @@ import numpy as np
 
 from spoa.forecast import ARIMA, SES, TSB, Croston, DampedHolt
 from spoa.lease_policy import ActivityPolicy, LeaseBounds, VolumePolicy
+from _machine import cpu_model  # noqa: E402 - benchmarks/ is the script's folder
 
 BOUNDS = LeaseBounds(min_ms=5_000, max_ms=600_000, standard_ms=30_000)
 THRESHOLD = 0.05  # bytes per ms of lease
@@ -427,7 +428,7 @@ def main() -> None:
 
     report = {"sizes": args.sizes, "kinds": args.kinds, "results": {},
               "python": platform.python_version(), "numpy": np.__version__,
-              "cpu": _cpu(), "ncpu": os.cpu_count(), "loadavg_start": os.getloadavg(),
+              "cpu": cpu_model(), "ncpu": os.cpu_count(), "loadavg_start": os.getloadavg(),
               "active": args.active, "warmup": args.warmup, "rounds": args.rounds, "py_rounds": args.py_rounds,
               "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
     for n in args.sizes:
@@ -464,16 +465,6 @@ def main() -> None:
             body += "\n" + args.notes.read_text(encoding="utf-8").strip() + "\n"
         write_section(args.results, body)
         print(f"wrote section {SECTION!r} of {args.results}")
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

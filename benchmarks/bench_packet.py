@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO))
 
 from spoa import _packet_py  # noqa: E402
 from spoa.records import ConnectionRecord, PacketHeader, SegmentRecord  # noqa: E402
+from _machine import cpu_model  # noqa: E402 - benchmarks/ is the script's folder
 
 SECTION = "## Publishing packet codec"
 KEY = bytes(range(32))
@@ -163,16 +164,6 @@ def run(records_n: int, rounds: int, round_time: float) -> dict:
         "cpus": os.cpu_count(),
         "loadavg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def fmt_rate(value: float) -> str:

@@ -392,3 +392,17 @@ def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "co
             return result
         time.sleep(interval)
     raise TimeoutError(f"{what} not reached after {timeout}s")
+
+
+def http_get(port: int, path: str = "/", timeout: float = 5.0) -> tuple[int, dict[str, str]]:
+    """One GET to 127.0.0.1:port on its own connection: (status, lower-cased headers)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}
+    finally:
+        conn.close()

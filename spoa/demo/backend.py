@@ -93,12 +93,9 @@ def chat_gap(rng: random.Random) -> float:
 
 
 @dataclass
-class BackendStats:
-    requests: int = 0
-    streams: int = 0
-    chats: int = 0
-    chat_messages: int = 0
-    bytes_sent: int = 0
+class ErrorTally:
+    """Errors counted, the first few kept for the summary."""
+
     errors: int = 0
     last_errors: list = field(default_factory=list)
 
@@ -106,6 +103,15 @@ class BackendStats:
         self.errors += 1
         if len(self.last_errors) < 10:
             self.last_errors.append(text)
+
+
+@dataclass
+class BackendStats(ErrorTally):
+    requests: int = 0
+    streams: int = 0
+    chats: int = 0
+    chat_messages: int = 0
+    bytes_sent: int = 0
 
 
 def _response(status: str, headers: dict[str, str], body: bytes = b"") -> bytes:

@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .backend import OP_CLOSE, OP_PING, OP_TEXT, ws_frame, ws_read
+from .backend import OP_CLOSE, OP_PING, OP_TEXT, ErrorTally, ws_frame, ws_read
 
 log = logging.getLogger("spoa.demo.loadgen")
 
@@ -78,20 +78,13 @@ class ClientState:
 
 
 @dataclass
-class LoadStats:
+class LoadStats(ErrorTally):
     connections: int = 0
     requests: int = 0
     responses: int = 0
     bytes_received: int = 0
     leases: Counter = field(default_factory=Counter)  # by source, from X-Lease
     leases_missing: int = 0  # responses without a usable X-Lease
-    errors: int = 0
-    last_errors: list = field(default_factory=list)
-
-    def error(self, text: str) -> None:
-        self.errors += 1
-        if len(self.last_errors) < 10:
-            self.last_errors.append(text)
 
 
 class HttpConn:

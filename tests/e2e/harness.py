@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 import yaml
 
 from spoa.provision import HAProxyBinary
-from spoa.testing import free_port, wait_port, wait_until  # noqa: F401 - re-exported to the tests
+from spoa.testing import free_port, http_get, wait_port, wait_until  # noqa: F401 - re-exported to the tests
 
 REPO = Path(__file__).resolve().parents[2]
 HAPROXY_DIR = REPO / "haproxy"
@@ -272,18 +272,4 @@ def parse_lease_header(value: str | None) -> tuple[int, str, int] | None:
     """X-Lease "duration=30000;source=standard;seq=7" -> (30000, "standard", 7)."""
     m = _LEASE.fullmatch(value or "")
     return (int(m[1]), m[2], int(m[3])) if m else None
-
-
-def http_get(port: int, path: str = "/", timeout: float = 5.0) -> tuple[int, dict[str, str]]:
-    """One request on its own connection: (status, headers)."""
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        resp.read()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}
-    finally:
-        conn.close()
 
