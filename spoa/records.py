@@ -7,11 +7,51 @@ docs/publishing-packet.md.
 
 from __future__ import annotations
 
+import socket
+import struct
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 
 DIR_IN = 0  # client -> HAProxy (the kernel's bytes_received on HAProxy's socket)
 DIR_OUT = 1  # HAProxy -> client (bytes_acked by the client)
+
+# A connection's key in the agent (tracker, kernel sample): HAProxy's socket as
+# 36 packed bytes, local address (16) + local port (u16 BE) + remote address
+# (16) + remote port (u16 BE). IPv4 is stored IPv4-mapped (::ffff:a.b.c.d), so
+# a dual-stack listener's v4-mapped socket and SPOE's IPv4 src give one key.
+KEY_LEN = 36
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+_PORTS = struct.Struct(">H")
+
+
+def _pack_address(text: str) -> bytes:
+    try:
+        return _V4_MAPPED + socket.inet_pton(socket.AF_INET, text)
+    except OSError:
+        return socket.inet_pton(socket.AF_INET6, text)  # OSError for what is neither
+
+
+def _unpack_address(raw: bytes) -> str:
+    if raw[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, raw[12:])
+    return socket.inet_ntop(socket.AF_INET6, raw)
+
+
+def pack_key(local: str, local_port: int, remote: str, remote_port: int) -> bytes:
+    """The 36-byte key of HAProxy's socket local:port <-> remote:port.
+
+    OSError for an address that is not IPv4/IPv6 text, struct.error for a
+    port outside 0..65535.
+    """
+    return _pack_address(local) + _PORTS.pack(local_port) + _pack_address(remote) + _PORTS.pack(remote_port)
+
+
+def unpack_key(key: bytes) -> tuple[str, int, str, int]:
+    """(local, local_port, remote, remote_port) of a pack_key() key; IPv4 as dotted text."""
+    if len(key) != KEY_LEN:
+        raise ValueError(f"a connection key is {KEY_LEN} bytes, got {len(key)}")
+    return (_unpack_address(key[:16]), _PORTS.unpack_from(key, 16)[0],
+            _unpack_address(key[18:34]), _PORTS.unpack_from(key, 34)[0])
 
 
 class CounterSource(IntEnum):
