@@ -8,6 +8,7 @@ extension is not built.
 
 from __future__ import annotations
 
+import socket
 from ipaddress import IPv4Address, IPv6Address
 from operator import index
 from typing import Any
@@ -234,7 +235,9 @@ class Message:
         an argument that is not an IP address is returned as get() would.
         """
         value = self.get(name, default)
-        return str(value) if isinstance(value, (IPv4Address, IPv6Address)) else value
+        if isinstance(value, IPv6Address):
+            return socket.inet_ntop(socket.AF_INET6, value.packed)  # glibc's text, as the compiled twin
+        return str(value) if isinstance(value, IPv4Address) else value
 
     def items(self) -> list[tuple[str, Any]]:
         """Every argument in order, duplicates and unnamed ones included."""

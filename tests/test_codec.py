@@ -10,9 +10,12 @@ computed with the codec under test, so a bug shared by both twins still fails.
 from __future__ import annotations
 
 import random
+import socket
 from ipaddress import IPv4Address, IPv6Address
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spoa import frames
 from spoa.constants import FLAG_FIN, DataType, FrameType, Scope, Status
@@ -1169,3 +1172,18 @@ def test_get_address_gives_text(codec):
     assert message.get_address("absent", "dflt") == "dflt"
     with pytest.raises(TypeError):
         message.get_address(b"v4")
+
+
+@given(st.binary(min_size=16, max_size=16) | st.sampled_from([
+    bytes(10) + b"\xff\xff" + bytes([192, 0, 2, 1]),  # IPv4-mapped
+    bytes(12) + bytes([192, 0, 2, 1]),  # IPv4-compatible (deprecated)
+    bytes(15) + b"\x01", bytes(16), b"\x20\x01\x0d\xb8" + bytes(2) + b"\x00\x01" + bytes(8)]))
+@settings(max_examples=300, deadline=None)
+def test_get_address_ipv6_is_inet_ntop_text(codec, raw):
+    # Both twins print IPv6 as glibc's inet_ntop does (the text the kernel
+    # sampler and unpack_key use), not as ipaddress' str() would.
+    writer = codec.FrameWriter()
+    frames.write_notify(writer, 1, 1, [("m", [("v6", IPv6Address(raw))])])
+    reader = codec.FrameReader(16380)
+    reader.feed(writer.take())
+    assert reader.next_frame().messages()[0].get_address("v6") == socket.inet_ntop(socket.AF_INET6, raw)
