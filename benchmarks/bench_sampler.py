@@ -14,6 +14,8 @@ parse/cython  spoa._sampler.parse_chunk over the recorded datagrams of one dump
 parse/python  spoa.sampler._parse_chunk_py, the same datagrams
 parse/cffi    a cffi ABI-mode parser written here (cdata struct access), the
               same datagrams: the third candidate implementation
+(every parser keys each socket by its 36-byte spoa.records.pack_key, built
+from the raw address and port bytes)
 sample/cython KernelSampler.sample(): raw + parse/cython, what callers pay
 sample/python the same with the pure-Python parser
 ss            ss_sample(): `ss -tinHe state ... ( sport = :P ... )` + parse
@@ -91,14 +93,13 @@ def make_cffi_parser():
         """
     )
     assert ffi.sizeof("struct info") == 160 and ffi.sizeof("struct diag") == 72
-    ntop = socket.inet_ntop
     v4m = b"\0" * 10 + b"\xff\xff"
 
-    def addr(fam, raw):
-        b = ffi.buffer(raw, 16)[:]
+    def key_of(fam, m):
+        raw = ffi.buffer(m, 40)[:]  # family .. dst
         if fam == socket.AF_INET:
-            return ntop(socket.AF_INET, b[:4])
-        return ntop(socket.AF_INET, b[12:]) if b[:12] == v4m else ntop(socket.AF_INET6, b)
+            return v4m + raw[8:12] + raw[4:6] + v4m + raw[24:28] + raw[6:8]
+        return raw[8:24] + raw[4:6] + raw[24:40] + raw[6:8]
 
     def parse(data, out, seq=-1):
         base = ffi.from_buffer(data)
@@ -123,12 +124,9 @@ def make_cffi_parser():
                     info = ffi.cast("struct info *", base + a + 4)
                 a += (r.len + 3) & ~3
             if info is not None:
-                fam = m.family
-                sport = m.sport[0] << 8 | m.sport[1]
-                dport = m.dport[0] << 8 | m.dport[1]
-                local, remote = addr(fam, m.src), addr(fam, m.dst)
-                out[(local, sport, remote, dport)] = S.TcpSample(
-                    local, sport, remote, dport, m.state, info.bytes_received, info.bytes_acked,
+                key = key_of(m.family, m)
+                out[key] = S.TcpSample(
+                    key, m.state, info.bytes_received, info.bytes_acked,
                     info.segs_in, info.segs_out, info.data_segs_in, info.data_segs_out,
                     info.last_data_recv, info.last_data_sent, info.rtt, info.last_ack_recv, m.inode,
                 )  # fmt: skip

@@ -5,7 +5,8 @@ SPOE messages register connections (identity: HAProxy's sess.cid and the
 client sockets (one sock_diag dump filtered by the frontend ports seen in the
 registrations), feeds the cumulative counters to the segment tracker, closes
 the connections whose socket left the dump, and publishes the tracker's
-records to the LB nodes as connection publishing packets.
+records to the LB nodes as connection publishing packets. Tracker, sample and
+registrations share one key, spoa.records.pack_key of HAProxy's socket.
 
 Where the kernel dump is unavailable (another network namespace, no
 sock_diag), counters HAProxy sends in the messages (bytes_in / bytes_out,
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import struct
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from typing import Any
 
 from .constants import Scope
 from .records import DIR_IN, DIR_OUT, ConnFlags, CounterSource, LeaseSource, PacketHeader
+from .sampler import pack_key
 from .tracker import SegmentTracker
 
 log = logging.getLogger("spoa.lb_module")
@@ -105,7 +108,7 @@ class LbModule:
         self.node_id = node_id
         self.lease = lease
         self.stats = ModuleStats()
-        self._keys: dict[bytes, tuple] = {}  # conn_id -> tracker key
+        self._keys: dict[bytes, bytes] = {}  # conn_id -> tracker key (pack_key)
         self._hints: dict[bytes, tuple] = {}  # conn_id -> (Hint, received unix ms)
         self._last_published: dict[bytes, int] = {}  # conn_id -> unix ms
         self._ports: set[int] = set()
@@ -127,13 +130,14 @@ class LbModule:
         dst, dst_port = message.get_address("dst"), message.get("dst_port")
         cid = message.get("cid")
         conn_id = None
-        if not isinstance(src, str) or not isinstance(dst, str) or not isinstance(src_port, int) \
-                or not isinstance(dst_port, int):
+        try:
+            key = pack_key(dst, dst_port, src, src_port)  # HAProxy's socket: local, remote
+        except (TypeError, ValueError, OSError, struct.error):  # missing, or not an address / port
             self.stats.registrations_bad += 1
         else:
-            key = (dst, dst_port, src, src_port)  # HAProxy's socket: local, remote
             now = now_ms()
-            conn_id = connection_id(cid if cid is not None else key)
+            # Without a cid, a hash of the 4-tuple: the same id for every message of the connection.
+            conn_id = connection_id(cid) if cid is not None else hashlib.blake2b(key, digest_size=16).digest()
             if self.tracker.register(key, conn_id, src, src_port, dst, dst_port,
                                      str(message.get("frontend") or ""), now):
                 self._keys[conn_id] = key
@@ -182,7 +186,7 @@ class LbModule:
             return hint.lease_ms, "predicted", hint.granularity_level
         return self.lease.standard_ms, "fallback", hint.granularity_level
 
-    def _spoe_counters(self, key: tuple, message: Any, now: int) -> None:
+    def _spoe_counters(self, key: bytes, message: Any, now: int) -> None:
         """3.0+ sends bytes_in/bytes_out: the fallback when the kernel cannot be read."""
         if self.sampler is not None:
             return

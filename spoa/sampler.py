@@ -12,7 +12,9 @@ frontend ports), with one NETLINK_SOCK_DIAG dump per address family per call:
 * parse each reply: ``inet_diag_msg`` (family, state, ports, addresses,
   inode) plus the INET_DIAG_INFO attribute, read by offset, so an older
   kernel's shorter tcp_info gives 0 for the missing fields (see
-  ``KernelSampler.available_fields``).
+  ``KernelSampler.available_fields``). Each socket is keyed by the agent's
+  connection key (spoa.records.pack_key), copied from the raw address and
+  port bytes.
 
 The parser has two twins with the same behaviour: the compiled one in
 cext/spoa/_sampler.pyx (spoa._sampler) and ``_parse_chunk_py`` below.
@@ -20,8 +22,11 @@ SPOA_NO_EXTENSIONS=1, or a missing build, selects the Python one.
 docs/sampler.md says how it works, which counter is which direction, and
 what the benchmark measured.
 
+    from spoa.records import unpack_key
+
     with KernelSampler([80, 443]) as sampler:
-        for (local, lport, remote, rport), s in sampler.sample().items():
+        for key, s in sampler.sample().items():
+            local, lport, remote, rport = unpack_key(key)
             print(remote, rport, s.bytes_received, s.bytes_acked)
 """
 
@@ -41,6 +46,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+from . import records
 from ._accel import load
 
 __all__ = [
@@ -54,6 +60,7 @@ __all__ = [
     "build_bytecode",
     "build_request",
     "fields_available",
+    "pack_key",
     "parse_chunk",
     "parse_dump",
     "ss_sample",
@@ -87,7 +94,10 @@ _HDR = struct.Struct("=IHHII")  # nlmsg_len, nlmsg_type, nlmsg_flags, nlmsg_seq,
 _I32 = struct.Struct("=i")
 _U32 = struct.Struct("=I")
 _RTA = struct.Struct("=HH")  # rta_len, rta_type
-_BE_PORTS = struct.Struct(">HH")  # idiag_sport, idiag_dport (network order)
+# inet_diag_msg from idiag_sport: sport, dport (network order, as in the key), src, dst;
+# an AF_INET address is in the first 4 bytes of its 16.
+_ENDS4 = struct.Struct("=2s2s4s12x4s")
+_ENDS6 = struct.Struct("=2s2s16s16s")
 # struct tcp_info up to tcpi_data_segs_out (160 bytes, Linux 4.6+), the fields
 # we read: state, last_data_sent, last_data_recv, last_ack_recv, rtt,
 # bytes_acked, bytes_received, segs_out, segs_in, data_segs_in, data_segs_out.
@@ -148,17 +158,17 @@ def fields_available(info_len: int) -> frozenset[str]:
 class TcpSample:
     """One socket's counters at dump time (HAProxy's client-side socket: see docs/sampler.md).
 
-    Addresses are text (IPv4-mapped IPv6 as IPv4). The byte counters are the
-    kernel's 64-bit totals since the connection opened; ``*_ms`` are "ms ago"
-    as the kernel reports them; fields the running kernel's tcp_info lacks are 0
-    (``KernelSampler.available_fields``). ``inode`` tells apart two connections
-    that reused a 4-tuple, and maps a socket to its process (/proc/PID/fd).
+    ``key`` is the socket's spoa.records.pack_key (local = the socket's own
+    address and port, remote = its peer; IPv4 and IPv4-mapped IPv6 give the
+    same key), also its key in a sample dict; records.unpack_key gives the text
+    back. The byte counters are the kernel's 64-bit totals since the connection
+    opened; ``*_ms`` are "ms ago" as the kernel reports them; fields the running
+    kernel's tcp_info lacks are 0 (``KernelSampler.available_fields``).
+    ``inode`` tells apart two connections that reused a 4-tuple, and maps a
+    socket to its process (/proc/PID/fd).
     """
 
-    local: str
-    local_port: int
-    remote: str
-    remote_port: int
+    key: bytes
     state: int  # TcpState (from inet_diag_msg.idiag_state)
     bytes_received: int  # tcpi_bytes_received: payload received from the peer (+1 once its FIN came in)
     bytes_acked: int  # tcpi_bytes_acked: payload we sent that the peer acknowledged
@@ -197,9 +207,6 @@ def _strerror(code: int) -> str:
         return f"Unknown error {code}"
 
 
-_V4MAPPED = b"\0" * 10 + b"\xff\xff"
-
-
 def _parse_chunk_py(data: Any, out: dict, seq: int = -1) -> tuple[int, int, int, int]:
     """Parse one recv()'d chunk of a sock_diag dump, adding TcpSample to `out`.
 
@@ -220,10 +227,11 @@ def _parse_chunk_py(data: Any, out: dict, seq: int = -1) -> tuple[int, int, int,
     min_info = _NO_INFO
     hdr_unpack = _HDR.unpack_from
     rta_unpack = _RTA.unpack_from
-    ports_unpack = _BE_PORTS.unpack_from
     u32_unpack = _U32.unpack_from
     info_unpack = _INFO160.unpack_from
-    ntop = socket.inet_ntop
+    ends4_unpack = _ENDS4.unpack_from
+    ends6_unpack = _ENDS6.unpack_from
+    v4_mapped = records._V4_MAPPED  # the key's IPv4 prefix (::ffff:a.b.c.d)
     AF_INET = socket.AF_INET
     AF_INET6 = socket.AF_INET6
     sample_cls = TcpSample
@@ -263,15 +271,13 @@ def _parse_chunk_py(data: Any, out: dict, seq: int = -1) -> tuple[int, int, int,
         m = off + NLMSG_HDRLEN
         family = buf[m]
         state = buf[m + 1]
-        sport, dport = ports_unpack(buf, m + 4)
+        # The key of HAProxy's socket: local = idiag_src + idiag_sport, remote = idiag_dst + idiag_dport.
         if family == AF_INET:
-            local = ntop(AF_INET, buf[m + 8 : m + 12])
-            remote = ntop(AF_INET, buf[m + 24 : m + 28])
+            sport, dport, src, dst = ends4_unpack(buf, m + 4)
+            key = b"".join((v4_mapped, src, sport, v4_mapped, dst, dport))
         elif family == AF_INET6:
-            src = bytes(buf[m + 8 : m + 24])
-            dst = bytes(buf[m + 24 : m + 40])
-            local = ntop(AF_INET, src[12:]) if src[:12] == _V4MAPPED else ntop(AF_INET6, src)
-            remote = ntop(AF_INET, dst[12:]) if dst[:12] == _V4MAPPED else ntop(AF_INET6, dst)
+            sport, dport, src, dst = ends6_unpack(buf, m + 4)
+            key = b"".join((src, sport, dst, dport))
         else:
             raise SamplerError(_errno.EBADMSG, E_BAD_FAMILY)
         inode = u32_unpack(buf, m + 68)[0]
@@ -314,11 +320,8 @@ def _parse_chunk_py(data: Any, out: dict, seq: int = -1) -> tuple[int, int, int,
             last_sent, last_recv, last_ack, rtt, acked, received, segs_out, segs_in, dsegs_in, dsegs_out = _short_info(
                 buf, info, ilen
             )
-        out[(local, sport, remote, dport)] = sample_cls(
-            local,
-            sport,
-            remote,
-            dport,
+        out[key] = sample_cls(
+            key,
             state,
             received,
             acked,
@@ -349,21 +352,24 @@ def _short_info(buf: Any, info: int, ilen: int) -> tuple[int, ...]:
     return (u32(44), u32(52), u32(56), u32(68), u64(120), u64(128), u32(136), u32(140), u32(152), u32(156))
 
 
-# The compiled parser, or None: the pure-Python one below is then used.
+# The compiled parser and key packer, or None: their twins, _parse_chunk_py
+# above and records.pack_key, are then used.
 _compiled, _ = load("_sampler", None)
 
 if _compiled is not None:
     # True: the compiled parser fills TcpSample's slots directly (see _sampler.pyx).
     DIRECT_SLOTS = _compiled.configure(TcpSample, SamplerError)
     parse_chunk = _compiled.parse_chunk
+    pack_key = _compiled.pack_key
     IMPLEMENTATION = "cython"
 else:
     DIRECT_SLOTS = False
     parse_chunk = _parse_chunk_py
+    pack_key = records.pack_key
     IMPLEMENTATION = "python"
 
 
-def parse_dump(data: Any, parser: Any = None, seq: int = -1) -> dict[tuple[str, int, str, int], TcpSample]:
+def parse_dump(data: Any, parser: Any = None, seq: int = -1) -> dict[bytes, TcpSample]:
     """Parse a whole recorded buffer: one or more complete dumps, each ending in NLMSG_DONE.
 
     A buffer that ends without NLMSG_DONE (truncated) raises SamplerError.
@@ -570,11 +576,11 @@ class KernelSampler:
         return KernelSampler._available
 
     # -- sampling
-    def sample(self) -> dict[tuple[str, int, str, int], TcpSample]:
-        """One dump per family; key (local, local_port, remote, remote_port)."""
+    def sample(self) -> dict[bytes, TcpSample]:
+        """One dump per family, keyed by each socket's spoa.records.pack_key."""
         if self._closed:
             raise SamplerError(_errno.EBADF, "sampler is closed")
-        out: dict[tuple[str, int, str, int], TcpSample] = {}
+        out: dict[bytes, TcpSample] = {}
         self.sampled_at = time.monotonic()
         stats = {"sockets": 0, "skipped": 0, "recv_calls": 0, "bytes": 0}
         self.last_stats = stats
@@ -718,14 +724,11 @@ _SS_INT_FIELDS = {
 
 
 def _ss_addr(text: str) -> tuple[str, int]:
+    """ss's "addr:port" / "[v6addr%scope]:port" -> (address text, port); pack_key maps IPv4."""
     host, _, port = text.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    host = host.split("%", 1)[0]
-    if ":" in host:
-        raw = socket.inet_pton(socket.AF_INET6, host)
-        host = socket.inet_ntop(socket.AF_INET, raw[12:]) if raw[:12] == _V4MAPPED else socket.inet_ntop(socket.AF_INET6, raw)
-    return host, int(port)
+    return host.split("%", 1)[0], int(port)
 
 
 def ss_command(ports: Iterable[int]) -> list[str]:
@@ -737,9 +740,9 @@ def ss_command(ports: Iterable[int]) -> list[str]:
     return cmd + [expr]
 
 
-def parse_ss(text: str) -> dict[tuple[str, int, str, int], TcpSample]:
+def parse_ss(text: str) -> dict[bytes, TcpSample]:
     """Parse `ss -tinHe state ... ( sport = :P ... )` output (several states: the State column is present)."""
-    out: dict[tuple[str, int, str, int], TcpSample] = {}
+    out: dict[bytes, TcpSample] = {}
     head: list[str] | None = None
     for line in text.splitlines():
         if not line.strip():
@@ -756,8 +759,7 @@ def parse_ss(text: str) -> dict[tuple[str, int, str, int], TcpSample]:
         state = _SS_STATES.get(cur[0])
         if state is None or len(cur) < 5:
             raise SamplerError(_errno.EBADMSG, f"unparsable ss line: {' '.join(cur)!r}")
-        local, lport = _ss_addr(cur[3])
-        remote, rport = _ss_addr(cur[4])
+        key = pack_key(*_ss_addr(cur[3]), *_ss_addr(cur[4]))
         vals = dict.fromkeys(_SS_INT_FIELDS.values(), 0)
         rtt_us = 0
         inode = 0
@@ -773,8 +775,8 @@ def parse_ss(text: str) -> dict[tuple[str, int, str, int], TcpSample]:
                 vals[f] = int(v)
             elif k == "rtt":
                 rtt_us = round(float(v.split("/")[0]) * 1000)
-        out[(local, lport, remote, rport)] = TcpSample(
-            local, lport, remote, rport, state,
+        out[key] = TcpSample(
+            key, state,
             vals["bytes_received"], vals["bytes_acked"], vals["segs_in"], vals["segs_out"],
             vals["data_segs_in"], vals["data_segs_out"], vals["last_data_recv_ms"],
             vals["last_data_sent_ms"], rtt_us, vals["last_ack_recv_ms"], inode,
@@ -782,7 +784,7 @@ def parse_ss(text: str) -> dict[tuple[str, int, str, int], TcpSample]:
     return out
 
 
-def ss_sample(ports: Iterable[int], *, timeout: float = 60.0) -> dict[tuple[str, int, str, int], TcpSample]:
+def ss_sample(ports: Iterable[int], *, timeout: float = 60.0) -> dict[bytes, TcpSample]:
     """The same dict as KernelSampler(ports).sample(), from iproute2's `ss -tinHe` (oracle, benchmarks).
 
     ss prints rtt in ms with 3 decimals (rtt_us is rounded to what it shows) and

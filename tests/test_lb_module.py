@@ -1,15 +1,16 @@
-"""The server node's LB module: registration from SPOE, SPOE-counter fallback, ids."""
+"""The server node's LB module: registration from SPOE, SPOE-counter fallback, ids, kernel samples."""
 
 from __future__ import annotations
 
 import uuid
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 from spoa import frames
 from spoa.codec import FrameReader, FrameWriter
 from spoa.constants import FrameType, Scope
 from spoa.lb_module import LbModule, LeaseSettings, connection_id
-from spoa.records import CounterSource
+from spoa.records import ConnFlags, CounterSource, pack_key
+from spoa.sampler import TcpSample
 from spoa.tracker import SegmentTracker
 
 
@@ -33,6 +34,7 @@ def answer(module, msg):
 
 IDENTITY = dict(cid="6f1c7b8e-0d3a-4b5e-9c1d-2a3b4c5d6e7f", src=IPv4Address("192.0.2.10"), src_port=40000,
                 dst=IPv4Address("198.51.100.1"), dst_port=443, frontend="fe_https")
+KEY = pack_key("198.51.100.1", 443, "192.0.2.10", 40000)  # HAProxy's socket: local = dst, remote = src
 
 
 def test_registers_and_answers_the_lease_in_force():
@@ -40,15 +42,34 @@ def test_registers_and_answers_the_lease_in_force():
     actions = answer(module, message(**IDENTITY))
     assert ("set-var", Scope.SESS, "duration_ms", 30000) in actions
     assert ("set-var", Scope.SESS, "source", "standard") in actions
-    rec = module.tracker.snapshot(("198.51.100.1", 443, "192.0.2.10", 40000))
+    rec = module.tracker.snapshot(KEY)
     assert rec.conn_id == uuid.UUID(IDENTITY["cid"]).bytes and rec.frontend == "fe_https"
+    assert (rec.src, rec.src_port, rec.dst, rec.dst_port) == ("192.0.2.10", 40000, "198.51.100.1", 443)
     assert module.stats.registrations == 1
+    assert module._keys == {rec.conn_id: KEY}
+
+
+def test_ipv6_identity_is_keyed_like_the_kernel_socket():
+    module = LbModule(SegmentTracker(), None, None, 1000, 1, LeaseSettings())
+    answer(module, message(**dict(IDENTITY, src=IPv6Address("2001:db8::10"), dst=IPv6Address("2001:db8::1"))))
+    assert module.tracker.snapshot(pack_key("2001:db8::1", 443, "2001:db8::10", 40000)).src == "2001:db8::10"
+
+
+def test_without_cid_the_id_is_a_hash_of_the_4_tuple():
+    module = LbModule(SegmentTracker(), None, None, 1000, 1, LeaseSettings())
+    no_cid = {k: v for k, v in IDENTITY.items() if k != "cid"}
+    answer(module, message(**no_cid))
+    answer(module, message(**no_cid))  # the same connection again: the same id
+    answer(module, message(**dict(no_cid, src_port=40001)))
+    ids = list(module._keys)
+    assert len(ids) == 2 and all(len(i) == 16 for i in ids) and module.stats.registrations == 3
+    assert module.tracker.snapshot(KEY).conn_id == ids[0]
 
 
 def test_spoe_counters_are_the_fallback_and_say_so():
     module = LbModule(SegmentTracker(), None, None, 1000, 1, LeaseSettings())  # no kernel sampler
     answer(module, message(**IDENTITY, bytes_in=1200, bytes_out=50000))
-    rec = module.tracker.snapshot(("198.51.100.1", 443, "192.0.2.10", 40000))
+    rec = module.tracker.snapshot(KEY)
     assert (rec.bytes_in_total, rec.bytes_out_total) == (1200, 50000)
     assert rec.counter_source == CounterSource.SPOE
 
@@ -56,8 +77,46 @@ def test_spoe_counters_are_the_fallback_and_say_so():
 def test_message_without_identity_is_counted_and_still_answered():
     module = LbModule(SegmentTracker(), None, None, 1000, 1, LeaseSettings())
     actions = answer(module, message(cid="x", src="not-an-address-type", src_port="nope"))
-    assert module.stats.registrations_bad == 1 and len(module.tracker) == 0
     assert ("set-var", Scope.SESS, "duration_ms", 30000) in actions
+    answer(module, message(**dict(IDENTITY, src="192.0.2.300")))  # text, but not an address
+    answer(module, message(**dict(IDENTITY, dst_port=70000)))  # not a port
+    answer(module, message(**{k: v for k, v in IDENTITY.items() if k != "dst"}))
+    assert module.stats.registrations_bad == 4 and len(module.tracker) == 0
+
+
+class FakeSampler:
+    """KernelSampler's interface, with the dict a test wants."""
+
+    def __init__(self) -> None:
+        self.snapshot: dict = {}
+        self.ports = None
+
+    def set_ports(self, ports) -> None:
+        self.ports = set(ports)
+
+    def sample(self) -> dict:
+        return self.snapshot
+
+
+def tcp_sample(key: bytes, received: int, acked: int, state: int = 1) -> TcpSample:
+    return TcpSample(key, state, received, acked, 5, 6, 3, 4, 0, 0, 100)
+
+
+def test_kernel_sample_is_joined_on_the_packed_key():
+    sampler = FakeSampler()
+    module = LbModule(SegmentTracker(), sampler, None, 1000, 1, LeaseSettings())
+    answer(module, message(**IDENTITY))
+    assert sampler.ports == {443}
+    other = pack_key("198.51.100.1", 443, "192.0.2.11", 40000)  # a socket HAProxy did not register
+    sampler.snapshot = {KEY: tcp_sample(KEY, 1200, 50000, state=8), other: tcp_sample(other, 1, 1)}
+    module.tick()
+    rec = module.tracker.snapshot(KEY)
+    assert (rec.bytes_in_total, rec.bytes_out_total) == (1200, 50000)
+    assert rec.counter_source == CounterSource.KERNEL and rec.flags & ConnFlags.CLOSING
+    assert module.stats.sources["kernel"] == 1 and len(module.tracker) == 1
+    sampler.snapshot = {other: tcp_sample(other, 1, 1)}  # our socket left the dump: closed
+    module.tick()
+    assert module.stats.connections_closed == 1 and module._keys == {}
 
 
 def test_connection_id_from_uuid_or_hash():

@@ -12,6 +12,9 @@
 - Closing: CLOSE_WAIT then gone; an active close disappears (orphaned
   FIN_WAIT2 sockets have no tcp_info and are skipped).
 - ss(8) gives the same counters for the same sockets.
+- Keys: each socket's spoa.records.pack_key, IPv4 and IPv4-mapped IPv6 alike,
+  from both parser twins; the compiled pack_key twin gives records.pack_key's
+  result or error for any input.
 - Multi-datagram dumps, a kernel NLMSG_ERROR (EINVAL) and recovery, EINTR
   storms, an unprivileged user (no CAP_NET_ADMIN) reading root's sockets.
 - Parser robustness, both twins: truncated, mutated and random buffers raise
@@ -43,7 +46,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import spoa
+from spoa import records
 from spoa import sampler as S
+from spoa.records import pack_key, unpack_key
 from spoa.sampler import KernelSampler, SamplerError, TcpSample, TcpState
 
 pytestmark = pytest.mark.skipif(not KernelSampler.available(), reason="NETLINK_SOCK_DIAG unavailable here")
@@ -87,10 +92,9 @@ class Conn:
         self.server.settimeout(WAIT)
 
     @property
-    def server_key(self) -> tuple[str, int, str, int]:
-        local, lport = self.server.getsockname()[:2]
-        remote, rport = self.server.getpeername()[:2]
-        return (_normalize_text(local), lport, _normalize_text(remote), rport)
+    def server_key(self) -> bytes:
+        """The server-side socket's key, from its own idea of its addresses (text)."""
+        return pack_key(*self.server.getsockname()[:2], *self.server.getpeername()[:2])
 
     def transfer(self, n_in: int, n_out: int) -> None:
         """Exactly n_in bytes client -> server and n_out server -> client, all read."""
@@ -166,16 +170,6 @@ def connect_to(listener: socket.socket, n: int = 1) -> list[socket.socket]:
     return out
 
 
-# Address text as the sampler gives it (IPv4-mapped -> IPv4).
-def _normalize_text(addr: str) -> str:
-    if ":" in addr:
-        raw = socket.inet_pton(socket.AF_INET6, addr.split("%")[0])
-        if raw[:12] == S._V4MAPPED:
-            return socket.inet_ntop(socket.AF_INET, raw[12:])
-        return socket.inet_ntop(socket.AF_INET6, raw)
-    return addr
-
-
 # --- real kernel: counters ----------------------------------------------------
 
 
@@ -206,10 +200,11 @@ def test_exact_bytes_each_way(conns, family, host, connect, dual):
         assert s.last_data_sent_ms <= s.last_data_recv_ms + 50  # we sent after we received
         assert s.rtt_us > 0
         assert s.inode == os.fstat(c.server.fileno()).st_ino
+        assert s.key is next(iter(snap))  # the sample carries its key
         # Only the server-side socket: the client's local port is ephemeral.
         assert list(snap) == [key]
-        if dual:
-            assert key[0] == "127.0.0.1" and key[2] == "127.0.0.1"
+        if dual:  # an AF_INET6 socket with v4-mapped addresses: the IPv4 key
+            assert key == pack_key("127.0.0.1", c.port, "127.0.0.1", c.client.getsockname()[1])
         assert ks.available_fields == frozenset(S.FIELD_MIN_INFO_LEN)  # this kernel: full tcp_info
         assert ks.info_len is not None and ks.info_len >= S.FULL_INFO_LEN
 
@@ -241,13 +236,13 @@ def test_filter_runs_in_the_kernel(conns):
         f_bytes = filtered.last_stats["bytes"]
         all_ = everything.sample()
         assert {a.server_key, b.server_key} <= set(all_)
-        client_key = (b.client.getsockname()[0], b.client.getsockname()[1], "127.0.0.1", b.port)
+        client_key = pack_key(*b.client.getsockname(), "127.0.0.1", b.port)
         assert client_key in all_  # a socket the filter removed
         assert everything.last_stats["sockets"] >= 4
         assert everything.last_stats["bytes"] > f_bytes
         # Raw datagrams: the filtered dump's messages are all for a.port.
         raw = b"".join(filtered.dump_raw())
-        assert {k[1] for k in S.parse_dump(raw)} == {a.port}
+        assert {unpack_key(k)[1] for k in S.parse_dump(raw)} == {a.port}
 
 
 @pytest.mark.parametrize("use_eq", [True, False], ids=["S_EQ", "S_GE+S_LE"])
@@ -270,7 +265,7 @@ def test_filter_port_sets(use_eq):
         for want in cases:
             with KernelSampler(want, use_eq=use_eq) as ks:
                 got = ks.sample()
-                assert sorted(k[1] for k in got) == sorted(p for p in want if p in ports), want
+                assert sorted(unpack_key(k)[1] for k in got) == sorted(p for p in want if p in ports), want
                 assert ks.last_stats["sockets"] == len(got)
     finally:
         for s in held + ls:
@@ -442,7 +437,7 @@ def test_same_counters_as_ss(conns):
                   "data_segs_out", "inode"):  # fmt: skip
             assert getattr(m, f) == getattr(o, f), (k, f)
         assert abs(m.rtt_us - o.rtt_us) <= 1 or abs(m.rtt_us - o.rtt_us) <= m.rtt_us // 1000  # ss rounds
-    assert mine[b.server_key].local == "::1"
+    assert unpack_key(b.server_key)[0] == "::1"
 
 
 def test_parse_ss_text():
@@ -454,11 +449,13 @@ def test_parse_ss_text():
         "CLOSE-WAIT 1 0 10.0.0.1:8080 10.0.0.2:2\n\t cubic rtt:0.01/0.005\n"
     )
     got = S.parse_ss(text)
-    assert set(got) == {("127.0.0.1", 8080, "127.0.0.1", 40000), ("10.0.0.1", 8080, "10.0.0.2", 2)}
-    s = got[("127.0.0.1", 8080, "127.0.0.1", 40000)]
+    mapped = pack_key("127.0.0.1", 8080, "127.0.0.1", 40000)  # ss prints the v4-mapped form
+    assert set(got) == {mapped, pack_key("10.0.0.1", 8080, "10.0.0.2", 2)}
+    s = got[mapped]
+    assert s.key == mapped
     assert (s.bytes_acked, s.bytes_received, s.segs_out, s.segs_in, s.data_segs_out, s.data_segs_in) == (10, 20, 3, 4, 1, 2)
     assert (s.last_data_sent_ms, s.last_data_recv_ms, s.last_ack_recv_ms, s.rtt_us, s.inode) == (5, 6, 7, 1500, 42)
-    assert got[("10.0.0.1", 8080, "10.0.0.2", 2)].state == TcpState.CLOSE_WAIT
+    assert got[pack_key("10.0.0.1", 8080, "10.0.0.2", 2)].state == TcpState.CLOSE_WAIT
 
 
 # --- real kernel: dumps, errors, signals, privilege -------------------------------
@@ -546,7 +543,7 @@ def test_unprivileged_user_reads_other_users_tcp_info(conns):
             os.setuid(65534)
             caps = re.search(r"CapEff:\s*(\w+)", Path("/proc/self/status").read_text()).group(1)
             with KernelSampler([c.port]) as ks:
-                got = {json.dumps(k): [v.bytes_received, v.bytes_acked, v.inode] for k, v in ks.sample().items()}
+                got = {k.hex(): [v.bytes_received, v.bytes_acked, v.inode] for k, v in ks.sample().items()}
             os.write(w, json.dumps({"uid": os.getuid(), "caps": caps, "got": got}).encode())
         finally:
             os._exit(0)
@@ -558,7 +555,7 @@ def test_unprivileged_user_reads_other_users_tcp_info(conns):
     os.waitpid(pid, 0)
     res = json.loads(data)
     assert res["uid"] == 65534 and int(res["caps"], 16) == 0
-    assert res["got"] == {json.dumps(list(c.server_key)): [777, 555, os.fstat(c.server.fileno()).st_ino]}
+    assert res["got"] == {c.server_key.hex(): [777, 555, os.fstat(c.server.fileno()).st_ino]}
 
 
 def test_closed_sampler_and_context_manager(conns):
@@ -572,7 +569,7 @@ def test_closed_sampler_and_context_manager(conns):
 
 
 def test_sample_object():
-    s = TcpSample("1.2.3.4", 1, "5.6.7.8", 2, 1, 3, 4, 5, 6, 7, 8, 9, 10, 11)
+    s = TcpSample(pack_key("1.2.3.4", 1, "5.6.7.8", 2), 1, 3, 4, 5, 6, 7, 8, 9, 10, 11)
     assert (s.last_ack_recv_ms, s.inode) == (0, 0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.bytes_acked = 1  # type: ignore[misc]
@@ -591,6 +588,7 @@ def test_compiled_sampler_loaded():
         pytest.skip("spoa._sampler not built and not in setup.py MODULES yet")
     assert S.IMPLEMENTATION == "cython"
     assert S.DIRECT_SLOTS
+    assert S.pack_key is S._compiled.pack_key
 
 
 # --- parser: recorded, crafted, mutated and random buffers ----------------------
@@ -642,8 +640,8 @@ def outcome(p, data: bytes):
 def test_twins_agree_on_recorded(recorded):
     results = [S.parse_dump(recorded, p) for p in PARSERS.values()]
     assert all(r == results[0] for r in results)
-    keys = set(results[0])
-    assert any(k[0] == "::1" for k in keys) and sum(k[0] == "127.0.0.1" for k in keys) == 2
+    locals_ = sorted(unpack_key(k)[0] for k in results[0])
+    assert locals_ == ["127.0.0.1", "127.0.0.1", "::1"]  # v4, v4-mapped, v6
 
 
 def test_truncated_everywhere(parser, recorded):
@@ -742,7 +740,7 @@ def test_short_tcp_info(parser, recorded, ilen):
         if f == "state":
             continue
         assert getattr(got, f) == (getattr(ref, f) if f in have else 0), (ilen, f)
-    assert (got.local, got.remote, got.state, got.inode) == (ref.local, ref.remote, ref.state, ref.inode)
+    assert (got.key, got.state, got.inode) == (key, ref.state, ref.inode)
     assert outcome(S._parse_chunk_py, with_info_len(full_msg, ilen)) == outcome(parser, with_info_len(full_msg, ilen))
 
 
@@ -754,6 +752,90 @@ def test_no_info_is_skipped(parser, recorded):
 def test_fields_available():
     assert S.fields_available(104) == {"state", "last_data_sent_ms", "last_data_recv_ms", "last_ack_recv_ms", "rtt_us"}
     assert S.fields_available(160) == set(S.FIELD_MIN_INFO_LEN)
+
+
+def socket_message(family: int, src: bytes, sport: int, dst: bytes, dport: int) -> bytes:
+    """One SOCK_DIAG_BY_FAMILY message: inet_diag_msg (ports in network order) + a full tcp_info."""
+    diag = struct.pack("=BBBB", family, TcpState.ESTABLISHED, 0, 0) + struct.pack(">HH", sport, dport)
+    diag += src + dst + bytes(4 + 8 + 16) + struct.pack("=I", 4242)  # ifindex, cookie, 4 u32, inode
+    info = struct.pack("=HH", 4 + S.FULL_INFO_LEN, S.INET_DIAG_INFO) + bytes(S.FULL_INFO_LEN)
+    return nlmsg(S.SOCK_DIAG_BY_FAMILY, diag + info)
+
+
+V4_MAPPED = bytes(10) + b"\xff\xff"
+ADDR16 = st.binary(min_size=16, max_size=16) | st.binary(min_size=4, max_size=4).map(lambda a: V4_MAPPED + a)
+PORT = st.integers(0, 65535)
+
+
+@FUZZ
+@given(family=st.sampled_from([socket.AF_INET, socket.AF_INET6]), src=ADDR16, sport=PORT, dst=ADDR16, dport=PORT)
+def test_key_is_pack_key_of_the_socket(family, src, sport, dst, dport):
+    """local = idiag_src:sport, remote = idiag_dst:dport; AF_INET reads 4 bytes; v4-mapped == IPv4."""
+    if family == socket.AF_INET:
+        want = pack_key(socket.inet_ntop(family, src[:4]), sport, socket.inet_ntop(family, dst[:4]), dport)
+    else:
+        want = pack_key(socket.inet_ntop(family, src), sport, socket.inet_ntop(family, dst), dport)
+    data = socket_message(family, src, sport, dst, dport) + DONE
+    for p in PARSERS.values():
+        (key, sample), = S.parse_dump(data, p).items()  # fmt: skip
+        assert key == want and sample.key is key and sample.inode == 4242
+
+
+PACK_CASES = [
+    ("192.0.2.1", 443, "198.51.100.7", 40000),
+    ("2001:db8::1", 0, "fe80::2", 65535),
+    ("::ffff:10.0.0.1", 80, "10.0.0.2", 80),  # v4-mapped text: the IPv4 key
+    ("::10.0.0.1", 80, "::", 1),  # IPv4-compatible (deprecated) stays IPv6
+    ("1.2.3.4", True, "5.6.7.8", False),  # bool is an int to struct
+    ("1.2.3.4", 65536, "5.6.7.8", 1),
+    ("1.2.3.4", -1, "5.6.7.8", 1),
+    ("1.2.3.4", 2**70, "5.6.7.8", 1),
+    ("1.2.3.4", 1.0, "5.6.7.8", 1),
+    ("1.2.3.4", "80", "5.6.7.8", 1),
+    ("1.2.3.4", None, "5.6.7.8", 1),
+    ("256.1.1.1", 1, "5.6.7.8", 1),
+    ("01.2.3.4", 1, "5.6.7.8", 1),
+    ("1.2.3.4 ", 1, "5.6.7.8", 1),
+    ("1.2.3.4\0", 1, "5.6.7.8", 1),  # C's inet_pton would stop at the NUL
+    ("fe80::1%lo", 1, "::1", 1),
+    ("", 1, "::1", 1),
+    ("\u0661.2.3.4", 1, "::1", 1),  # non-ASCII digit
+    ("\udcff", 1, "::1", 1),  # a lone surrogate
+    (None, 1, "::1", 1),
+    (b"1.2.3.4", 1, "::1", 1),
+    (type("Text", (str,), {})("1.2.3.4"), 1, "::1", 1),  # a str subclass
+]
+
+
+def pack_outcome(fn, args):
+    try:
+        return ("ok", fn(*args))
+    except Exception as e:  # noqa: BLE001 - the twins must raise the same thing, whatever it is
+        return ("err", type(e), str(e))
+
+
+@pytest.mark.parametrize("args", PACK_CASES, ids=[repr(a)[:40] for a in PACK_CASES])
+def test_pack_key_twins(args):
+    """The compiled pack_key gives records.pack_key's bytes or its exception, for any input."""
+    if S._compiled is None:
+        pytest.skip("spoa._sampler is not built")
+    want = pack_outcome(records.pack_key, args)
+    assert pack_outcome(S._compiled.pack_key, args) == want
+    if want[0] == "ok":
+        assert len(want[1]) == records.KEY_LEN and pack_key(*unpack_key(want[1])) == want[1]
+
+
+ADDR_TEXT = (st.ip_addresses().map(str) | st.text(alphabet="0123456789abcdef.:%f", max_size=45)
+             | st.binary(min_size=16, max_size=16).map(lambda a: socket.inet_ntop(socket.AF_INET6, a)))  # fmt: skip
+
+
+@FUZZ
+@given(local=ADDR_TEXT, lport=st.integers(-2, 65537), remote=ADDR_TEXT, rport=st.integers(-2, 65537))
+def test_pack_key_twins_fuzz(local, lport, remote, rport):
+    if S._compiled is None:
+        pytest.skip("spoa._sampler is not built")
+    args = (local, lport, remote, rport)
+    assert pack_outcome(S._compiled.pack_key, args) == pack_outcome(records.pack_key, args)
 
 
 @FUZZ

@@ -12,17 +12,24 @@ there is no old value). configure() reads the offsets from the class's
 member descriptors and checks them; if anything looks different it falls
 back to PyObject_GenericSetAttr (object.__setattr__ without the Python
 call, ~1.6x slower parsing). With direct stores the sample is also taken
-off the cyclic GC's lists: it holds only str and int. spoa.sampler calls
+off the cyclic GC's lists: it holds only bytes and int. spoa.sampler calls
 configure() with its TcpSample and SamplerError before using parse_chunk().
+
+The connection key (spoa.records.pack_key) is copied from the message's raw
+address and port bytes: no address text is made per socket. pack_key() here
+is the compiled twin of spoa.records.pack_key, for the per-message SPOE path.
 """
 
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.dict cimport PyDict_SetItem
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memcmp, memcpy, strlen
+from libc.string cimport memcpy, strlen
 
 import errno as _errno
 import os
 from types import MemberDescriptorType
+
+from spoa.records import KEY_LEN as _KEY_LEN, pack_key as _pack_key_reference
 
 cdef extern from "Python.h":
     ctypedef struct PyTypeObject:
@@ -39,10 +46,12 @@ cdef extern from "Python.h":
     bint PyObject_IS_GC(object o)
     object PyType_GenericAlloc(PyTypeObject *t, Py_ssize_t nitems)
     int PyObject_GenericSetAttr(object o, object name, object value) except -1
-    object PyUnicode_DecodeASCII(const char *s, Py_ssize_t size, const char *errors)
+    bint PyUnicode_IS_ASCII(object o)
+    const char *PyUnicode_AsUTF8AndSize(object o, Py_ssize_t *size) except NULL
+    long PyLong_AsLongAndOverflow(object o, int *overflow) except? -1
 
 cdef extern from "<arpa/inet.h>":
-    const char *inet_ntop(int af, const void *src, char *dst, unsigned int size)
+    int inet_pton(int af, const char *src, void *dst) nogil
 
 cdef extern from "<sys/socket.h>":
     enum:
@@ -61,7 +70,8 @@ cdef enum:
     INET_DIAG_INFO = 2
     FULL_INFO_LEN = 160
     NO_INFO = 0x7FFFFFFF
-    N_FIELDS = 16
+    N_FIELDS = 13
+    KEY_LEN = 36  # spoa.records.KEY_LEN, checked at import
     T_OBJECT_EX = 16  # structmember.h (Py_T_OBJECT_EX in 3.12+)
 
 # Same texts as spoa/sampler.py (the twin tests compare them).
@@ -76,7 +86,7 @@ E_BAD_FAMILY = "unexpected address family in inet_diag_msg"
 E_BAD_ATTR = "netlink attribute length out of bounds"
 
 FIELDS = (
-    "local", "local_port", "remote", "remote_port", "state",
+    "key", "state",
     "bytes_received", "bytes_acked", "segs_in", "segs_out",
     "data_segs_in", "data_segs_out", "last_data_recv_ms", "last_data_sent_ms",
     "rtt_us", "last_ack_recv_ms", "inode",
@@ -88,7 +98,10 @@ cdef tuple _names = tuple(FIELDS)
 cdef Py_ssize_t _offsets[N_FIELDS]
 cdef bint _direct = False
 cdef bint _untrack = False
-cdef bytes _V4MAPPED = b"\0" * 10 + b"\xff\xff"
+# The 12-byte prefix of an IPv4-mapped IPv6 address (::ffff:a.b.c.d).
+cdef const uint8_t *V4MAPPED = <const uint8_t *>b"\0\0\0\0\0\0\0\0\0\0\xff\xff"
+if _KEY_LEN != KEY_LEN:
+    raise ImportError("spoa.records.KEY_LEN is %d, _sampler.pyx was built for %d" % (_KEY_LEN, KEY_LEN))
 
 
 def configure(sample_cls, error_cls, bint direct=True):
@@ -140,44 +153,13 @@ cdef inline uint64_t info64(const uint8_t *info, Py_ssize_t ilen, Py_ssize_t o) 
     return rd64(info + o) if ilen >= o + 8 else 0
 
 
-cdef inline int put_u8(char *d, unsigned int v) noexcept nogil:
-    if v >= 100:
-        d[0] = <char>(48 + v // 100)
-        d[1] = <char>(48 + (v // 10) % 10)
-        d[2] = <char>(48 + v % 10)
-        return 3
-    if v >= 10:
-        d[0] = <char>(48 + v // 10)
-        d[1] = <char>(48 + v % 10)
-        return 2
-    d[0] = <char>(48 + v)
-    return 1
-
-
-cdef object ipv4_text(const uint8_t *a):
-    cdef char buf[16]
-    cdef int n = put_u8(buf, a[0])
-    buf[n] = 46
-    n += 1
-    n += put_u8(buf + n, a[1])
-    buf[n] = 46
-    n += 1
-    n += put_u8(buf + n, a[2])
-    buf[n] = 46
-    n += 1
-    n += put_u8(buf + n, a[3])
-    return PyUnicode_DecodeASCII(buf, n, NULL)
-
-
-cdef object addr_text(int family, const uint8_t *a):
-    cdef char buf[64]
+cdef inline void put_address(uint8_t *k, int family, const uint8_t *a) noexcept nogil:
+    """16 bytes of a key from an inet_diag address: IPv4 mapped, IPv6 (mapped or not) as is."""
     if family == AF_INET:
-        return ipv4_text(a)
-    if memcmp(a, <const char *>_V4MAPPED, 12) == 0:
-        return ipv4_text(a + 12)
-    if inet_ntop(AF_INET6, a, buf, sizeof(buf)) == NULL:  # cannot fail for AF_INET6 with 64 bytes
-        raise _error_cls(_errno.EINVAL, "inet_ntop failed")
-    return PyUnicode_DecodeASCII(buf, strlen(buf), NULL)
+        memcpy(k, V4MAPPED, 12)
+        memcpy(k + 12, a, 4)
+    else:
+        memcpy(k, a, 16)
 
 
 cdef inline int setf(object o, Py_ssize_t i, object v) except -1:
@@ -219,10 +201,9 @@ def parse_chunk(data, dict out, long seq=-1):
     cdef long count = 0, skipped = 0, min_info = NO_INFO
     cdef uint32_t inode, last_sent, last_recv, last_ack, rtt, segs_out, segs_in, dsegs_in, dsegs_out
     cdef uint64_t acked, received
-    cdef unsigned int sport, dport, state
-    cdef object local, remote, sample, key
-    cdef object last_local = None
-    cdef uint8_t last_local_raw[17]
+    cdef unsigned int state
+    cdef object sample, key
+    cdef uint8_t *k
     cdef PyTypeObject *cls = <PyTypeObject *>_sample_cls
     while off < n:
         if n - off < NLMSG_HDRLEN:
@@ -266,8 +247,6 @@ def parse_chunk(data, dict out, long seq=-1):
         if family != AF_INET and family != AF_INET6:
             raise err(_errno.EBADMSG, E_BAD_FAMILY)
         state = m[1]
-        sport = (<unsigned int>m[4] << 8) | m[5]
-        dport = (<unsigned int>m[6] << 8) | m[7]
         inode = rd32(m + 68)
         # attributes
         a = off + NLMSG_HDRLEN + INET_DIAG_MSG_LEN
@@ -314,39 +293,82 @@ def parse_chunk(data, dict out, long seq=-1):
             segs_in = info32(info, ilen, 140)
             dsegs_in = info32(info, ilen, 152)
             dsegs_out = info32(info, ilen, 156)
-        # The local address is usually the same from one socket to the next.
-        if last_local is not None and last_local_raw[0] == family and memcmp(last_local_raw + 1, m + 8, 16) == 0:
-            local = last_local
-        else:
-            local = addr_text(family, m + 8)
-            last_local = local
-            last_local_raw[0] = <uint8_t>family
-            memcpy(last_local_raw + 1, m + 8, 16)
-        remote = addr_text(family, m + 24)
+        # HAProxy's socket: local = idiag_src/sport, remote = idiag_dst/dport
+        # (ports already in network order, as in the key).
+        key = PyBytes_FromStringAndSize(NULL, KEY_LEN)
+        k = <uint8_t *>PyBytes_AS_STRING(key)
+        put_address(k, family, m + 8)
+        memcpy(k + 16, m + 4, 2)
+        put_address(k + 18, family, m + 24)
+        memcpy(k + 34, m + 6, 2)
         sample = PyType_GenericAlloc(cls, 0)
-        setf(sample, 0, local)
-        setf(sample, 1, sport)
-        setf(sample, 2, remote)
-        setf(sample, 3, dport)
-        setf(sample, 4, state)
-        setf(sample, 5, received)
-        setf(sample, 6, acked)
-        setf(sample, 7, segs_in)
-        setf(sample, 8, segs_out)
-        setf(sample, 9, dsegs_in)
-        setf(sample, 10, dsegs_out)
-        setf(sample, 11, last_recv)
-        setf(sample, 12, last_sent)
-        setf(sample, 13, rtt)
-        setf(sample, 14, last_ack)
-        setf(sample, 15, inode)
+        setf(sample, 0, key)
+        setf(sample, 1, state)
+        setf(sample, 2, received)
+        setf(sample, 3, acked)
+        setf(sample, 4, segs_in)
+        setf(sample, 5, segs_out)
+        setf(sample, 6, dsegs_in)
+        setf(sample, 7, dsegs_out)
+        setf(sample, 8, last_recv)
+        setf(sample, 9, last_sent)
+        setf(sample, 10, rtt)
+        setf(sample, 11, last_ack)
+        setf(sample, 12, inode)
         if _untrack:
-            # Only str and int inside: it can never be part of a reference
+            # Only bytes and int inside: it can never be part of a reference
             # cycle, so keep it off the collector's lists (CPython does the
             # same for tuples of atoms), as N of them live until the next sample.
             PyObject_GC_UnTrack(<PyObject *>sample)
-        key = (local, sport, remote, dport)
         PyDict_SetItem(out, key, sample)
         count += 1
         off = nxt
     return (-1, count, min_info, skipped)
+
+
+# --- pack_key: the compiled twin of spoa.records.pack_key ---------------------
+
+
+cdef inline bint pack_address(object text, uint8_t *out):
+    """ASCII address text -> 16 key bytes (IPv4 mapped); False when this fast path does not apply."""
+    cdef Py_ssize_t size
+    cdef const char *s
+    if type(text) is not str or not PyUnicode_IS_ASCII(text):
+        return False
+    s = PyUnicode_AsUTF8AndSize(text, &size)  # an ASCII str's own buffer: cannot fail
+    if <size_t>size != strlen(s):  # an embedded NUL: C would stop there, Python refuses it
+        return False
+    # The order of records._pack_address: IPv4 text first, then IPv6 (the same libc inet_pton).
+    if inet_pton(AF_INET, s, out + 12) == 1:
+        memcpy(out, V4MAPPED, 12)
+        return True
+    return inet_pton(AF_INET6, s, out) == 1
+
+
+cdef inline bint pack_port(object port, uint8_t *out):
+    """An int 0..65535 -> 2 key bytes, big-endian; False when this fast path does not apply."""
+    cdef int overflow
+    cdef long v
+    if type(port) is not int:
+        return False
+    v = PyLong_AsLongAndOverflow(port, &overflow)
+    if overflow or v < 0 or v > 0xFFFF:
+        return False
+    out[0] = <uint8_t>(v >> 8)
+    out[1] = <uint8_t>v
+    return True
+
+
+def pack_key(local, local_port, remote, remote_port):
+    """spoa.records.pack_key, 5-9x faster (0.12-0.16 us): the LB module calls it once per SPOE message.
+
+    Plain str addresses and int ports are packed here; anything else (bad
+    text, a port out of range, other types) goes to spoa.records.pack_key,
+    which returns its result or raises its own error: one semantics.
+    """
+    cdef bytes key = PyBytes_FromStringAndSize(NULL, KEY_LEN)
+    cdef uint8_t *k = <uint8_t *>PyBytes_AS_STRING(key)
+    if (pack_address(local, k) and pack_port(local_port, k + 16)
+            and pack_address(remote, k + 18) and pack_port(remote_port, k + 34)):
+        return key
+    return _pack_key_reference(local, local_port, remote, remote_port)
