@@ -33,7 +33,7 @@ from fastdigest import TDigest
 
 from .records import DIR_IN, ConnectionRecord
 
-__all__ = ["AnomalyDetector", "segment_rates", "traffic_class"]
+__all__ = ["AnomalyDetector", "class_key", "segment_rates", "traffic_class"]
 
 
 class _Class:
@@ -244,9 +244,14 @@ class AnomalyDetector:
 
 def traffic_class(record: ConnectionRecord, direction: int | None = None) -> str:
     """The class key: the frontend name, or ``frontend/in`` / ``frontend/out``."""
+    return class_key(record.frontend, direction)
+
+
+def class_key(frontend: str, direction: int | None = None) -> str:
+    """``traffic_class`` from a frontend name (the LB node holds names, not records)."""
     if direction is None:
-        return record.frontend
-    return f"{record.frontend}/{'in' if direction == DIR_IN else 'out'}"
+        return frontend
+    return f"{frontend}/{'in' if direction == DIR_IN else 'out'}"
 
 
 def segment_rates(

@@ -161,6 +161,11 @@ LBNODE_SCHEMA: dict[str, dict[str, Field]] = {
         "remember_expired": Field(int, 100_000, "expired connections remembered to detect premature expiries",
                                   minimum=0, maximum=1 << 32),
         "mtu": Field(int, 1400, "largest hint datagram", minimum=576, maximum=65507),
+        "max_segments": Field(int, 2_000_000, "segments whose state is held (beyond, new ones are not tracked "
+                              "and counted); about 110 B + 4 B x segment_history each", minimum=1,
+                              maximum=1 << 32),
+        "segment_history": Field(int, 8, "intervals of bytes kept per segment (a ring)", minimum=1,
+                                 maximum=10_000),
     },
     "lease": {
         "policy": Field(str, "activity", "activity: from the predicted time to the next activity (the default: "

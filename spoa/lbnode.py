@@ -14,6 +14,12 @@ its packets came from.
 
 Cold start: a new connection's first lease is its class's recent mean lease
 (class = server node + frontend), else the standard lease.
+
+Records arrive as ColumnBatch columns (spoa.packet, many datagrams per batch)
+and are ingested with whole-array operations; the key -> slot maps are
+SlotMaps (spoa/_slotmap_py.py, compiled in cext/spoa/_slotmap.pyx). Each
+connection's segments have their own state (SegmentTable: last report and a
+bounded ring of bytes per interval), whose rates feed the anomaly detector.
 """
 
 from __future__ import annotations
@@ -21,14 +27,21 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
+from ._accel import load
+from .anomaly import class_key
+from .forecast import History
 from .hints import ANOMALY, HINT_DTYPE, encode_hints
-from .records import ConnFlags, LeaseSource
+from .records import ConnectionRecord, ConnFlags, LeaseSource
 from .stream_transport import DatagramStream
+
+_slotmap, SLOTMAP_IMPLEMENTATION = load("_slotmap", "_slotmap_py")
 
 log = logging.getLogger("spoa.lbnode")
 
@@ -56,15 +69,148 @@ class LbNodeStats:
     forecast_samples: int = 0
 
 
+def columns(node_id: int, records: Sequence[ConnectionRecord]) -> SimpleNamespace:
+    """Records of one server node as the ColumnBatch columns LeaseTable reads
+    (for callers that hold records: tests, the backtest's reference run)."""
+    segs = [seg for rec in records for seg in rec.segments]
+    frontends: dict[str, int] = {}
+    return SimpleNamespace(
+        n=len(records), datagrams=1,
+        node_id=np.full(len(records), node_id, np.uint64),
+        conn_id=np.array([rec.conn_id for rec in records], "V16").reshape(len(records)),
+        flags=np.array([rec.flags for rec in records], np.uint8),
+        frontend=np.array([frontends.setdefault(rec.frontend, len(frontends)) for rec in records], np.uint32),
+        frontends=list(frontends),
+        granularity_level=np.array([rec.granularity_level for rec in records], np.int8),
+        bytes_in_total=np.array([rec.bytes_in_total for rec in records], np.uint64),
+        bytes_out_total=np.array([rec.bytes_out_total for rec in records], np.uint64),
+        seg_start=np.cumsum([0] + [len(rec.segments) for rec in records], dtype=np.int64),
+        direction=np.array([seg.direction for seg in segs], np.uint8),
+        level=np.array([seg.level for seg in segs], np.int8),
+        start_byte_offset=np.array([seg.start_byte_offset for seg in segs], np.uint64),
+        byte_count=np.array([seg.byte_count for seg in segs], np.uint64),
+        bytes_transferred=np.array([seg.bytes_transferred for seg in segs], np.uint64),
+        timestamp_last_activity_ms=np.array([seg.timestamp_last_activity_ms for seg in segs], np.uint64),
+    )  # fmt: skip
+
+
+class SegmentTable:
+    """Per-segment state of the held connections, keyed by (connection slot,
+    direction, start_byte_offset), in numpy arrays indexed by segment slot.
+
+    Each refresh of a connection carries its whole granularity array, which
+    becomes the connection's segment set: a start offset seen for the first
+    time gets a fresh slot; one the array no longer has (the agent merged or
+    re-split it) is stale from that moment and its slot is reclaimed at the
+    next end_interval, as are the segments of released connections. A stale
+    key that comes back before then restarts fresh in its old slot.
+
+    Per interval it sums each segment's bytes_transferred and pushes the sum
+    into a bounded ring (History, `history` intervals) of each segment
+    refreshed in it. At most `capacity` segments are held: beyond, new
+    segments are not tracked and counted in `refused`.
+    """
+
+    def __init__(self, capacity: int, conn_capacity: int, history: int = 8) -> None:
+        self.capacity = capacity
+        self.keys = _slotmap.SlotMap(capacity)  # (connection slot x 2 + direction, start offset) -> segment slot
+        self.owner = np.full(capacity, -1, np.int64)  # connection slot
+        self.direction = np.zeros(capacity, np.uint8)  # DIR_IN / DIR_OUT
+        self.start = self.keys.key_b[:, 0]  # start_byte_offset (a view of the key)
+        self.byte_count = np.zeros(capacity, np.uint64)  # as last reported
+        self.level = np.zeros(capacity, np.int8)  # granularity level, as last reported
+        self.last_activity = np.zeros(capacity, np.uint64)  # unix ms of its last byte (0: never)
+        self.transferred = np.zeros(capacity, np.float64)  # bytes reported during this interval
+        self.refreshed = np.zeros(capacity, bool)  # reported during this interval
+        self.seen = np.full(capacity, -1, np.int64)  # update (epoch) that last reported it
+        self.history = History(capacity, history, np.float32)  # bytes per interval, the last `history`
+        # connection slot -> epoch of its last update (-1: released): a segment
+        # is live while its `seen` equals its owner's epoch
+        self.conn_epoch = np.full(conn_capacity, -1, np.int64)
+        self.epoch = 0
+        self.refused = 0  # segments not tracked: table full
+        self.dropped = 0  # segment slots reclaimed (merged away, or their connection released)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def update(self, conns: np.ndarray, owner: np.ndarray, rows: np.ndarray | slice, batch: Any) -> None:
+        """Connections `conns` (distinct slots) were refreshed with the segments
+        `rows` (slice(None): all) of the batch's segment columns, owned by the
+        slots `owner`."""
+        self.epoch += 1
+        direction = batch.direction[rows]
+        start = batch.start_byte_offset[rows]
+        key_b = np.zeros((len(start), 2), np.uint64)
+        key_b[:, 0] = start
+        key_a = owner.astype(np.uint64) * 2 + direction
+        segs, fresh = self.keys.resolve(key_a, key_b)
+        if (segs == _slotmap.REFUSED).any():
+            self.sweep()  # make room from stale segments first
+            segs, fresh = self.keys.resolve(key_a, key_b)
+        kept = segs >= 0
+        self.refused += len(segs) - int(np.count_nonzero(kept))
+        if not kept.all():
+            rows = np.arange(len(kept))[rows][kept] if isinstance(rows, slice) else rows[kept]
+            segs, fresh, owner, direction = segs[kept], fresh[kept], owner[kept], direction[kept]
+        restart = segs[fresh | (self.seen[segs] != self.conn_epoch[owner])]
+        if len(restart):
+            self.history.reset(restart)
+            self.transferred[restart] = 0.0
+        self.owner[segs] = owner
+        self.direction[segs] = direction
+        self.byte_count[segs] = batch.byte_count[rows]
+        self.level[segs] = batch.level[rows]
+        self.last_activity[segs] = batch.timestamp_last_activity_ms[rows]
+        np.add.at(self.transferred, segs, batch.bytes_transferred[rows].astype(np.float64))
+        self.refreshed[segs] = True
+        self.seen[segs] = self.epoch
+        self.conn_epoch[conns] = self.epoch
+
+    def release_connections(self, conns: np.ndarray) -> None:
+        """Their segments go stale (reclaimed by the next sweep)."""
+        self.conn_epoch[conns] = -1
+
+    def sweep(self) -> None:
+        """Reclaim the slots of stale segments."""
+        live = np.flatnonzero(self.keys.in_use)
+        stale = live[self.seen[live] != self.conn_epoch[self.owner[live]]]
+        if len(stale):
+            self.keys.release(stale)
+            self.owner[stale] = -1
+            self.refreshed[stale] = False
+            self.dropped += len(stale)
+
+    def end_interval(self) -> tuple[np.ndarray, np.ndarray]:
+        """(segments reported this interval, their bytes in it); pushed into the history."""
+        self.sweep()
+        segs = np.flatnonzero(self.refreshed)
+        rates = self.transferred[segs]
+        self.history.push(segs, rates)
+        self.transferred[segs] = 0.0
+        self.refreshed[segs] = False
+        return segs, rates
+
+    def of_connection(self, conn: int) -> np.ndarray:
+        """Live segment slots of one connection, in (direction, start) order (debug, tests)."""
+        segs = np.flatnonzero(self.keys.in_use & (self.owner == conn))
+        segs = segs[self.seen[segs] == self.conn_epoch[conn]]
+        return segs[np.lexsort((self.start[segs], self.direction[segs]))]
+
+
 class LeaseTable:
     """Per-connection state in numpy arrays indexed by slot.
 
-    Python touches each record once on ingest (a dict lookup for its slot);
-    everything else, per packet and per interval, is array operations.
+    A batch of records (ColumnBatch columns) is ingested with whole-array
+    operations: the (server node, conn_id) -> slot lookup is a SlotMap (a C
+    hash table), the refresh is a handful of gathers and scatters; Python
+    touches each new connection once (its premature-expiry check), and each
+    lapsed one at expiry.
     """
 
     def __init__(self, capacity: int, forecaster: Any, policy: Any, standard_ms: int, interval_ms: int,
-                 remember_expired: int = 100_000, anomaly: Any = None, history: Any = None) -> None:
+                 remember_expired: int = 100_000, anomaly: Any = None, history: Any = None,
+                 segments: SegmentTable | None = None) -> None:
         self.capacity = capacity
         self.forecaster = forecaster
         self.policy = policy
@@ -72,9 +218,12 @@ class LeaseTable:
         self.interval_ms = interval_ms
         self.anomaly = anomaly
         self.history = history  # rolling per-interval volumes per connection (a History ring), or None
-        self.slots: dict[tuple[int, bytes], int] = {}
-        self.keys: list[tuple[int, bytes] | None] = [None] * capacity
-        self.free = list(range(capacity - 1, -1, -1))
+        # per-segment state; its rates feed the anomaly detector
+        self.segments = segments if segments is not None else SegmentTable(2 * capacity, capacity)
+        self.keys = _slotmap.SlotMap(capacity)  # (server node id, conn_id) -> slot
+        self.node = self.keys.key_a  # server node id (where hints go)
+        self.conn_id = self.keys.key_b.view("S16").reshape(capacity)  # connection id (what hints name)
+        self.born = np.zeros(capacity, np.int64)  # allocation order (expiry walks lapsed slots in it)
         self.expires = np.zeros(capacity, np.int64)  # unix ms the lease ends
         self.refreshed_at = np.zeros(capacity, np.int64)  # unix ms of the last refresh
         self.last_total = np.zeros(capacity, np.uint64)  # bytes in + out at the last refresh
@@ -84,90 +233,137 @@ class LeaseTable:
         self.source = np.zeros(capacity, np.uint8)  # LeaseSource of it
         self.level = np.zeros(capacity, np.int8)  # granularity level reported
         self.flagged = np.zeros(capacity, bool)  # anomaly
-        self.node = np.zeros(capacity, np.uint64)  # server node id (where hints go)
-        self.conn_id = np.zeros(capacity, "S16")  # connection id (what hints name)
         self.class_id = np.zeros(capacity, np.int32)  # traffic class: server node + frontend
         self.refreshed = np.zeros(capacity, bool)  # refreshed during this interval
-        self.segments: list[tuple] = [()] * capacity  # cached granularity array per connection
+        self.position = np.zeros(capacity, np.int64)  # scratch: a slot's row in the batch being ingested
         self.classes: dict[tuple[int, str], int] = {}  # traffic class -> id
-        self.class_names: list[str] = []  # id -> frontend name (the anomaly detector's class)
+        self.class_names: list[str] = []  # id -> frontend name
         self.class_lease = np.full(0, np.nan)  # id -> EWMA of leases granted (NaN: none yet)
         # expired key -> its last cumulative total (a later refresh is a premature expiry)
         self.recently_expired: OrderedDict[tuple[int, bytes], int] = OrderedDict()
         self.remember_expired = remember_expired
+        self.allocations = 0
         self.stats = LbNodeStats()
 
+    def slot(self, node_id: int, conn_id: bytes) -> int | None:
+        """The slot holding a connection, or None."""
+        key_b = np.frombuffer(conn_id, np.uint64).reshape(1, 2)
+        found = int(self.keys.lookup(np.array([node_id], np.uint64), key_b)[0])
+        return None if found < 0 else found
+
+    def newest(self, count: int) -> np.ndarray:
+        """The `count` most recently allocated live slots, oldest first."""
+        live = np.flatnonzero(self.keys.in_use)
+        return live[np.argsort(self.born[live], kind="stable")][-count:]
+
     # -- ingestion ----------------------------------------------------------------------
-    def ingest(self, node_id: int, records: list, now: int) -> None:
+    def ingest(self, node_id: int, records: Sequence[ConnectionRecord], now: int) -> None:
+        """One datagram's records (callers that hold records; the receiver sends batches)."""
+        self.ingest_batch(columns(node_id, records), now)
+
+    def ingest_batch(self, batch: Any, now: int) -> None:
+        """Every record of a ColumnBatch, as if its datagrams were ingested one
+        after the other at `now`. A connection reported more than once in the
+        batch is refreshed once per report, in order; its closed report, if
+        any, releases it after the batch."""
         stats = self.stats
-        stats.packets += 1
-        stats.records += len(records)
-        slots_of = self.slots
-        slots, totals, levels, closed, new, resumed = [], [], [], [], [], []
-        for rec in records:
-            key = (node_id, rec.conn_id)
-            slot = slots_of.get(key)
-            if slot is None:
-                if rec.flags & ConnFlags.CLOSED:
-                    self.recently_expired.pop(key, None)
-                    continue  # final report of a connection we no longer hold
-                last_total = self.recently_expired.pop(key, None)
-                slot = self._allocate(key, rec.frontend)
-                if slot is None:
-                    continue
-                new.append(slot)
-                if last_total is not None:
-                    stats.premature_expiries += 1
-                    resumed.append((slot, last_total))
-            slots.append(slot)
-            totals.append(rec.bytes_in_total + rec.bytes_out_total)
-            levels.append(rec.granularity_level)
-            self.segments[slot] = rec.segments
-            if rec.flags & ConnFlags.CLOSED:
-                closed.append(slot)
-        if new:
-            self._start(np.array(new, np.int64), now)
-        for slot, last_total in resumed:
+        stats.packets += batch.datagrams
+        n = batch.n
+        stats.records += n
+        if not n:
+            return
+        closed = (batch.flags & ConnFlags.CLOSED) != 0
+        # a closed report of a connection not held creates nothing
+        slots, fresh = self.keys.resolve(batch.node_id, batch.conn_id.view(np.uint64).reshape(n, 2), ~closed)
+        stats.refused += int(np.count_nonzero(slots == _slotmap.REFUSED))
+        resumed = self._forget_expired(batch, slots, fresh) if self.recently_expired else {}
+        new = np.flatnonzero(fresh)
+        if len(new):
+            self._allocate(batch, new, slots[new], now, resumed)
+        held = np.flatnonzero(slots >= 0)
+        rank = self._rank(slots[held])
+        if rank is None and len(held) == n:  # the common case: every record, once each
+            self._refresh(batch, slice(None), slots, now)
+        else:
+            for rows in [held] if rank is None else [held[rank == k] for k in range(int(rank.max()) + 1)]:
+                self._refresh(batch, rows, slots[rows], now)
+        ended = np.unique(slots[held[closed[held]]])
+        self._release(ended)
+        stats.closed += len(ended)
+
+    def _forget_expired(self, batch: Any, slots: np.ndarray, fresh: np.ndarray) -> dict[int, int]:
+        """Reports of connections not held take them out of recently_expired;
+        {slot: last total} of the new connections found there (premature expiries)."""
+        rows = np.flatnonzero(fresh | (slots < 0))
+        pop = self.recently_expired.pop
+        resumed = {}
+        for row, key in zip(rows.tolist(), zip(batch.node_id[rows].tolist(), batch.conn_id[rows].tolist())):
+            last_total = pop(key, None)
+            if last_total is not None and fresh[row]:
+                resumed[int(slots[row])] = last_total
+        return resumed
+
+    def _rank(self, slots: np.ndarray) -> np.ndarray | None:
+        """Each entry's occurrence number among equal slots (0, 1, ...); None when all differ."""
+        order = np.arange(len(slots))
+        self.position[slots] = order
+        if (self.position[slots] == order).all():
+            return None
+        by_slot = np.argsort(slots, kind="stable")
+        ordered = slots[by_slot]
+        first = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+        rank = np.empty(len(slots), np.int64)
+        rank[by_slot] = order - np.repeat(first, np.diff(np.r_[first, len(slots)]))
+        return rank
+
+    def _allocate(self, batch: Any, rows: np.ndarray, slots: np.ndarray, now: int, resumed: dict[int, int]) -> None:
+        """New connections: their class, first lease, and resumption after a premature expiry."""
+        self.born[slots] = self.allocations + np.arange(len(slots))
+        self.allocations += len(slots)
+        pairs = np.stack([batch.node_id[rows], batch.frontend[rows].astype(np.uint64)], axis=1)
+        unique, first, inverse = np.unique(pairs, axis=0, return_index=True, return_inverse=True)
+        ids = np.empty(len(unique), np.int32)
+        for u in np.argsort(first).tolist():  # classes get their ids in the order they are met
+            klass = (int(unique[u, 0]), batch.frontends[int(unique[u, 1])])
+            cid = self.classes.get(klass)
+            if cid is None:
+                cid = self.classes[klass] = len(self.class_names)
+                self.class_names.append(klass[1])
+                self.class_lease = np.append(self.class_lease, np.nan)
+            ids[u] = cid
+        self.class_id[slots] = ids[inverse.reshape(-1)]
+        self.stats.new_connections += len(slots)
+        self._start(slots, now)
+        for slot, last_total in resumed.items():
             # A connection back from a premature expiry: only what it moved since
             # its last record is new volume, not its whole cumulative count.
             self.last_total[slot] = last_total
-        if not slots:
-            return
-        idx = np.array(slots, np.int64)
-        total = np.array(totals, np.uint64)
-        last = self.last_total[idx]
-        # totals are cumulative: the growth since the last record is the volume
-        np.add.at(self.volume, idx, np.where(total >= last, total - last, 0).astype(np.float64))
-        self.last_total[idx] = total
-        since = now - self.refreshed_at[idx]
-        self.elapsed[idx] = np.where(since > 0, np.maximum(1, np.rint(since / self.interval_ms)), self.elapsed[idx])
-        self.refreshed_at[idx] = now
-        self.expires[idx] = now + self.lease[idx]
-        self.level[idx] = levels
-        self.refreshed[idx] = True
-        stats.refreshes += len(slots)
-        for slot in closed:
-            self._release(slot)
-        stats.closed += len(closed)
+        self.stats.premature_expiries += len(resumed)
 
-    def _allocate(self, key: tuple[int, bytes], frontend: str) -> int | None:
-        if not self.free:
-            self.stats.refused += 1
-            return None
-        slot = self.free.pop()
-        self.slots[key] = slot
-        self.keys[slot] = key
-        self.node[slot] = key[0]
-        self.conn_id[slot] = key[1]
-        klass = (key[0], frontend)
-        cid = self.classes.get(klass)
-        if cid is None:
-            cid = self.classes[klass] = len(self.class_names)
-            self.class_names.append(frontend)
-            self.class_lease = np.append(self.class_lease, np.nan)
-        self.class_id[slot] = cid
-        self.stats.new_connections += 1
-        return slot
+    def _refresh(self, batch: Any, rows: np.ndarray | slice, slots: np.ndarray, now: int) -> None:
+        """Records `rows` of the batch (slice(None): all) refresh the distinct `slots`."""
+        total = batch.bytes_in_total[rows] + batch.bytes_out_total[rows]
+        last = self.last_total[slots]
+        # totals are cumulative: the growth since the last record is the volume
+        self.volume[slots] += np.where(total >= last, total - last, 0).astype(np.float64)
+        self.last_total[slots] = total
+        since = now - self.refreshed_at[slots]
+        self.elapsed[slots] = np.where(since > 0, np.maximum(1, np.rint(since / self.interval_ms)),
+                                       self.elapsed[slots])
+        self.refreshed_at[slots] = now
+        self.expires[slots] = now + self.lease[slots]
+        self.level[slots] = batch.granularity_level[rows]
+        self.refreshed[slots] = True
+        self.stats.refreshes += len(slots)
+        # each record's segment rows, seg_start[row]:seg_start[row + 1], back to back
+        if isinstance(rows, slice):
+            counts = np.diff(batch.seg_start)
+            self.segments.update(slots, np.repeat(slots, counts), rows, batch)
+            return
+        first = batch.seg_start[rows]
+        counts = batch.seg_start[rows + 1] - first
+        shift = np.repeat(first - (np.cumsum(counts) - counts), counts)
+        self.segments.update(slots, np.repeat(slots, counts), np.arange(len(shift)) + shift, batch)
 
     def _start(self, slots: np.ndarray, now: int) -> None:
         """First lease of new connections: their class's, else the standard one."""
@@ -187,18 +383,16 @@ class LeaseTable:
         if self.history is not None:
             self.history.reset(slots)
 
-    def _release(self, slot: int) -> None:
-        key = self.keys[slot]
-        del self.slots[key]
-        self.keys[slot] = None
-        self.segments[slot] = ()
-        self.refreshed[slot] = False
-        self.free.append(slot)
+    def _release(self, slots: np.ndarray) -> None:
+        self.keys.release(slots)
+        self.refreshed[slots] = False
+        self.segments.release_connections(slots)
 
     # -- per interval ----------------------------------------------------------------------
     def end_interval(self, now: int) -> dict[int, np.ndarray]:
         """Forecast, lease and expire; the hints to send (HINT_DTYPE arrays) by server node id."""
         hints: dict[int, np.ndarray] = {}
+        segments, segment_rates = self.segments.end_interval()
         slots = np.flatnonzero(self.refreshed)
         if len(slots):
             self.refreshed[slots] = False
@@ -213,7 +407,7 @@ class LeaseTable:
             self.source[slots] = sources
             self.expires[slots] = self.refreshed_at[slots] + leases
             self.volume[slots] = 0.0
-            self._flag(slots, per_interval)
+            self._flag(slots, segments, segment_rates)
             self._learn_classes(slots, leases)
             predicted_count = int(np.count_nonzero(sources == LeaseSource.PREDICTED))
             self.stats.leases["predicted"] += predicted_count
@@ -249,18 +443,22 @@ class LeaseTable:
         self.stats.forecast_abs_error += float(np.abs(previous[ok] - actual[ok]).sum())
         self.stats.forecast_samples += int(ok.sum())
 
-    def _flag(self, slots: np.ndarray, rates: np.ndarray) -> None:
+    def _flag(self, slots: np.ndarray, segments: np.ndarray, rates: np.ndarray) -> None:
+        """A connection is anomalous when one of its segments' rate (bytes this
+        interval) is above its class's bar: per traffic class (frontend and
+        direction) as it stood before this interval, then the rates join it."""
         if self.anomaly is None:
             return
-        classes = self.class_id[slots]
-        for cid in np.unique(classes).tolist():
-            members = classes == cid
-            class_rates = rates[members]
-            name = self.class_names[cid]
-            flags = self.anomaly.flag(name, class_rates)
-            self.anomaly.observe(name, class_rates[class_rates > 0])
-            self.flagged[slots[members]] = flags
-            self.stats.anomalies += int(np.count_nonzero(flags))
+        self.flagged[slots] = False
+        owner = self.segments.owner[segments]
+        group = self.class_id[owner].astype(np.int64) * 2 + self.segments.direction[segments]
+        for g in np.unique(group).tolist():
+            members = group == g
+            name = class_key(self.class_names[g >> 1], g & 1)
+            group_rates = rates[members]
+            self.flagged[owner[members][self.anomaly.flag(name, group_rates)]] = True
+            self.anomaly.observe(name, group_rates[group_rates > 0])
+        self.stats.anomalies += int(np.count_nonzero(self.flagged[slots]))
 
     def _learn_classes(self, slots: np.ndarray, leases: np.ndarray) -> None:
         """Each class's lease prior: an EWMA (0.1) of its interval mean lease."""
@@ -273,20 +471,21 @@ class LeaseTable:
         self.class_lease[seen] = np.where(np.isnan(prior), mean, 0.9 * prior + 0.1 * mean)
 
     def _expire(self, now: int) -> None:
-        live = np.fromiter(self.slots.values(), np.int64, len(self.slots))
-        if not len(live):
-            return
+        live = np.flatnonzero(self.keys.in_use)
         lapsed = live[self.expires[live] < now]
-        for slot in lapsed.tolist():
-            key = self.keys[slot]
-            self._release(slot)
-            self.stats.expired += 1
-            self.recently_expired[key] = int(self.last_total[slot])  # to detect and resume it
+        if not len(lapsed):
+            return
+        lapsed = lapsed[np.argsort(self.born[lapsed], kind="stable")]  # the oldest is forgotten first
+        keys = zip(self.node[lapsed].tolist(), self.keys.key_b[lapsed].view("V16").reshape(-1).tolist())
+        for key, last_total in zip(keys, self.last_total[lapsed].tolist()):
+            self.recently_expired[key] = last_total  # to detect and resume it
             if len(self.recently_expired) > self.remember_expired:
                 self.recently_expired.popitem(last=False)
+        self._release(lapsed)
+        self.stats.expired += len(lapsed)
 
     def __len__(self) -> int:
-        return len(self.slots)
+        return len(self.keys)
 
 
 class LbNode:
@@ -303,12 +502,17 @@ class LbNode:
         # DatagramStream of a TCP sender (hints go back on that connection)
         self.addresses: dict[int, Any] = {}
         self._sequence = now_ms()  # ahead of what a replay guard saw before a restart
+        self.receiver: Any = None  # the BatchReceiver feeding on_batch: flushed before each interval ends
 
-    def on_packet(self, header: Any, records: list, addr: Any) -> None:
+    def on_datagram(self, header: Any, addr: Any) -> None:
         self.addresses[header.node_id] = addr
-        self.table.ingest(header.node_id, records, now_ms())
+
+    def on_batch(self, batch: Any) -> None:
+        self.table.ingest_batch(batch, now_ms())
 
     def tick(self) -> None:
+        if self.receiver is not None:
+            self.receiver.flush()  # what arrived this turn belongs to the interval ending now
         hints = self.table.end_interval(now_ms())
         stats = self.table.stats
         for node_id, node_hints in hints.items():

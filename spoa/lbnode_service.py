@@ -11,8 +11,8 @@ import numpy as np
 from . import __version__
 from .config import ConfigError, read_key_file
 from .forecast import ARIMA, SES, TSB, Croston, DampedHolt, History
-from .lbnode import LbNode, LeaseTable
-from .packet_receiver import PacketReceiver
+from .lbnode import LbNode, LeaseTable, SegmentTable
+from .packet_receiver import BatchReceiver, open_batch_receiver
 from .server import parse_address
 from .stream_transport import DatagramStream
 
@@ -64,9 +64,10 @@ def build_lbnode(config: dict) -> LbNode:
     # and it is what one inspects a connection's recent volumes by. float32:
     # it costs 4 B x forecast.history per connection slot.
     history = History(capacity, config["forecast"]["history"], np.float32)
+    segments = SegmentTable(node["max_segments"], capacity, node["segment_history"])
     table = LeaseTable(capacity, forecaster, make_policy(config["lease"], node["interval_ms"], capacity),
                        config["lease"]["standard_ms"], node["interval_ms"], node["remember_expired"], anomaly,
-                       history)
+                       history, segments)
     return LbNode(table, read_key_file(node["key_file"]), node["node_id"], node["interval_ms"], node["mtu"])
 
 
@@ -85,8 +86,7 @@ async def _interval_loop(lbnode: LbNode, refit_every: int) -> None:
             log.exception("interval failed")
         ticks += 1
         if isinstance(table.forecaster, ARIMA) and ticks % refit_every == 0 and (refit is None or refit.done()):
-            live = list(table.slots.values())[-ARIMA_REFIT_SAMPLE:]
-            histories = {slot: table.history.series(slot) for slot in live}
+            histories = {slot: table.history.series(slot) for slot in table.newest(ARIMA_REFIT_SAMPLE).tolist()}
             refit = loop.run_in_executor(None, table.forecaster.refit, histories)
 
 
@@ -94,8 +94,9 @@ async def serve_lbnode(config: dict, reload=None) -> None:
     lbnode = build_lbnode(config)
     host, port = parse_address(config["lbnode"]["listen"])
     loop = asyncio.get_running_loop()
-    receiver = PacketReceiver(lbnode.key, lbnode.on_packet)
-    transport, _ = await loop.create_datagram_endpoint(lambda: receiver, local_addr=(host, port))
+    receiver = BatchReceiver(lbnode.key, lbnode.on_batch, lbnode.on_datagram)
+    lbnode.receiver = receiver
+    transport = await open_batch_receiver(host, port, receiver)
     lbnode.transport = transport
     tcp_server = None
     if config["lbnode"]["tcp_listen"]:

@@ -40,13 +40,13 @@ def test_lapsed_lease_then_refresh_is_a_premature_expiry():
     t = table()
     t.ingest(1, [record(b"a" * 16, 10)], now=0)
     t.end_interval(0)
-    lease = int(t.lease[t.slots[(1, b"a" * 16)]])
+    lease = int(t.lease[t.slot(1, b"a" * 16)])
     t.end_interval(lease + 1)  # nothing refreshed it in time
     assert t.stats.expired == 1 and len(t) == 0
     t.ingest(1, [record(b"a" * 16, 20)], now=lease + 500)  # ... but it was alive
     assert t.stats.premature_expiries == 1
     # resumed where it was: 10 new bytes, not its whole cumulative 20
-    assert t.volume[t.slots[(1, b"a" * 16)]] == 10
+    assert t.volume[t.slot(1, b"a" * 16)] == 10
 
 
 def test_closed_record_releases_without_counting_expiry():
@@ -62,10 +62,10 @@ def test_new_connection_starts_from_its_class_prior():
     t = table()
     t.ingest(1, [record(b"a" * 16, 500_000, frontend="video")], now=0)
     t.end_interval(0)
-    granted = int(t.lease[t.slots[(1, b"a" * 16)]])
+    granted = int(t.lease[t.slot(1, b"a" * 16)])
     t.ingest(1, [record(b"b" * 16, 0, frontend="video"), record(b"c" * 16, 0, frontend="chat")], now=100)
-    assert int(t.lease[t.slots[(1, b"b" * 16)]]) == granted  # same class: its prior
-    assert int(t.lease[t.slots[(1, b"c" * 16)]]) == BOUNDS.standard_ms  # cold class: standard
+    assert int(t.lease[t.slot(1, b"b" * 16)]) == granted  # same class: its prior
+    assert int(t.lease[t.slot(1, b"c" * 16)]) == BOUNDS.standard_ms  # cold class: standard
 
 
 def test_full_table_refuses_and_counts():
@@ -79,7 +79,7 @@ def test_volume_is_taken_from_cumulative_totals_across_skipped_intervals():
     t.ingest(1, [record(b"a" * 16, 1000)], now=0)
     t.end_interval(0)
     t.ingest(1, [record(b"a" * 16, 4000)], now=3000)  # three intervals later
-    slot = t.slots[(1, b"a" * 16)]
+    slot = t.slot(1, b"a" * 16)
     assert t.volume[slot] == 3000 and t.elapsed[slot] == 3
 
 

@@ -6,8 +6,10 @@ pointers, then cuts it into datagrams at record boundaries, each written
 straight into its bytes object and signed in place. Decoding reads the
 datagram through a pointer after every length check.
 
-HMAC-SHA256 is Python's hmac (OpenSSL), through the twin's per-key cache of
-keyed HMAC objects. Error messages are never built
+HMAC-SHA256 is OpenSSL's, through the twin's per-key cache of keyed HMAC
+objects (and a one-entry cache of the last key in front of it); the tag is
+compared in constant time here. ColumnBatch decodes into numpy columns
+through raw pointers (docs/publishing-packet.md §12). Error messages are never built
 here: on any invalid input the compiled path calls the twin's validation
 helper for that field, which raises the very same exception the twin raises.
 """
@@ -19,23 +21,27 @@ from cpython.object cimport PyObject, PyTypeObject, Py_TYPE, descrsetfunc, newfu
 from cpython.memoryview cimport PyMemoryView_FromMemory
 from cpython.buffer cimport PyBUF_READ
 from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
-from libc.stdint cimport int8_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, strlen
 
 import dataclasses
 import types
+
+import numpy as np
 from collections import OrderedDict
-from hmac import compare_digest
 
 from spoa._packet_py import (
+    CONN_COLUMNS,
     CONN_SIZE as _CONN_SIZE,
     DEFAULT_MTU,
     HEADER_SIZE as _HEADER_SIZE,
     MAGIC,
     MAX_DATAGRAM as _MAX_DATAGRAM,
+    MAX_INTERNED,
     MIN_MTU,
     OVERHEAD as _OVERHEAD,
     REASONS,
+    SEG_COLUMNS,
     SEG_SIZE as _SEG_SIZE,
     TAG_SIZE as _TAG_SIZE,
     VERSION as _VERSION,
@@ -122,13 +128,17 @@ def _slot_descriptors(cls, names):
     return descriptors
 
 
+HEADER_FIELDS = ("node_id", "sequence", "timestamp_ms", "interval_ms", "flags")
+
 cdef list SEG_DESCRS = _slot_descriptors(SegmentRecord, SEG_FIELDS)
 cdef list CONN_DESCRS = _slot_descriptors(ConnectionRecord, CONN_FIELDS)
-_FAST_RECORDS = SEG_DESCRS is not None and CONN_DESCRS is not None
+cdef list HEADER_DESCRS = _slot_descriptors(PacketHeader, HEADER_FIELDS)
+_FAST_RECORDS = SEG_DESCRS is not None and CONN_DESCRS is not None and HEADER_DESCRS is not None
 cdef bint FAST_RECORDS = _FAST_RECORDS
 cdef descrsetfunc MEMBER_SET = Py_TYPE(SEG_DESCRS[0]).tp_descr_set if FAST_RECORDS else NULL
 cdef newfunc SEG_NEW = (<PyTypeObject *>SegmentRecord).tp_new
 cdef newfunc CONN_NEW = (<PyTypeObject *>ConnectionRecord).tp_new
+cdef newfunc HEADER_NEW = (<PyTypeObject *>PacketHeader).tp_new
 cdef tuple NO_ARGS = ()
 
 
@@ -147,6 +157,21 @@ cdef object new_segment(uint8_t direction, uint64_t start, uint64_t byte_count, 
     MEMBER_SET(d[5], seg, last)
     MEMBER_SET(d[6], seg, level)
     return seg
+
+
+cdef object new_header(uint64_t node_id, uint64_t sequence, uint64_t timestamp_ms, uint32_t interval_ms,
+                       uint8_t flags):
+    cdef object header
+    cdef list d = HEADER_DESCRS
+    if not FAST_RECORDS:
+        return PacketHeader(node_id, sequence, timestamp_ms, interval_ms, flags)
+    header = HEADER_NEW(PacketHeader, <PyObject *>NO_ARGS, NULL)
+    MEMBER_SET(d[0], header, node_id)
+    MEMBER_SET(d[1], header, sequence)
+    MEMBER_SET(d[2], header, timestamp_ms)
+    MEMBER_SET(d[3], header, interval_ms)
+    MEMBER_SET(d[4], header, flags)
+    return header
 
 
 cdef object new_connection(tuple values):
@@ -457,29 +482,38 @@ cdef inline malformed(str detail):
     return PacketError("malformed", detail)
 
 
-def decode_datagram(data, key):
-    """(header, datagram index, datagram count, records) of one datagram.
+cdef object last_key = None  # the key verify() saw last, and its keyed HMAC object:
+cdef object last_mac = None  # a receiver verifies everything with one key
 
-    Checks, in this order: size, magic, version, length field, HMAC (before any
-    record is parsed), then every record's bounds and values. Any defect raises
-    PacketError with its reason; no other exception escapes for any bytes.
-    """
+
+cdef object keyed(object key):
+    global last_key, last_mac
+    if type(key) is not bytes:  # a bytearray could change under the cache
+        return _keyed(key)
+    if key is not last_key:
+        last_mac = _keyed(key)
+        last_key = key
+    return last_mac
+
+
+cdef inline bint same_tag(const uint8_t *a, const uint8_t *b) noexcept nogil:
+    """Constant-time comparison of two C_TAG-byte tags (as hmac.compare_digest)."""
+    cdef uint8_t diff = 0
+    cdef int k
+    for k in range(C_TAG):
+        diff |= a[k] ^ b[k]
+    return diff == 0
+
+
+cdef object verify(bytes data, object key, uint16_t *index, uint16_t *count, Py_ssize_t *nrec):
+    """Checks 1-8 of docs/publishing-packet.md §9, up to and including the HMAC;
+    the header, and index, count and record count through the pointers."""
     cdef const uint8_t *p
-    cdef const uint8_t *r
-    cdef const uint8_t *sp
-    cdef Py_ssize_t n, end, pos, i, j, nrec, flen, nseg
-    cdef Py_ssize_t prev_fe = -1, prev_flen = -1
-    cdef Py_ssize_t prev_dst = -1
-    cdef uint16_t length, index, count
-    cdef uint8_t family, prev_family = 0, direction
+    cdef Py_ssize_t n, end
+    cdef uint16_t length
     cdef bytes tag
-    cdef list records = []
-    cdef list segments
-    cdef str frontend = None, dst_text = None, src_text
     if not (isinstance(key, bytes) and PyBytes_GET_SIZE(key) >= C_MIN_KEY):
         _check_key(key)
-    if not isinstance(data, bytes):
-        data = bytes(data)
     n = PyBytes_GET_SIZE(data)
     p = <const uint8_t *>PyBytes_AS_STRING(data)
     if n > C_MAX_DATAGRAM:
@@ -498,32 +532,77 @@ def decode_datagram(data, key):
     if length < n:
         raise malformed(f"{n} bytes; the header announces {length}")
     end = n - C_TAG
-    mac = _keyed(key).copy()
+    mac = keyed(key).copy()
     mac.update(PyMemoryView_FromMemory(<char *>p, end, PyBUF_READ))
     tag = mac.digest()
-    if not compare_digest(tag[:C_TAG], data[end:]):
+    if not same_tag(<const uint8_t *>PyBytes_AS_STRING(tag), p + end):
         raise PacketError("bad_hmac", "HMAC-SHA256 mismatch: wrong key or altered datagram")
-    index = ld16(p + 36)
-    count = ld16(p + 38)
-    nrec = ld16(p + 40)
-    if index >= count:
-        raise malformed(f"datagram index {index} not below count {count}")
-    header = PacketHeader(ld64(p + 8), ld64(p + 16), ld64(p + 24), ld32(p + 32), p[5])
+    index[0] = ld16(p + 36)
+    count[0] = ld16(p + 38)
+    nrec[0] = ld16(p + 40)
+    if index[0] >= count[0]:
+        raise malformed(f"datagram index {index[0]} not below count {count[0]}")
+    return new_header(ld64(p + 8), ld64(p + 16), ld64(p + 24), ld32(p + 32), p[5])
+
+
+cdef int check_record(const uint8_t *r, Py_ssize_t left, Py_ssize_t i, Py_ssize_t nrec) except -1:
+    """Check 9 for record i at r (left: bytes before the HMAC) up to its frontend name."""
+    cdef uint8_t family
+    cdef Py_ssize_t flen, nseg
+    if left < C_CONN:
+        raise malformed(f"record {i} of {nrec} runs past the end")
+    family = r[76]
+    flen = r[81]
+    nseg = ld16(r + 82)
+    if left - C_CONN < flen + nseg * C_SEG:
+        raise malformed(f"record {i} of {nrec}: its {flen}-byte frontend name and {nseg} segments run past the end")
+    if family == FAMILY_IPV4:
+        if memcmp(r + 32, V4_MAPPED, 12) != 0 or memcmp(r + 48, V4_MAPPED, 12) != 0:
+            raise malformed(f"record {i}: IPv4 address outside ::ffff:0:0/96")
+    elif family != FAMILY_IPV6:
+        raise malformed(f"record {i}: address family {family}, expected 4 or 6")
+    return 0
+
+
+cdef str frontend_text(const uint8_t *name, Py_ssize_t flen, Py_ssize_t i):
+    try:
+        return PyUnicode_DecodeUTF8(<const char *>name, flen, NULL)
+    except UnicodeDecodeError:
+        raise malformed(f"record {i}: frontend name is not valid UTF-8") from None
+
+
+def decode_datagram(data, key):
+    """(header, datagram index, datagram count, records) of one datagram.
+
+    Checks, in this order: size, magic, version, length field, HMAC (before any
+    record is parsed), then every record's bounds and values. Any defect raises
+    PacketError with its reason; no other exception escapes for any bytes.
+    """
+    cdef const uint8_t *p
+    cdef const uint8_t *r
+    cdef const uint8_t *sp
+    cdef Py_ssize_t end, pos, i, j, nrec, flen, nseg
+    cdef Py_ssize_t prev_fe = -1, prev_flen = -1
+    cdef Py_ssize_t prev_dst = -1
+    cdef uint16_t index, count
+    cdef uint8_t family, prev_family = 0, direction
+    cdef list records = []
+    cdef list segments
+    cdef str frontend = None, dst_text = None, src_text
+    if not isinstance(data, bytes):
+        if not (isinstance(key, bytes) and PyBytes_GET_SIZE(key) >= C_MIN_KEY):
+            _check_key(key)
+        data = bytes(data)
+    header = verify(data, key, &index, &count, &nrec)
+    p = <const uint8_t *>PyBytes_AS_STRING(data)
+    end = PyBytes_GET_SIZE(data) - C_TAG
     pos = C_HEADER
     for i in range(nrec):
-        if end - pos < C_CONN:
-            raise malformed(f"record {i} of {nrec} runs past the end")
         r = p + pos
+        check_record(r, end - pos, i, nrec)
         family = r[76]
         flen = r[81]
         nseg = ld16(r + 82)
-        if end - pos - C_CONN < flen + nseg * C_SEG:
-            raise malformed(f"record {i} of {nrec}: its {flen}-byte frontend name and {nseg} segments run past the end")
-        if family == FAMILY_IPV4:
-            if memcmp(r + 32, V4_MAPPED, 12) != 0 or memcmp(r + 48, V4_MAPPED, 12) != 0:
-                raise malformed(f"record {i}: IPv4 address outside ::ffff:0:0/96")
-        elif family != FAMILY_IPV6:
-            raise malformed(f"record {i}: address family {family}, expected 4 or 6")
         src_text = addr_text(r + 32, family)
         # Records of one datagram mostly share the frontend address and name.
         if prev_dst < 0 or family != prev_family or memcmp(r + 48, p + prev_dst, 16) != 0:
@@ -532,10 +611,7 @@ def decode_datagram(data, key):
         prev_dst = pos + 48
         pos += C_CONN
         if flen != prev_flen or memcmp(p + pos, p + prev_fe, flen) != 0:
-            try:
-                frontend = PyUnicode_DecodeUTF8(<const char *>p + pos, flen, NULL)
-            except UnicodeDecodeError:
-                raise malformed(f"record {i}: frontend name is not valid UTF-8") from None
+            frontend = frontend_text(p + pos, flen, i)
             prev_fe = pos
             prev_flen = flen
         pos += flen
@@ -555,6 +631,218 @@ def decode_datagram(data, key):
     if pos != end:
         raise malformed(f"{end - pos} bytes after the last of {nrec} records")
     return header, index, count, records
+
+
+# -- columnar decoding -----------------------------------------------------------------------
+
+assert tuple(name for name, _ in CONN_COLUMNS)[K_FRONTEND] == "frontend" and len(CONN_COLUMNS) == N_CONN_COLUMNS
+assert tuple(name for name, _ in SEG_COLUMNS)[S_LAST_ACTIVITY] == "timestamp_last_activity_ms"
+assert len(SEG_COLUMNS) == N_SEG_COLUMNS
+
+
+cdef uint8_t *data_of(object array):
+    """Address of a C-contiguous numpy array's first byte (it has at least one)."""
+    cdef uint8_t[::1] view = array.reshape(-1).view(np.uint8)
+    return &view[0]
+
+
+cdef list grown(list arrays, tuple columns, Py_ssize_t rows):
+    """Copies of the arrays with `rows` rows (rows written past n/nseg by an
+    append in progress are kept too)."""
+    out = []
+    for old, (_, dtype) in zip(arrays, columns):
+        new = np.empty(rows, dtype)
+        new[:len(old)] = old
+        out.append(new)
+    return out
+
+
+cdef inline void put8(uint8_t *column, Py_ssize_t k, uint8_t v) noexcept nogil:
+    column[k] = v
+
+cdef inline void put16(uint8_t *column, Py_ssize_t k, uint16_t v) noexcept nogil:
+    (<uint16_t *>column)[k] = v
+
+cdef inline void put32(uint8_t *column, Py_ssize_t k, uint32_t v) noexcept nogil:
+    (<uint32_t *>column)[k] = v
+
+cdef inline void put64(uint8_t *column, Py_ssize_t k, uint64_t v) noexcept nogil:
+    (<uint64_t *>column)[k] = v
+
+
+cdef class ColumnBatch:
+    """Connection records of many datagrams as numpy columns (a structure of arrays).
+
+    append_datagram(data, key) verifies a datagram exactly as decode_datagram
+    does (same checks, order and PacketErrors) and appends its records: each
+    CONN_COLUMNS column gains a row per record, each SEG_COLUMNS column a row
+    per segment; record k's segments are rows seg_start[k]:seg_start[k + 1]
+    (CSR). A datagram is appended whole or, on any PacketError, not at all.
+    Columns are attributes (batch.bytes_in_total, batch.seg_start, ...):
+    read-only views of the n (nseg) rows, valid until the next append or
+    clear. Frontend names are interned: `frontend` is an index into
+    `frontends`, stable for the batch's life (forgotten by clear() once more
+    than MAX_INTERNED accumulated).
+
+    Decoding many small datagrams into one batch keeps the per-datagram cost
+    to the parse itself: the numpy work happens once per batch.
+    """
+
+    def __init__(self):
+        self.frontends = []
+        self._names = {}
+        self.cap = self.seg_cap = 0
+        self._conn_arrays = [np.empty(0, dtype) for _, dtype in CONN_COLUMNS]
+        self._seg_arrays = [np.empty(0, dtype) for _, dtype in SEG_COLUMNS]
+        self._seg_start_array = np.zeros(1, np.int64)
+        self.reserve(64, 128)
+        self.clear()
+
+    def clear(self):
+        """Forget every record (frontend names stay interned)."""
+        self.n = self.nseg = self.datagrams = 0
+        self.has_last = False
+        if len(self.frontends) > MAX_INTERNED:
+            self.frontends = []
+            self._names = {}
+
+    cdef int reserve(self, Py_ssize_t records, Py_ssize_t segments) except -1:
+        """Room for that many more records and segments."""
+        cdef Py_ssize_t k, rows
+        if self.n + records > self.cap:
+            rows = max(2 * self.cap, self.n + records)
+            self._conn_arrays = grown(self._conn_arrays, CONN_COLUMNS, rows)
+            starts = np.empty(rows + 1, np.int64)
+            starts[:self.cap + 1] = self._seg_start_array
+            self._seg_start_array = starts
+            for k in range(N_CONN_COLUMNS):
+                self.conn[k] = data_of(self._conn_arrays[k])
+            self.seg_start = <int64_t *>data_of(starts)
+            self.cap = rows
+        if self.nseg + segments > self.seg_cap:
+            rows = max(2 * self.seg_cap, self.nseg + segments)
+            self._seg_arrays = grown(self._seg_arrays, SEG_COLUMNS, rows)
+            for k in range(N_SEG_COLUMNS):
+                self.seg[k] = data_of(self._seg_arrays[k])
+            self.seg_cap = rows
+        return 0
+
+    def append_datagram(self, data, key):
+        """Verify one datagram and append its records: (header, datagram index, datagram count)."""
+        cdef const uint8_t *p
+        cdef const uint8_t *r
+        cdef const uint8_t *sp
+        cdef const uint8_t *prev_name = NULL
+        cdef Py_ssize_t end, pos, i, j, nrec, flen, nseg, k, m
+        cdef Py_ssize_t prev_flen = -1
+        cdef uint32_t frontend = 0
+        cdef uint16_t index, count
+        cdef uint64_t node_id
+        cdef uint8_t **c = self.conn
+        cdef uint8_t **s = self.seg
+        if not isinstance(data, bytes):
+            if not (isinstance(key, bytes) and PyBytes_GET_SIZE(key) >= C_MIN_KEY):
+                _check_key(key)
+            data = bytes(data)
+        header = verify(data, key, &index, &count, &nrec)
+        p = <const uint8_t *>PyBytes_AS_STRING(data)
+        end = PyBytes_GET_SIZE(data) - C_TAG
+        node_id = ld64(p + 8)
+        self.reserve(min(nrec, (end - C_HEADER) // C_CONN), 0)  # a record takes C_CONN bytes at least
+        k = self.n
+        m = self.nseg
+        pos = C_HEADER
+        for i in range(nrec):
+            r = p + pos
+            check_record(r, end - pos, i, nrec)
+            flen = r[81]
+            nseg = ld16(r + 82)
+            pos += C_CONN
+            # Records of one datagram mostly share their frontend name.
+            if flen != prev_flen or memcmp(p + pos, prev_name, flen) != 0:
+                frontend = <uint32_t>self.intern(p + pos, flen, i)
+                prev_name = p + pos
+                prev_flen = flen
+            pos += flen
+            self.reserve(0, m + nseg - self.nseg)
+            s = self.seg
+            for j in range(nseg):
+                sp = p + pos
+                if sp[0] > 1:
+                    raise malformed(f"record {i} segment {j}: direction {sp[0]}, expected 0 or 1")
+                put8(s[S_DIRECTION], m, sp[0])
+                put8(s[S_LEVEL], m, sp[1])
+                put64(s[S_START], m, ld64(sp + 2))
+                put64(s[S_BYTE_COUNT], m, ld64(sp + 10))
+                put64(s[S_TRANSFERRED], m, ld64(sp + 18))
+                put64(s[S_PACKETS], m, ld64(sp + 26))
+                put64(s[S_LAST_ACTIVITY], m, ld64(sp + 34))
+                m += 1
+                pos += C_SEG
+            put64(c[K_NODE_ID], k, node_id)
+            memcpy(c[K_CONN_ID] + 16 * k, r, 16)
+            put64(c[K_BYTES_IN], k, ld64(r + 16))
+            put64(c[K_BYTES_OUT], k, ld64(r + 24))
+            memcpy(c[K_SRC] + 16 * k, r + 32, 16)
+            memcpy(c[K_DST] + 16 * k, r + 48, 16)
+            put16(c[K_SRC_PORT], k, ld16(r + 64))
+            put16(c[K_DST_PORT], k, ld16(r + 66))
+            put32(c[K_REQUESTED], k, ld32(r + 68))
+            put32(c[K_PREDICTED], k, ld32(r + 72))
+            put8(c[K_FAMILY], k, r[76])
+            put8(c[K_FLAGS], k, r[77])
+            put8(c[K_COUNTER_SOURCE], k, r[78])
+            put8(c[K_LEASE_SOURCE], k, r[79])
+            put8(c[K_LEVEL], k, r[80])
+            put32(c[K_FRONTEND], k, frontend)
+            k += 1
+            self.seg_start[k] = m
+        if pos != end:
+            raise malformed(f"{end - pos} bytes after the last of {nrec} records")
+        self.last_n = self.n
+        self.last_nseg = self.nseg
+        self.has_last = True
+        self.n = k
+        self.nseg = m
+        self.datagrams += 1
+        return header, index, count
+
+    cdef long long intern(self, const uint8_t *name, Py_ssize_t flen, Py_ssize_t i) except -1:
+        raw = PyBytes_FromStringAndSize(<const char *>name, flen)
+        index = self._names.get(raw)
+        if index is None:
+            text = frontend_text(name, flen, i)
+            index = self._names[raw] = len(self.frontends)
+            self.frontends.append(text)
+        return index
+
+    def drop_last(self):
+        """Take back the last appended datagram (a replayed one); once only."""
+        if not self.has_last:
+            raise ValueError("no datagram to drop")
+        self.n = self.last_n
+        self.nseg = self.last_nseg
+        self.datagrams -= 1
+        self.has_last = False
+
+    def __getattr__(self, str name):
+        cdef Py_ssize_t k
+        if name == "seg_start":
+            view = self._seg_start_array[:self.n + 1]
+        else:
+            for k, (column, _) in enumerate(CONN_COLUMNS):
+                if column == name:
+                    view = self._conn_arrays[k][:self.n]
+                    break
+            else:
+                for k, (column, _) in enumerate(SEG_COLUMNS):
+                    if column == name:
+                        view = self._seg_arrays[k][:self.nseg]
+                        break
+                else:
+                    raise AttributeError(f"ColumnBatch has no column {name!r}")
+        view.flags.writeable = False
+        return view
 
 
 # -- replay detection ---------------------------------------------------------------------
@@ -633,7 +921,9 @@ cdef class ReplayGuard:
 
 
 __all__ = [
+    "CONN_COLUMNS",
     "CONN_SIZE",
+    "ColumnBatch",
     "DEFAULT_MTU",
     "HEADER_SIZE",
     "MAGIC",
@@ -641,6 +931,7 @@ __all__ = [
     "MIN_MTU",
     "OVERHEAD",
     "REASONS",
+    "SEG_COLUMNS",
     "SEG_SIZE",
     "TAG_SIZE",
     "VERSION",

@@ -1,0 +1,120 @@
+"""SlotMap (key -> slot allocator): both twins behave identically.
+
+Random operation sequences (resolve with and without create, lookup, release)
+give the same slots, fresh flags, key arrays and counts in both twins; free
+slots come back LIFO; a full map refuses; a key repeated in one call gets its
+first occurrence's slot; release skips free slots and checks the range.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import spoa._slotmap_py as reference
+from spoa import lbnode
+
+TWINS = [pytest.param("cython", marks=pytest.mark.c_extension, id="cython"), pytest.param("python", id="python")]
+
+
+def _compiled_disabled(config: pytest.Config) -> bool:
+    return config.getoption("--no-c-extensions") or os.environ.get("SPOA_NO_EXTENSIONS", "") not in ("", "0")
+
+
+@pytest.fixture(scope="session")
+def compiled(request: pytest.FixtureRequest):
+    if _compiled_disabled(request.config):
+        pytest.skip("compiled modules disabled (SPOA_NO_EXTENSIONS / --no-c-extensions)")
+    try:
+        return importlib.import_module("spoa._slotmap")
+    except ImportError as exc:  # test_compiled_slotmap_loaded reports this as a failure
+        pytest.skip(f"spoa._slotmap is not built: {exc}")
+
+
+@pytest.fixture(params=TWINS)
+def slotmap(request: pytest.FixtureRequest):
+    return request.getfixturevalue("compiled") if request.param == "cython" else reference
+
+
+def keys(pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    a = np.array([p[0] for p in pairs], np.uint64)
+    b = np.zeros((len(pairs), 2), np.uint64)
+    b[:, 0] = [p[1] for p in pairs]
+    b[:, 1] = [p[1] * 7 for p in pairs]
+    return a, b
+
+
+def test_compiled_slotmap_loaded(request):
+    if _compiled_disabled(request.config):
+        assert lbnode.SLOTMAP_IMPLEMENTATION == "python"
+        return
+    import spoa._slotmap  # noqa: F401 - an ImportError here names the build problem
+
+    assert lbnode.SLOTMAP_IMPLEMENTATION == "cython", "run `python setup.py build_ext --inplace`"
+
+
+def test_lifo_refused_repeated_and_release(slotmap):
+    m = slotmap.SlotMap(3)
+    slots, fresh = m.resolve(*keys([(1, 1), (1, 2), (1, 1), (2, 1), (3, 3)]))
+    assert slots.tolist() == [0, 1, 0, 2, reference.REFUSED] and fresh.tolist() == [1, 1, 0, 1, 0]
+    assert len(m) == 3 and m.in_use.all()
+    assert m.key_a.tolist() == [1, 1, 2] and m.key_b[:, 0].tolist() == [1, 2, 1]
+    m.release(np.array([1, 0, 1]))  # 1 is skipped the second time
+    assert len(m) == 1 and m.lookup(*keys([(1, 1), (2, 1)])).tolist() == [reference.MISSING, 2]
+    slots, _ = m.resolve(*keys([(9, 9), (8, 8)]), create=np.array([True, False]))
+    assert slots.tolist() == [0, reference.MISSING]  # the last released is handed out first
+    with pytest.raises(IndexError, match="out of range"):
+        m.release(np.array([3]))
+    with pytest.raises(ValueError, match="capacity"):
+        slotmap.SlotMap(0)
+
+
+def test_many_keys_and_deletions_keep_lookups_right(slotmap):
+    rng = np.random.default_rng(5)
+    n = 5000
+    m = slotmap.SlotMap(n)
+    a = rng.integers(0, 4, n).astype(np.uint64)
+    b = rng.integers(0, 1 << 63, (n, 2)).astype(np.uint64)
+    slots, fresh = m.resolve(a, b)
+    assert fresh.all() and sorted(slots.tolist()) == list(range(n))
+    gone = rng.permutation(n)[: n // 2]
+    m.release(slots[gone])
+    found = m.lookup(a, b)
+    expect = slots.copy()
+    expect[gone] = reference.MISSING
+    assert np.array_equal(found, expect)
+
+
+ops = st.lists(st.tuples(
+    st.sampled_from(["resolve", "create", "lookup", "release"]),
+    st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5)), max_size=12),
+    st.lists(st.booleans(), min_size=12, max_size=12),
+    st.lists(st.integers(0, 7), max_size=4),
+), max_size=25)  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 8), ops)
+def test_twins_agree(compiled, capacity, operations):
+    maps = [compiled.SlotMap(capacity), reference.SlotMap(capacity)]
+    for op, pairs, wanted, released in operations:
+        a, b = keys(pairs)
+        if op == "release":
+            for m in maps:
+                m.release(np.array([s % capacity for s in released], np.int64))
+        elif op == "lookup":
+            x, y = (m.lookup(a, b) for m in maps)
+            assert np.array_equal(x, y)
+        else:
+            create = np.array(wanted[: len(pairs)], bool) if op == "create" else None
+            (s1, f1), (s2, f2) = (m.resolve(a, b, create) for m in maps)
+            assert np.array_equal(s1, s2) and np.array_equal(f1, f2)
+        assert len(maps[0]) == len(maps[1]) and np.array_equal(maps[0].in_use, maps[1].in_use)
+        used = maps[0].in_use
+        assert np.array_equal(maps[0].key_a[used], maps[1].key_a[used])
+        assert np.array_equal(maps[0].key_b[used], maps[1].key_b[used])
