@@ -30,13 +30,63 @@ Rules (docs/tracker.md explains them; both twins implement exactly these):
   max_total_segments, merges its adjacent pair with the smallest combined
   byte_count (ties: the lowest offset) until back under: coarser, never lost.
 - level of a segment = bit_length(segment_size) - bit_length(capacity).
+
+Keys are bytes of 1..KEY_MAX (the product's: records.pack_key, 36 bytes);
+addresses come back as inet_ntop text of their packed form (IPv4-mapped as
+dotted IPv4), as the compiled twin stores them. Bad keys, addresses, ports and
+one-byte fields raise the same errors in both twins. Connections are kept in
+registration order (the dict's), which the compiled twin reproduces.
 """
 
 from __future__ import annotations
 
-from typing import Any, Hashable
+import socket
+import sys
+from typing import Any
 
 from .records import DIR_IN, DIR_OUT, ConnectionRecord, ConnFlags, CounterSource, LeaseSource, SegmentRecord
+
+KEY_MAX = 40  # longest key, bytes (the compiled twin stores keys inline); records.pack_key gives 36
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def _check_key(key: object) -> None:
+    """Keys are bytes of 1..KEY_MAX (the product's: records.pack_key)."""
+    if not isinstance(key, bytes):
+        raise TypeError(f"key must be bytes, not {type(key).__name__}")
+    if not 1 <= len(key) <= KEY_MAX:
+        raise ValueError(f"key must be 1 to {KEY_MAX} bytes, got {len(key)}")
+
+
+def _address(text: object) -> str:
+    """IPv4/IPv6 text as the compiled twin gives it back: packed (IPv4 as
+    IPv4-mapped), then inet_ntop, IPv4-mapped as dotted IPv4."""
+    if not isinstance(text, str):
+        raise TypeError(f"address must be str, not {type(text).__name__}")
+    try:
+        return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, text))
+    except (OSError, ValueError, UnicodeError):
+        pass
+    try:
+        raw = socket.inet_pton(socket.AF_INET6, text)
+    except (OSError, ValueError, UnicodeError):
+        raise ValueError(f"not an IPv4 or IPv6 address: {text!r}") from None
+    if raw[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, raw[12:])
+    return socket.inet_ntop(socket.AF_INET6, raw)
+
+
+def _check_port(port: object) -> None:
+    if not isinstance(port, int):
+        raise TypeError(f"port must be int, not {type(port).__name__}")
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be 0..65535, got {port}")
+
+
+def _check_small(name: str, value: int) -> None:
+    """flags and sources: one byte each in the compiled twin."""
+    if not 0 <= value <= 255:
+        raise ValueError(f"{name} must be 0..255, got {value}")
 
 
 def share(total: int, weights: list[int]) -> list[int]:
@@ -112,7 +162,7 @@ class SegmentTracker:
         self.max_total_segments = max_total_segments
         self.max_connections = max_connections
         self.expire_ms = expire_ms
-        self._conns: dict[Hashable, _Connection] = {}
+        self._conns: dict[bytes, _Connection] = {}  # insertion order is the registration order
         self._closed: list[ConnectionRecord] = []
         self.total_segments = 0
         self.stats = dict.fromkeys(
@@ -129,13 +179,20 @@ class SegmentTracker:
         return self.segment_size.bit_length() - capacity.bit_length()
 
     # -- registration and lifecycle ----------------------------------------------------
-    def register(self, key: Hashable, conn_id: bytes, src: str, src_port: int, dst: str, dst_port: int,
+    def register(self, key: bytes, conn_id: bytes, src: str, src_port: int, dst: str, dst_port: int,
                  frontend: str, now_ms: int) -> bool:
-        conn = self._conns.get(key)
+        _check_key(key)
         if not isinstance(conn_id, bytes):
             raise TypeError("conn_id must be bytes")
         if len(conn_id) != 16:
             raise ValueError("conn_id must be 16 bytes")
+        src = _address(src)
+        _check_port(src_port)
+        dst = _address(dst)
+        _check_port(dst_port)
+        if not isinstance(frontend, str):
+            raise TypeError(f"frontend must be str, not {type(frontend).__name__}")
+        conn = self._conns.get(key)
         if conn is not None:
             if conn.conn_id == conn_id:
                 conn.last_seen = now_ms
@@ -161,18 +218,23 @@ class SegmentTracker:
         self.stats["registered"] += 1
         return True
 
-    def set_closing(self, key: Hashable) -> None:
+    def set_closing(self, key: bytes) -> None:
+        _check_key(key)
         conn = self._conns.get(key)
         if conn is not None:
             conn.flags |= ConnFlags.CLOSING
 
-    def set_lease(self, key: Hashable, requested_ms: int, predicted_ms: int, lease_source: int) -> None:
+    def set_lease(self, key: bytes, requested_ms: int, predicted_ms: int, lease_source: int) -> None:
+        _check_key(key)
+        _check_small("lease_source", lease_source)
         conn = self._conns.get(key)
         if conn is not None:
             conn.requested_lease, conn.predicted_lease, conn.lease_source = requested_ms, predicted_ms, lease_source
 
-    def close(self, key: Hashable, now_ms: int, flags: int = ConnFlags.CLOSED) -> bool:
+    def close(self, key: bytes, now_ms: int, flags: int = ConnFlags.CLOSED) -> bool:
         """Final report for this connection goes out with the next publish()."""
+        _check_key(key)
+        _check_small("flags", flags)
         conn = self._conns.pop(key, None)
         if conn is None:
             return False
@@ -183,14 +245,16 @@ class SegmentTracker:
         return True
 
     # -- counters ----------------------------------------------------------------------------
-    def update(self, key: Hashable, direction: int, bytes_total: int, packets_total: int,
+    def update(self, key: bytes, direction: int, bytes_total: int, packets_total: int,
                last_activity_ms: int, source: int) -> bool:
+        _check_key(key)
         conn = self._conns.get(key)
         if conn is None:
             self.stats["unknown_updates"] += 1
             return False
         if direction != DIR_IN and direction != DIR_OUT:
             raise ValueError("direction must be DIR_IN or DIR_OUT")
+        _check_small("source", source)
         if bytes_total < 0 or packets_total < 0:
             raise OverflowError("counters are unsigned")
         conn.source = source
@@ -213,18 +277,26 @@ class SegmentTracker:
         """update() for many connections of one direction at once (e.g. a kernel sample).
 
         The counter arguments are sequences (array.array, numpy arrays, lists)
-        aligned with `keys`. Returns how many keys were known.
+        aligned with `keys`. Every key is checked before any update. Returns
+        how many keys were known.
         """
+        keys = list(keys)
         if not len(keys) == len(bytes_totals) == len(packets_totals) == len(last_activity_ms):
             raise ValueError("keys and counters must have the same length")
+        if direction != DIR_IN and direction != DIR_OUT:
+            raise ValueError("direction must be DIR_IN or DIR_OUT")
+        _check_small("source", source)
+        for key in keys:
+            _check_key(key)
         known = 0
         for i, key in enumerate(keys):
             known += self.update(key, direction, int(bytes_totals[i]), int(packets_totals[i]),
                                  int(last_activity_ms[i]), source)
         return known
 
-    def touch(self, key: Hashable, now_ms: int) -> None:
+    def touch(self, key: bytes, now_ms: int) -> None:
         """The connection is known alive (e.g. seen in the kernel dump)."""
+        _check_key(key)
         conn = self._conns.get(key)
         if conn is not None and now_ms > conn.last_seen:
             conn.last_seen = now_ms
@@ -395,7 +467,8 @@ class SegmentTracker:
             bytes_out_total=conn.dirs[1].total, segments=self._segment_records(conn),
         )
 
-    def snapshot(self, key: Hashable) -> ConnectionRecord | None:
+    def snapshot(self, key: bytes) -> ConnectionRecord | None:
+        _check_key(key)
         conn = self._conns.get(key)
         return None if conn is None else self._record(conn)
 
@@ -406,11 +479,37 @@ class SegmentTracker:
         self._closed = []
         return out
 
-    def keys(self) -> list[Any]:
+    def keys(self) -> list[bytes]:
+        """Live keys in registration order."""
         return list(self._conns)
 
     def __len__(self) -> int:
         return len(self._conns)
 
     def __contains__(self, key: object) -> bool:
+        _check_key(key)
         return key in self._conns
+
+    def memory_bytes(self) -> int:
+        """An estimate of the bytes this tracker holds for its connections:
+        sys.getsizeof of the dict and of every object a connection reaches
+        (key, connection, directions, segment lists, segments, their ints and
+        strings), each object counted once. Allocator overhead and the final
+        records waiting for publish() are not counted (as in the compiled twin)."""
+        seen: set[int] = set()
+
+        def size(obj: object) -> int:
+            if id(obj) in seen:
+                return 0
+            seen.add(id(obj))
+            return sys.getsizeof(obj)
+
+        total = size(self._conns)
+        for key, conn in self._conns.items():
+            total += size(key) + size(conn) + size(conn.dirs)
+            total += sum(size(getattr(conn, name)) for name in _Connection.__slots__ if name != "dirs")
+            for d in conn.dirs:
+                total += size(d) + size(d.segments) + sum(size(getattr(d, name)) for name in _Direction.__slots__)
+                for seg in d.segments:
+                    total += size(seg) + sum(size(getattr(seg, name)) for name in _Segment.__slots__)
+        return total

@@ -1,8 +1,9 @@
 """Segment tracker: invariants on both twins, and the twins against each other.
 
 Random operation sequences (register, cumulative counter updates, intervals,
-closes) drive a Cython and a pure-Python tracker side by side; after every
-step their published records must be equal and the invariants must hold:
+closes; bytes keys of several lengths, random IPv4/IPv6 addresses) drive a
+Cython and a pure-Python tracker side by side; after every step their
+published records must be equal and the invariants must hold:
 segments tile each direction's byte range, interval sums equal the deltas,
 bounds hold, and nothing is lost when bounds coarsen.
 """
@@ -14,10 +15,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spoa import _tracker, _tracker_py
-from spoa.records import DIR_IN, DIR_OUT, ConnFlags
+from spoa.records import DIR_IN, DIR_OUT, ConnFlags, pack_key
 
 TWINS = {"cython": _tracker.SegmentTracker, "python": _tracker_py.SegmentTracker}
 KiB = 1024
+KEYS = [bytes([i]) * (1 + 5 * i) for i in range(8)]  # 1..36 bytes: every key length path
+K = pack_key("10.0.0.2", 80, "10.0.0.1", 1)  # the product's key shape
 
 
 def small_tracker(cls, **overrides):
@@ -49,9 +52,15 @@ def check_invariants(tracker, records, interval_deltas):
         assert len(rec.segments) <= tracker.max_segments_per_connection
 
 
+addresses = st.one_of(
+    st.ip_addresses().map(str),
+    st.ip_addresses(v=4).map(lambda a: f"::ffff:{a}"),  # IPv4-mapped text comes back dotted
+    st.ip_addresses(v=6).map(lambda a: a.exploded.upper()),  # non-canonical IPv6 text
+)
+
 operations = st.lists(
     st.one_of(
-        st.tuples(st.just("register"), st.integers(0, 7)),
+        st.tuples(st.just("register"), st.integers(0, 7), addresses, addresses),
         st.tuples(st.just("update"), st.integers(0, 7), st.sampled_from([DIR_IN, DIR_OUT]),
                   st.integers(0, 300 * KiB), st.integers(0, 400)),
         st.tuples(st.just("tick"), st.integers(1, 400)),
@@ -72,8 +81,8 @@ def test_twins_agree_and_invariants_hold(ops):
         t.begin_interval(now)
     for op in ops:
         if op[0] == "register":
-            key = op[1]
-            results = [t.register(key, bytes([key]) * 16, "192.0.2.1", 40000 + key, "192.0.2.9", 80, "fe", now)
+            key, src, dst = op[1], op[2], op[3]
+            results = [t.register(KEYS[key], bytes([key]) * 16, src, 40000 + key, dst, 80, f"fe{key % 3}", now)
                        for t in trackers]
             assert results[0] == results[1]
             if results[0] and bytes([key]) * 16 not in deltas:
@@ -82,7 +91,7 @@ def test_twins_agree_and_invariants_hold(ops):
             _, key, direction, more_bytes, more_packets = op
             b, p = counters.get((key, direction), (0, 0))
             b, p = b + more_bytes, p + more_packets
-            results = [t.update(key, direction, b, p, now, 0) for t in trackers]
+            results = [t.update(KEYS[key], direction, b, p, now, 0) for t in trackers]
             assert results[0] == results[1]
             if results[0]:
                 counters[(key, direction)] = (b, p)
@@ -90,7 +99,7 @@ def test_twins_agree_and_invariants_hold(ops):
                 d[0] += more_bytes
                 d[1] += more_packets
         elif op[0] == "close":
-            results = [t.close(op[1], now) for t in trackers]
+            results = [t.close(KEYS[op[1]], now) for t in trackers]
             assert results[0] == results[1]
             if results[0]:
                 counters.pop((op[1], DIR_IN), None)
@@ -102,12 +111,13 @@ def test_twins_agree_and_invariants_hold(ops):
             snapshots = [[t.snapshot(k) for k in sorted(t.keys())] for t in trackers]
             assert snapshots[0] == snapshots[1]
             check_invariants(trackers[0], snapshots[0], deltas)
+            assert trackers[0].keys() == trackers[1].keys()
             assert trackers[0].total_segments == trackers[1].total_segments
             assert trackers[0].total_segments <= trackers[0].max_total_segments
             published = [t.publish() for t in trackers]
             assert published[0] == published[1]
             for key in list(counters):
-                if key[0] not in trackers[0]:  # expired
+                if KEYS[key[0]] not in trackers[0]:  # expired
                     counters.pop(key)
             now += op[1]
             for t in trackers:
@@ -125,23 +135,23 @@ def tracker_cls(request):
 
 def test_bytes_fill_segments_of_the_base_size(tracker_cls):
     t = tracker_cls(segment_size=1 << 20, split_bytes=1 << 40)
-    t.register("k", b"c" * 16, "10.0.0.1", 1, "10.0.0.2", 80, "fe", 0)
+    t.register(K, b"c" * 16, "10.0.0.1", 1, "10.0.0.2", 80, "fe", 0)
     t.begin_interval(0)
-    t.update("k", DIR_OUT, 3 * (1 << 20) + 5, 300, 10, 0)
-    segs = [s for s in t.snapshot("k").segments if s.direction == DIR_OUT]
+    t.update(K, DIR_OUT, 3 * (1 << 20) + 5, 300, 10, 0)
+    segs = [s for s in t.snapshot(K).segments if s.direction == DIR_OUT]
     assert [s.byte_count for s in segs] == [1 << 20, 1 << 20, 1 << 20, 5]
     assert sum(s.packets_transferred for s in segs) == 300
 
 
 def test_packets_are_shared_in_proportion_to_bytes(tracker_cls):
     t = tracker_cls(segment_size=100, min_segment_size=10, max_segment_size=1000, split_bytes=1 << 40)
-    t.register("k", b"c" * 16, "10.0.0.1", 1, "10.0.0.2", 80, "fe", 0)
+    t.register(K, b"c" * 16, "10.0.0.1", 1, "10.0.0.2", 80, "fe", 0)
     t.begin_interval(0)
-    t.update("k", DIR_IN, 50, 0, 1, 0)
+    t.update(K, DIR_IN, 50, 0, 1, 0)
     t.begin_interval(1)
     # 150 new bytes: 50 top up the first segment, 100 fill the second: 1/3, 2/3
-    t.update("k", DIR_IN, 200, 10, 2, 0)
-    segs = [s for s in t.snapshot("k").segments if s.direction == DIR_IN]
+    t.update(K, DIR_IN, 200, 10, 2, 0)
+    segs = [s for s in t.snapshot(K).segments if s.direction == DIR_IN]
     assert [s.bytes_transferred for s in segs] == [50, 100]
     # 10 * 50/150 = 3.33 -> 3, 10 * 100/150 = 6.67 -> 6, the extra one to the larger remainder
     assert [s.packets_transferred for s in segs] == [3, 7]
@@ -149,34 +159,34 @@ def test_packets_are_shared_in_proportion_to_bytes(tracker_cls):
 
 def test_packets_without_bytes_go_to_the_tail(tracker_cls):
     t = tracker_cls()
-    t.register("k", b"c" * 16, "10.0.0.1", 1, "10.0.0.2", 80, "fe", 0)
+    t.register(K, b"c" * 16, "10.0.0.1", 1, "10.0.0.2", 80, "fe", 0)
     t.begin_interval(0)
-    t.update("k", DIR_IN, 0, 4, 1, 0)
-    segs = t.snapshot("k").segments
+    t.update(K, DIR_IN, 0, 4, 1, 0)
+    segs = t.snapshot(K).segments
     assert [s.packets_transferred for s in segs if s.direction == DIR_IN] == [4]
 
 
 def test_hot_tail_splits_and_idle_segments_merge(tracker_cls):
     t = tracker_cls(segment_size=1 << 20, min_segment_size=64 << 10, max_segment_size=16 << 20,
                     split_bytes=256 << 10, idle_ms=1000)
-    t.register("k", b"c" * 16, "10.0.0.1", 1, "10.0.0.2", 80, "fe", 0)
+    t.register(K, b"c" * 16, "10.0.0.1", 1, "10.0.0.2", 80, "fe", 0)
     t.begin_interval(0)
-    t.update("k", DIR_OUT, 600 << 10, 500, 900, 0)
+    t.update(K, DIR_OUT, 600 << 10, 500, 900, 0)
     t.end_interval(1000)
-    rec = t.snapshot("k")
+    rec = t.snapshot(K)
     out = [s for s in rec.segments if s.direction == DIR_OUT]
     assert rec.granularity_level == 1
     assert [(s.start_byte_offset, s.byte_count, s.level) for s in out] == [(0, 512 << 10, 1), (512 << 10, 88 << 10, 1)]
     assert sum(s.packets_transferred for s in out) == 500
     # new data now uses the finer size
     t.begin_interval(1000)
-    t.update("k", DIR_OUT, 2 << 20, 1500, 1900, 0)
-    assert all(s.byte_count <= 512 << 10 for s in t.snapshot("k").segments)
+    t.update(K, DIR_OUT, 2 << 20, 1500, 1900, 0)
+    assert all(s.byte_count <= 512 << 10 for s in t.snapshot(K).segments)
     # then quiet: full idle neighbours merge, the level coarsens
     for now in range(2000, 9000, 1000):
         t.begin_interval(now)
         t.end_interval(now + 999)
-    rec = t.snapshot("k")
+    rec = t.snapshot(K)
     out = [s for s in rec.segments if s.direction == DIR_OUT]
     assert len(out) <= 2 and sum(s.byte_count for s in out) == 2 << 20
     assert rec.granularity_level < 1
@@ -186,10 +196,10 @@ def test_hot_tail_splits_and_idle_segments_merge(tracker_cls):
 def test_segment_bound_coarsens_without_losing_bytes(tracker_cls):
     t = tracker_cls(segment_size=1024, min_segment_size=1024, max_segment_size=4096,
                     max_segments_per_connection=8, split_bytes=1 << 40)
-    t.register("k", b"c" * 16, "10.0.0.1", 1, "10.0.0.2", 80, "fe", 0)
+    t.register(K, b"c" * 16, "10.0.0.1", 1, "10.0.0.2", 80, "fe", 0)
     t.begin_interval(0)
-    t.update("k", DIR_OUT, 100 * 1024, 100, 5, 0)
-    rec = t.snapshot("k")
+    t.update(K, DIR_OUT, 100 * 1024, 100, 5, 0)
+    rec = t.snapshot(K)
     assert len(rec.segments) <= 8
     assert sum(s.byte_count for s in rec.segments) == 100 * 1024
     assert sum(s.bytes_transferred for s in rec.segments) == 100 * 1024
@@ -198,47 +208,47 @@ def test_segment_bound_coarsens_without_losing_bytes(tracker_cls):
 
 def test_counter_going_backwards_is_counted_not_subtracted(tracker_cls):
     t = tracker_cls()
-    t.register("k", b"c" * 16, "10.0.0.1", 1, "10.0.0.2", 80, "fe", 0)
-    t.update("k", DIR_IN, 1000, 10, 1, 0)
-    t.update("k", DIR_IN, 10, 1, 2, 0)
+    t.register(K, b"c" * 16, "10.0.0.1", 1, "10.0.0.2", 80, "fe", 0)
+    t.update(K, DIR_IN, 1000, 10, 1, 0)
+    t.update(K, DIR_IN, 10, 1, 2, 0)
     assert t.stats["counter_resets"] == 1
-    assert t.snapshot("k").bytes_in_total == 1000
+    assert t.snapshot(K).bytes_in_total == 1000
 
 
 def test_close_publishes_a_final_record_once(tracker_cls):
     t = tracker_cls()
-    t.register("k", b"c" * 16, "10.0.0.1", 1, "10.0.0.2", 80, "fe", 0)
-    t.update("k", DIR_IN, 1000, 10, 1, 0)
-    assert t.close("k", 5)
+    t.register(K, b"c" * 16, "10.0.0.1", 1, "10.0.0.2", 80, "fe", 0)
+    t.update(K, DIR_IN, 1000, 10, 1, 0)
+    assert t.close(K, 5)
     first = t.publish()
     assert len(first) == 1 and first[0].flags & ConnFlags.CLOSED and first[0].bytes_in_total == 1000
     assert t.publish() == []
-    assert "k" not in t
+    assert K not in t
 
 
 def test_unseen_connections_expire(tracker_cls):
     t = tracker_cls(expire_ms=1000)
-    t.register("k", b"c" * 16, "10.0.0.1", 1, "10.0.0.2", 80, "fe", 0)
+    t.register(K, b"c" * 16, "10.0.0.1", 1, "10.0.0.2", 80, "fe", 0)
     t.end_interval(500)
-    assert "k" in t
+    assert K in t
     t.end_interval(1000)
     recs = t.publish()
-    assert "k" not in t and recs[0].flags & ConnFlags.EXPIRED
+    assert K not in t and recs[0].flags & ConnFlags.EXPIRED
 
 
 def test_reused_four_tuple_closes_the_old_connection(tracker_cls):
     t = tracker_cls()
-    t.register("k", b"a" * 16, "10.0.0.1", 1, "10.0.0.2", 80, "fe", 0)
-    t.register("k", b"b" * 16, "10.0.0.1", 1, "10.0.0.2", 80, "fe", 1)
+    t.register(K, b"a" * 16, "10.0.0.1", 1, "10.0.0.2", 80, "fe", 0)
+    t.register(K, b"b" * 16, "10.0.0.1", 1, "10.0.0.2", 80, "fe", 1)
     recs = t.publish()
     assert [(r.conn_id[:1], bool(r.flags & ConnFlags.CLOSED)) for r in recs] == [(b"b", False), (b"a", True)]
 
 
 def test_connection_limit_refuses_and_counts(tracker_cls):
     t = tracker_cls(max_connections=2)
-    assert t.register(1, b"a" * 16, "a", 1, "b", 2, "fe", 0)
-    assert t.register(2, b"b" * 16, "a", 1, "b", 2, "fe", 0)
-    assert not t.register(3, b"c" * 16, "a", 1, "b", 2, "fe", 0)
+    assert t.register(KEYS[1], b"a" * 16, "192.0.2.1", 1, "192.0.2.2", 2, "fe", 0)
+    assert t.register(KEYS[2], b"b" * 16, "192.0.2.1", 1, "192.0.2.2", 2, "fe", 0)
+    assert not t.register(KEYS[3], b"c" * 16, "192.0.2.1", 1, "192.0.2.2", 2, "fe", 0)
     assert t.stats["refused"] == 1 and len(t) == 2
 
 
@@ -268,13 +278,13 @@ def test_update_batch_equals_one_update_at_a_time(steps):
         for batched in (True, False):
             t = small_tracker(cls, max_connections=10)
             for k in range(4):  # keys 4 and 5 stay unknown
-                t.register(k, bytes([k]) * 16, "a", 1, "b", 2, "fe", 0)
+                t.register(KEYS[k], bytes([k]) * 16, "192.0.2.1", 1, "2001:db8::2", 2, "fe", 0)
             totals: dict = {}
             keys, byts, pkts = [], [], []
             for key, more_bytes, more_packets in steps:
                 b, p = totals.get(key, (0, 0))
                 totals[key] = (b + more_bytes, p + more_packets)
-                keys.append(key)
+                keys.append(KEYS[key])
                 byts.append(totals[key][0])
                 pkts.append(totals[key][1])
             if batched:
@@ -282,5 +292,5 @@ def test_update_batch_equals_one_update_at_a_time(steps):
                                        array("q", [7] * len(keys)), 0)
             else:
                 known = sum(t.update(k, DIR_OUT, b, p, 7, 0) for k, b, p in zip(keys, byts, pkts))
-            results.append((known, [t.snapshot(k) for k in range(4)], t.stats))
+            results.append((known, [t.snapshot(KEYS[k]) for k in range(4)], t.stats))
     assert all(r == results[0] for r in results)

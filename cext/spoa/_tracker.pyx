@@ -1,15 +1,21 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Segment tracker, compiled. Same API and behaviour as spoa/_tracker_py.py.
 
-Segments are C structs in one array per direction, so a connection with one
-segment per direction costs a few hundred bytes, and an update is a handful of
-integer operations.
+Connections are C structs (Conn) in a slab of 2 MiB chunks on huge pages,
+found by a C open-addressing hash table of their key bytes, and chained in
+registration order, so that one update costs a few cache lines and no Python
+object. docs/tracker.md, "Memory layout and speed", has the byte budget.
 """
 
+import os
+import sys
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from libc.stdint cimport int32_t, int64_t, uint64_t
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.string cimport memcmp, memcpy, memmove
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport qsort
+from libc.string cimport memcmp, memcpy, memmove, memset, strlen
 
 from spoa.records import (
     DIR_IN,
@@ -21,27 +27,204 @@ from spoa.records import (
     SegmentRecord,
 )
 
-cdef extern from *:
+cdef extern from * nogil:
     # Packet shares multiply packets by bytes: past 2^64 for big intervals.
     ctypedef unsigned long long u128 "unsigned __int128"
+    int __builtin_clzll(unsigned long long)
+    void __builtin_prefetch(const void *addr, int rw, int locality)
+
+cdef extern from "<sys/mman.h>":
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
+    int munmap(void *addr, size_t length)
+    int madvise(void *addr, size_t length, int advice)
+    int PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS, MADV_HUGEPAGE
+    void *MAP_FAILED
+
+cdef extern from "<arpa/inet.h>":
+    int AF_INET, AF_INET6
+    int inet_pton(int af, const char *src, void *dst)
+    const char *inet_ntop(int af, const void *src, char *dst, unsigned int size)
+
+cdef extern from "Python.h":
+    const char *PyUnicode_AsUTF8AndSize(object text, Py_ssize_t *size) except NULL
+    object PyUnicode_DecodeASCII(const char *s, Py_ssize_t size, const char *errors)
 
 cdef int FLAG_CLOSED = ConnFlags.CLOSED
-cdef int FLAG_CLOSING = ConnFlags.CLOSING
 cdef int FLAG_EXPIRED = ConnFlags.EXPIRED
-cdef int SOURCE_NONE = CounterSource.NONE
-cdef int LEASE_STANDARD = LeaseSource.STANDARD
-# Most connections never need a second segment per direction.
-cdef Py_ssize_t INITIAL_SLOTS = 1
+cdef int FLAG_CLOSING = ConnFlags.CLOSING
+cdef uint8_t SOURCE_NONE = CounterSource.NONE
+cdef uint8_t LEASE_STANDARD = LeaseSource.STANDARD
+
+KEY_MAX = 40  # longest key, bytes (Conn.key); the product key (records.pack_key) is 36
+cdef Py_ssize_t C_KEY_MAX = KEY_MAX
+
+# Slab geometry: a slot id is (chunk << SLOT_BITS) | index in chunk, so an id
+# becomes a pointer with a shift and a mask, no division by sizeof(Conn).
+cdef size_t HUGE_PAGE = 2 << 20
+cdef size_t CHUNK_BYTES = HUGE_PAGE  # one huge page: one TLB entry covers 6,553 connections
+cdef size_t PAGE = 4096
+cdef int32_t SLOTS_PER_CHUNK = CHUNK_BYTES // sizeof(Conn)
+cdef int SLOT_BITS = 64 - __builtin_clzll(SLOTS_PER_CHUNK - 1)
+cdef int32_t SLOT_MASK = (1 << SLOT_BITS) - 1
+cdef Py_ssize_t MAX_CHUNKS = (<Py_ssize_t>1) << (31 - SLOT_BITS)  # slot ids are int32
+cdef uint32_t INITIAL_TABLE = 16
+# What the layout promises (docs/tracker.md): a Conn is 5 whole cache lines, a DirHot one.
+if sizeof(Conn) != 320 or sizeof(DirHot) != 64 or sizeof(Segment) != 48:
+    raise ImportError(f"tracker layout changed: Conn {sizeof(Conn)}, DirHot {sizeof(DirHot)} bytes")
+
+# Group prefetching in update_batch: hash item i + 2W and prefetch its table
+# entry, read the entry of item i + W and prefetch its Conn, update item i.
+# W = 0 turns it off (benchmarks compare both with set_prefetch_window).
+cdef Py_ssize_t RING = 64  # ring of hashes; > 2 * the largest window
+cdef Py_ssize_t prefetch_window = 16
+
+# Key hash: wyhash's multiply-fold ("mum": the 128-bit product's halves
+# xor-ed) over the key's 16-byte blocks, the last one read overlapping the one
+# before (as wyhash does), so a 36-byte key costs 3 + 1 multiplies and only
+# unaligned 8-byte loads (a zero-padded copy stalled on store forwarding).
+# Secrets drawn per process: clients choose their ports, so a fixed hash
+# could be flooded with colliding keys; with unknown secrets they cannot aim.
+cdef uint64_t SECRET0, SECRET1, SECRET2
+SECRET0, SECRET1, SECRET2 = [int.from_bytes(os.urandom(8), "little") | 1 for _ in range(3)]
+
+cdef unsigned char V4_MAPPED[12]
+memset(V4_MAPPED, 0, 10)
+V4_MAPPED[10] = 0xff
+V4_MAPPED[11] = 0xff
 
 
-cdef inline int bit_length(uint64_t value):
+cdef inline uint64_t mum(uint64_t a, uint64_t b) noexcept nogil:
+    cdef u128 r = <u128>a * b
+    return <uint64_t>r ^ <uint64_t>(r >> 64)
+
+
+cdef inline uint64_t load8(const unsigned char *p) noexcept nogil:
+    cdef uint64_t v
+    memcpy(&v, p, 8)  # one unaligned load
+    return v
+
+
+cdef inline uint64_t load4(const unsigned char *p) noexcept nogil:
+    cdef uint32_t v
+    memcpy(&v, p, 4)
+    return v
+
+
+cdef inline uint64_t key_hash(const unsigned char *p, Py_ssize_t n) noexcept nogil:
+    cdef uint64_t h = SECRET0 ^ <uint64_t>n
+    cdef uint64_t a, b
+    cdef Py_ssize_t i = 0
+    if n > 16:
+        while i + 16 < n:
+            h = mum(load8(p + i) ^ SECRET1, load8(p + i + 8) ^ h)
+            i += 16
+        a = load8(p + n - 16)
+        b = load8(p + n - 8)
+    elif n >= 8:
+        a = load8(p)
+        b = load8(p + n - 8)
+    elif n >= 4:
+        a = load4(p)
+        b = load4(p + n - 4)
+    else:  # 1..3 bytes
+        a = (<uint64_t>p[0] << 16) | (<uint64_t>p[n >> 1] << 8) | p[n - 1]
+        b = 0
+    h = mum(a ^ SECRET1, b ^ h)
+    return mum(h ^ SECRET2, <uint64_t>n ^ SECRET1)
+
+
+cdef inline const unsigned char *key_bytes(object key, Py_ssize_t *n) except NULL:
+    """The key's bytes (and length): TypeError/ValueError as the twin's _check_key."""
+    if not PyBytes_Check(key):
+        raise TypeError(f"key must be bytes, not {type(key).__name__}")
+    n[0] = PyBytes_GET_SIZE(key)
+    if n[0] < 1 or n[0] > C_KEY_MAX:
+        raise ValueError(f"key must be 1 to {KEY_MAX} bytes, got {n[0]}")
+    return <const unsigned char *>PyBytes_AS_STRING(key)
+
+
+cdef int parse_address(object text, unsigned char *out) except -1:
+    """16 packed bytes of IPv4/IPv6 text (IPv4 as IPv4-mapped); errors as the twin's."""
+    cdef const char *s = NULL
+    cdef Py_ssize_t size = 0
+    if not isinstance(text, str):
+        raise TypeError(f"address must be str, not {type(text).__name__}")
+    try:
+        s = PyUnicode_AsUTF8AndSize(text, &size)
+    except UnicodeError:
+        s = NULL
+    if s is not NULL and <size_t>size == strlen(s):  # an embedded NUL would cut the text short
+        if inet_pton(AF_INET, s, out + 12) == 1:
+            memcpy(out, V4_MAPPED, 12)
+            return 0
+        if inet_pton(AF_INET6, s, out) == 1:
+            return 0
+    raise ValueError(f"not an IPv4 or IPv6 address: {text!r}")
+
+
+cdef object address_text(const unsigned char *raw):
+    cdef char buf[48]
+    if memcmp(raw, V4_MAPPED, 12) == 0:
+        inet_ntop(AF_INET, raw + 12, buf, sizeof(buf))
+    else:
+        inet_ntop(AF_INET6, raw, buf, sizeof(buf))
+    return PyUnicode_DecodeASCII(buf, strlen(buf), NULL)
+
+
+cdef int check_port(object port) except -1:
+    if not isinstance(port, int):
+        raise TypeError(f"port must be int, not {type(port).__name__}")
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be 0..65535, got {port}")
+    return 0
+
+
+cdef int check_small(str name, object value) except -1:
+    """flags, sources: stored in one byte each."""
+    if not 0 <= value <= 255:
+        raise ValueError(f"{name} must be 0..255, got {value}")
+    return 0
+
+
+cdef void *region_alloc(size_t size) except NULL:
+    """size zeroed bytes from mmap; from HUGE_PAGE up, HUGE_PAGE-aligned and madvised
+    for huge pages (tracemalloc does not see it: memory_bytes() counts it)."""
+    cdef char *raw
+    cdef char *p
+    cdef size_t lead
+    if size < HUGE_PAGE:
+        raw = <char *>mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        if <void *>raw == MAP_FAILED:
+            raise MemoryError()
+        return raw
+    # Over-map by one huge page, then unmap the unaligned ends.
+    raw = <char *>mmap(NULL, size + HUGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+    if <void *>raw == MAP_FAILED:
+        raise MemoryError()
+    p = <char *>((<size_t>raw + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1))
+    lead = p - raw
+    if lead:
+        munmap(raw, lead)
+    munmap(p + size, HUGE_PAGE - lead)
+    madvise(p, size, MADV_HUGEPAGE)  # best effort: THP may be off
+    return p
+
+
+cdef inline size_t region_bytes(size_t size) noexcept nogil:
+    return (size + PAGE - 1) & ~(PAGE - 1)
+
+
+cdef inline int bit_length(uint64_t value) noexcept nogil:
     return 0 if value == 0 else 64 - __builtin_clzll(value)
 
-cdef extern from *:
-    int __builtin_clzll(unsigned long long)
+
+cdef int cmp_u64(const void *a, const void *b) noexcept nogil:
+    cdef uint64_t x = (<const uint64_t *>a)[0]
+    cdef uint64_t y = (<const uint64_t *>b)[0]
+    return (x > y) - (x < y)
 
 
-cdef void share(uint64_t total, uint64_t *weights, uint64_t *parts, Py_ssize_t n):
+cdef int share(uint64_t total, uint64_t *weights, uint64_t *parts, Py_ssize_t n) except -1:
     """Split total by weights: floor shares, then largest remainder (ties: later)."""
     cdef u128 whole = 0
     cdef u128 assigned = 0
@@ -53,7 +236,7 @@ cdef void share(uint64_t total, uint64_t *weights, uint64_t *parts, Py_ssize_t n
     if whole == 0:
         for i in range(n):
             parts[i] = 0
-        return
+        return 0
     for i in range(n):
         parts[i] = <uint64_t>((<u128>total * weights[i]) / whole)
         assigned += parts[i]
@@ -79,6 +262,7 @@ cdef void share(uint64_t total, uint64_t *weights, uint64_t *parts, Py_ssize_t n
         parts[best] += 1
         rest -= 1
     PyMem_Free(taken)
+    return 0
 
 
 def share_py(total, weights):
@@ -97,13 +281,57 @@ def share_py(total, weights):
         PyMem_Free(w)
 
 
-cdef class Connection:
-    def __dealloc__(self):
-        PyMem_Free(self.dirs[0].segs)
-        PyMem_Free(self.dirs[1].segs)
+def set_prefetch_window(Py_ssize_t window):
+    """Items update_batch looks ahead (0: no prefetching); returns the previous value.
+    For benchmarks: the default suits this VM's memory latency."""
+    global prefetch_window
+    if not 0 <= window <= (RING - 1) // 2:
+        raise ValueError(f"window must be 0..{(RING - 1) // 2}")
+    previous = prefetch_window
+    prefetch_window = window
+    return previous
+
+
+cdef inline Conn *conn_at(Conn **chunks, int32_t slot) noexcept nogil:
+    return chunks[slot >> SLOT_BITS] + (slot & SLOT_MASK)
+
+
+# The segments before a direction's tail live in a malloc'd array that starts
+# with its slot count (a header: DirCold needs no field for it).
+cdef inline Py_ssize_t older_slots(DirCold *d) noexcept nogil:
+    return 0 if d.older is NULL else <Py_ssize_t>(<uint64_t *>d.older - 1)[0]
+
+
+cdef inline size_t array_bytes(Py_ssize_t slots) noexcept nogil:
+    return sizeof(uint64_t) + slots * sizeof(Segment)
+
+
+cdef inline size_t free_older(DirCold *d) noexcept:
+    """Drop the array of older segments; the bytes freed."""
+    cdef size_t freed = 0
+    if d.older is not NULL:
+        freed = array_bytes(older_slots(d))
+        PyMem_Free(<uint64_t *>d.older - 1)
+        d.older = NULL
+    d.nolder = 0
+    return freed
+
+
+cdef inline Segment *seg_at(Conn *c, int k, Py_ssize_t i) noexcept nogil:
+    """Segment i (offset order) of direction k: the older ones, then the tail."""
+    return &c.cold[k].older[i] if i < c.cold[k].nolder else &c.hot[k].tail
+
+
+cdef inline Py_ssize_t segment_count(Conn *c) noexcept nogil:
+    return c.cold[0].nolder + c.cold[1].nolder + 2
 
 
 cdef class SegmentTracker:
+    def __cinit__(self):
+        self._table = <Entry *>region_alloc(INITIAL_TABLE * sizeof(Entry))
+        self._mask = INITIAL_TABLE - 1
+        self._free = self._head = self._tail = -1
+
     def __init__(self, segment_size=1 << 20, min_segment_size=64 << 10, max_segment_size=64 << 20,
                  split_bytes=256 << 10, idle_ms=5000, max_segments_per_connection=16,
                  max_total_segments=4_000_000, max_connections=1_000_000, expire_ms=300_000):
@@ -120,16 +348,143 @@ cdef class SegmentTracker:
         self.max_total_segments = max_total_segments
         self.max_connections = max_connections
         self.expire_ms = expire_ms
-        self._conns = {}
         self._closed = []
+        self._frontends = []
+        self._frontend_ids = {}
         self.total_segments = 0
         self.stats = dict.fromkeys(
             ("registered", "refused", "closed", "expired", "counter_resets", "splits", "merges", "coarsened",
              "unknown_updates"), 0
         )
 
+    def __dealloc__(self):
+        cdef int32_t slot = self._head
+        cdef Conn *c
+        cdef Py_ssize_t i
+        while slot >= 0:
+            c = conn_at(self._chunks, slot)
+            free_older(&c.cold[0])
+            free_older(&c.cold[1])
+            slot = c.next
+        for i in range(self._nchunks):
+            munmap(self._chunks[i], CHUNK_BYTES)
+        PyMem_Free(self._chunks)
+        if self._table is not NULL:
+            munmap(self._table, (self._mask + <size_t>1) * sizeof(Entry))
+
+    # -- slab and hash table ----------------------------------------------------------
+    cdef Conn *_new_slot(self, int32_t *slot) except NULL:
+        """A slot for a new connection: a freed one first, else the next never-used one."""
+        cdef Conn **grown
+        cdef Py_ssize_t n
+        cdef Conn *c
+        if self._free >= 0:
+            slot[0] = self._free
+            c = conn_at(self._chunks, self._free)
+            self._free = c.next
+            return c
+        if self._nchunks == 0 or self._fresh == SLOTS_PER_CHUNK:
+            if self._nchunks == MAX_CHUNKS:
+                raise MemoryError("slot ids exhausted")
+            if self._nchunks == self._chunks_allocated:
+                n = self._chunks_allocated * 2 if self._chunks_allocated else 8
+                grown = <Conn **>PyMem_Realloc(self._chunks, n * sizeof(Conn *))
+                if grown is NULL:
+                    raise MemoryError()
+                self._chunks = grown
+                self._chunks_allocated = n
+            self._chunks[self._nchunks] = <Conn *>region_alloc(CHUNK_BYTES)
+            self._nchunks += 1
+            self._fresh = 0
+        slot[0] = <int32_t>((self._nchunks - 1) << SLOT_BITS) | self._fresh
+        self._fresh += 1
+        return conn_at(self._chunks, slot[0])
+
+    cdef int32_t _find(self, const unsigned char *key, Py_ssize_t n, uint64_t h) noexcept:
+        """The live slot holding key (h = key_hash(key)), else -1."""
+        cdef uint32_t tag = <uint32_t>h
+        cdef uint32_t i = tag & self._mask
+        cdef Entry *e
+        cdef Conn *c
+        while True:
+            e = &self._table[i]
+            if e.slot1 == 0:
+                return -1
+            if e.tag == tag:  # the fingerprint spares the slab most mismatches
+                c = conn_at(self._chunks, e.slot1 - 1)
+                if c.key_len == n and memcmp(c.key, key, n) == 0:
+                    return e.slot1 - 1
+            i = (i + 1) & self._mask
+
+    cdef void _table_insert(self, uint32_t tag, int32_t slot) noexcept:
+        """Add an entry for a key known to be absent (there is always room: load <= 1/2)."""
+        cdef uint32_t i = tag & self._mask
+        while self._table[i].slot1:
+            i = (i + 1) & self._mask
+        self._table[i].tag = tag
+        self._table[i].slot1 = slot + 1
+
+    cdef int _grow_table(self) except -1:
+        cdef Entry *old = self._table
+        cdef size_t old_size = self._mask + <size_t>1
+        cdef size_t i
+        if old_size >= (<size_t>1) << 31:
+            raise MemoryError("hash table at its largest")
+        self._table = <Entry *>region_alloc(2 * old_size * sizeof(Entry))
+        self._mask = <uint32_t>(2 * old_size - 1)
+        for i in range(old_size):
+            if old[i].slot1:
+                self._table_insert(old[i].tag, old[i].slot1 - 1)
+        munmap(old, old_size * sizeof(Entry))
+        return 0
+
+    cdef void _table_delete(self, int32_t slot, Conn *c) noexcept:
+        """Remove slot's entry; backward-shift the probe run behind it (no tombstones)."""
+        cdef uint32_t mask = self._mask
+        cdef uint32_t i = <uint32_t>key_hash(c.key, c.key_len) & mask
+        cdef uint32_t j, home
+        while self._table[i].slot1 != <uint32_t>(slot + 1):
+            i = (i + 1) & mask
+        j = i
+        while True:
+            j = (j + 1) & mask
+            if self._table[j].slot1 == 0:
+                break
+            home = self._table[j].tag & mask
+            # The entry at j may fill the hole at i unless its home lies in (i, j].
+            if ((j - home) & mask) >= ((j - i) & mask):
+                self._table[i] = self._table[j]
+                i = j
+        self._table[i].slot1 = 0
+        self._table[i].tag = 0
+
+    cdef void _release(self, int32_t slot, Conn *c) noexcept:
+        """Forget a live connection: table entry, order links, overflow arrays; slot to the free list."""
+        self._table_delete(slot, c)
+        if c.prev >= 0:
+            conn_at(self._chunks, c.prev).next = c.next
+        else:
+            self._head = c.next
+        if c.next >= 0:
+            conn_at(self._chunks, c.next).prev = c.prev
+        else:
+            self._tail = c.prev
+        self._overflow_bytes -= free_older(&c.cold[0]) + free_older(&c.cold[1])
+        c.next = self._free
+        self._free = slot
+        self._count -= 1
+
+    def memory_bytes(self):
+        """Bytes this tracker allocated for its connections: slab chunks, hash table,
+        chunk table, overflow segment arrays, interned frontend names (not the final
+        records waiting for publish())."""
+        return (self._nchunks * CHUNK_BYTES + region_bytes((self._mask + <size_t>1) * sizeof(Entry))
+                + self._chunks_allocated * sizeof(Conn *) + self._overflow_bytes
+                + sys.getsizeof(self._frontends) + sys.getsizeof(self._frontend_ids)
+                + sum([sys.getsizeof(name) for name in self._frontends]))
+
     # -- sizes and levels ---------------------------------------------------------
-    cdef uint64_t _capacity(self, int level):
+    cdef uint64_t _capacity(self, int level) noexcept:
         cdef uint64_t size
         if level >= 0:
             size = self.segment_size >> level if level < 64 else 0
@@ -141,207 +496,308 @@ cdef class SegmentTracker:
             size = self.max_segment_size
         return size
 
-    cdef int _level_of(self, uint64_t capacity):
+    cdef int _level_of(self, uint64_t capacity) noexcept:
         return bit_length(self.segment_size) - bit_length(capacity)
 
-    cdef int _init_direction(self, Direction *d) except -1:
+    cdef void _init_direction(self, Conn *c, int k) noexcept:
+        cdef DirHot *h = &c.hot[k]
+        cdef DirCold *d = &c.cold[k]
         cdef uint64_t base = self._capacity(0)
-        d.segs = NULL
-        d.nsegs = 0
-        d.allocated = 0
-        d.total = 0
-        d.bytes_counter = 0
-        d.packets_counter = 0
-        d.interval_start = 0
+        h.bytes_counter = 0
+        h.packets_counter = 0
+        h.tail.count = 0
+        h.tail.capacity = base
+        h.tail.bytes_interval = 0
+        h.tail.packets_interval = 0
+        h.tail.last_activity = 0
+        h.tail.level = <int8_t>self._level_of(base)
+        d.older = NULL
+        d.nolder = 0
         d.level = 0
-        self._append(d, 0, base)
-        return 0
+        d.tail_start = 0
+        d.interval_start = 0
 
-    cdef Segment *_append(self, Direction *d, uint64_t start, uint64_t capacity) except NULL:
-        cdef Py_ssize_t slots
-        cdef Segment *grown
-        cdef Segment *s
-        if d.nsegs == d.allocated:
-            slots = d.allocated * 2 if d.allocated else INITIAL_SLOTS
-            grown = <Segment *>PyMem_Realloc(d.segs, slots * sizeof(Segment))
+    cdef Segment *_push_tail(self, Conn *c, int k, uint64_t capacity) except NULL:
+        """The tail joins the older segments; a new empty tail of capacity follows it."""
+        cdef DirCold *d = &c.cold[k]
+        cdef Segment *t = &c.hot[k].tail
+        cdef Py_ssize_t slots = older_slots(d)
+        cdef Py_ssize_t grown_slots = 2 * slots if slots else 2
+        cdef uint64_t *grown
+        if d.nolder == slots:
+            if slots >= (1 << 30):
+                raise MemoryError("too many segments")
+            grown = <uint64_t *>PyMem_Realloc(<uint64_t *>d.older - 1 if d.older is not NULL else NULL,
+                                              array_bytes(grown_slots))
             if grown is NULL:
                 raise MemoryError()
-            d.segs = grown
-            d.allocated = slots
-        s = &d.segs[d.nsegs]
-        d.nsegs += 1
-        s.start = start
-        s.count = 0
-        s.capacity = capacity
-        s.bytes_interval = 0
-        s.packets_interval = 0
-        s.last_activity = 0
-        s.level = self._level_of(capacity)
+            self._overflow_bytes += array_bytes(grown_slots) - (array_bytes(slots) if slots else 0)
+            grown[0] = grown_slots
+            d.older = <Segment *>(grown + 1)
+        d.older[d.nolder] = t[0]
+        d.nolder += 1
+        d.tail_start += t.count
+        t.count = 0
+        t.capacity = capacity
+        t.bytes_interval = 0
+        t.packets_interval = 0
+        t.last_activity = 0
+        t.level = <int8_t>self._level_of(capacity)
         self.total_segments += 1
-        return s
+        return t
 
     # -- registration and lifecycle ----------------------------------------------------
-    def register(self, key, bytes conn_id, str src, int src_port, str dst, int dst_port, str frontend,
-                 int64_t now_ms):
-        cdef Connection conn = self._conns.get(key)
+    def register(self, key, conn_id, src, src_port, dst, dst_port, frontend, int64_t now_ms):
+        cdef Py_ssize_t n
+        cdef const unsigned char *k = key_bytes(key, &n)
+        cdef unsigned char src_raw[16]
+        cdef unsigned char dst_raw[16]
+        cdef uint64_t h
+        cdef int32_t slot
+        cdef Conn *c
+        if not isinstance(conn_id, bytes):
+            raise TypeError("conn_id must be bytes")
         if PyBytes_GET_SIZE(conn_id) != 16:
             raise ValueError("conn_id must be 16 bytes")
-        if conn is not None:
-            if memcmp(conn.conn_id, PyBytes_AS_STRING(conn_id), 16) == 0:
-                conn.last_seen = now_ms
+        parse_address(src, src_raw)
+        check_port(src_port)
+        parse_address(dst, dst_raw)
+        check_port(dst_port)
+        if not isinstance(frontend, str):
+            raise TypeError(f"frontend must be str, not {type(frontend).__name__}")
+        h = key_hash(k, n)
+        slot = self._find(k, n, h)
+        if slot >= 0:
+            c = conn_at(self._chunks, slot)
+            if memcmp(c.conn_id, PyBytes_AS_STRING(conn_id), 16) == 0:
+                c.last_seen = now_ms
                 return True
-            self.close(key, now_ms)  # the 4-tuple was reused: the old connection is over
-        if len(self._conns) >= self.max_connections:
+            self._close_slot(slot, now_ms, FLAG_CLOSED)  # the 4-tuple was reused: the old connection is over
+        if self._count >= self.max_connections:
             self.stats["refused"] += 1
             return False
-        conn = Connection.__new__(Connection)
-        conn.key = key
-        memcpy(conn.conn_id, PyBytes_AS_STRING(conn_id), 16)
-        conn.src = src
-        conn.src_port = src_port
-        conn.dst = dst
-        conn.dst_port = dst_port
-        conn.frontend = frontend
-        conn.flags = 0
-        conn.source = SOURCE_NONE
-        conn.last_seen = now_ms
-        conn.requested_lease = 0
-        conn.predicted_lease = 0
-        conn.lease_source = LEASE_STANDARD
-        self._init_direction(&conn.dirs[0])
-        self._init_direction(&conn.dirs[1])
-        self._conns[key] = conn
+        index = self._frontend_ids.get(frontend)
+        if index is None:
+            index = self._frontend_ids[frontend] = len(self._frontends)
+            self._frontends.append(frontend)
+        if 2 * (self._count + 1) > self._mask + <Py_ssize_t>1:
+            self._grow_table()
+        c = self._new_slot(&slot)
+        memcpy(c.key, k, n)
+        c.key_len = <uint8_t>n
+        c.flags = 0
+        c.source = SOURCE_NONE
+        c.lease_source = LEASE_STANDARD
+        c.frontend = index
+        c.last_seen = now_ms
+        memcpy(c.conn_id, PyBytes_AS_STRING(conn_id), 16)
+        c.requested_lease = 0
+        c.predicted_lease = 0
+        self._init_direction(c, 0)
+        self._init_direction(c, 1)
+        memcpy(c.cold[0].addr, src_raw, 16)
+        memcpy(c.cold[1].addr, dst_raw, 16)
+        c.cold[0].port = src_port
+        c.cold[1].port = dst_port
+        self.total_segments += 2
+        self._table_insert(<uint32_t>h, slot)
+        c.next = -1
+        c.prev = self._tail
+        if self._tail >= 0:
+            conn_at(self._chunks, self._tail).next = slot
+        else:
+            self._head = slot
+        self._tail = slot
+        self._count += 1
         self.stats["registered"] += 1
         return True
 
+    cdef Conn *_lookup(self, object key) except? NULL:
+        """The live connection of key, NULL if none (TypeError/ValueError for a bad key)."""
+        cdef Py_ssize_t n
+        cdef const unsigned char *k = key_bytes(key, &n)
+        cdef int32_t slot = self._find(k, n, key_hash(k, n))
+        return NULL if slot < 0 else conn_at(self._chunks, slot)
+
     def set_closing(self, key):
-        cdef Connection conn = self._conns.get(key)
-        if conn is not None:
-            conn.flags |= FLAG_CLOSING
+        cdef Conn *c = self._lookup(key)
+        if c is not NULL:
+            c.flags |= FLAG_CLOSING
 
     def set_lease(self, key, uint64_t requested_ms, uint64_t predicted_ms, int lease_source):
-        cdef Connection conn = self._conns.get(key)
-        if conn is not None:
-            conn.requested_lease = requested_ms
-            conn.predicted_lease = predicted_ms
-            conn.lease_source = lease_source
+        cdef Conn *c = self._lookup(key)
+        check_small("lease_source", lease_source)
+        if c is not NULL:
+            c.requested_lease = requested_ms
+            c.predicted_lease = predicted_ms
+            c.lease_source = <uint8_t>lease_source
 
     def close(self, key, int64_t now_ms, int flags=FLAG_CLOSED):
         """Final report for this connection goes out with the next publish()."""
-        cdef Connection conn = self._conns.pop(key, None)
-        if conn is None:
+        cdef Py_ssize_t n
+        cdef const unsigned char *k = key_bytes(key, &n)
+        cdef int32_t slot
+        check_small("flags", flags)
+        slot = self._find(k, n, key_hash(k, n))
+        if slot < 0:
             return False
-        conn.flags |= flags
-        self.total_segments -= conn.dirs[0].nsegs + conn.dirs[1].nsegs
-        self._closed.append(self._record(conn))
-        self.stats["expired" if flags & FLAG_EXPIRED else "closed"] += 1
+        self._close_slot(slot, now_ms, flags)
         return True
+
+    cdef object _close_slot(self, int32_t slot, int64_t now_ms, int flags):
+        cdef Conn *c = conn_at(self._chunks, slot)
+        c.flags |= flags
+        self.total_segments -= segment_count(c)
+        self._closed.append(self._record(c))
+        self.stats["expired" if flags & FLAG_EXPIRED else "closed"] += 1
+        self._release(slot, c)
 
     # -- counters ----------------------------------------------------------------------------
     def update(self, key, int direction, uint64_t bytes_total, uint64_t packets_total,
                int64_t last_activity_ms, int source):
-        cdef Connection conn = self._conns.get(key)
-        cdef Direction *d
-        cdef uint64_t delta_bytes, delta_packets
-        if conn is None:
+        cdef Conn *c = self._lookup(key)
+        if c is NULL:
             self.stats["unknown_updates"] += 1
             return False
         if direction != DIR_IN and direction != DIR_OUT:
             raise ValueError("direction must be DIR_IN or DIR_OUT")
-        conn.source = source
-        if last_activity_ms > conn.last_seen:
-            conn.last_seen = last_activity_ms
-        d = &conn.dirs[direction]
-        if bytes_total < d.bytes_counter or packets_total < d.packets_counter:
+        check_small("source", source)
+        if self._count_update(c, direction, bytes_total, packets_total, last_activity_ms, <uint8_t>source):
             self.stats["counter_resets"] += 1
-            d.bytes_counter = bytes_total
-            d.packets_counter = packets_total
-            return True
-        delta_bytes = bytes_total - d.bytes_counter
-        delta_packets = packets_total - d.packets_counter
-        d.bytes_counter = bytes_total
-        d.packets_counter = packets_total
-        if delta_bytes or delta_packets:
-            self._attribute(conn, d, delta_bytes, delta_packets, last_activity_ms)
         return True
 
-    def update_batch(self, list keys, int direction, const uint64_t[:] bytes_totals,
+    def update_batch(self, keys, int direction, const uint64_t[:] bytes_totals,
                      const uint64_t[:] packets_totals, const int64_t[:] last_activity_ms, int source):
         """update() for many connections of one direction at once (e.g. a kernel sample).
 
-        The counter arguments are uint64/int64 buffers (array.array("Q"/"q"),
-        numpy arrays) aligned with `keys`. Returns how many keys were known.
+        keys: a list of bytes keys (any sequence is copied to a list first). The
+        counter arguments are uint64/int64 buffers (array.array("Q"/"q"), numpy
+        arrays) aligned with `keys`. Every key is checked before any update.
+        Returns how many keys were known.
         """
-        cdef Py_ssize_t i, n = len(keys)
-        cdef Py_ssize_t known = 0
-        cdef Connection conn
-        cdef Direction *d
-        cdef uint64_t delta_bytes, delta_packets
-        cdef dict conns = self._conns
+        cdef Py_ssize_t n, i, a, b, w = prefetch_window
+        cdef Py_ssize_t known = 0, unknown = 0, resets = 0
+        cdef Py_ssize_t klen
+        cdef const unsigned char *k
+        cdef uint64_t hashes[64]  # RING
+        cdef uint64_t h
+        cdef uint32_t tag, e
+        cdef Entry *table = self._table
+        cdef uint32_t mask = self._mask
+        cdef Conn **chunks = self._chunks
+        cdef Conn *c
+        cdef int32_t slot
+        if not isinstance(keys, list):
+            keys = list(keys)
+        n = PyList_GET_SIZE(keys)
         if not n == bytes_totals.shape[0] == packets_totals.shape[0] == last_activity_ms.shape[0]:
             raise ValueError("keys and counters must have the same length")
         if direction != DIR_IN and direction != DIR_OUT:
             raise ValueError("direction must be DIR_IN or DIR_OUT")
-        for i in range(n):
-            conn = conns.get(keys[i])
-            if conn is None:
-                self.stats["unknown_updates"] += 1
-                continue
-            known += 1
-            conn.source = source
-            if last_activity_ms[i] > conn.last_seen:
-                conn.last_seen = last_activity_ms[i]
-            d = &conn.dirs[direction]
-            if bytes_totals[i] < d.bytes_counter or packets_totals[i] < d.packets_counter:
-                self.stats["counter_resets"] += 1
-                d.bytes_counter = bytes_totals[i]
-                d.packets_counter = packets_totals[i]
-                continue
-            delta_bytes = bytes_totals[i] - d.bytes_counter
-            delta_packets = packets_totals[i] - d.packets_counter
-            d.bytes_counter = bytes_totals[i]
-            d.packets_counter = packets_totals[i]
-            if delta_bytes or delta_packets:
-                self._attribute(conn, d, delta_bytes, delta_packets, last_activity_ms[i])
+        check_small("source", source)
+        for i in range(n):  # all checked first, as the twin does
+            item = <object>PyList_GET_ITEM(keys, i)
+            if not PyBytes_Check(item) or not 1 <= PyBytes_GET_SIZE(item) <= C_KEY_MAX:
+                key_bytes(item, &klen)  # raises
+        try:
+            for i in range(-2 * w, n):
+                # stage 1, item i + 2w: hash, prefetch its table entry
+                a = i + 2 * w
+                if a < n:
+                    k = <const unsigned char *>PyBytes_AS_STRING(<object>PyList_GET_ITEM(keys, a))
+                    h = key_hash(k, PyBytes_GET_SIZE(<object>PyList_GET_ITEM(keys, a)))
+                    hashes[a & (RING - 1)] = h
+                    __builtin_prefetch(&table[<uint32_t>h & mask], 0, 3)
+                # stage 2, item i + w: its entry is in cache: prefetch the Conn it
+                # points to (line 0 for the key, the direction's DirHot line)
+                b = i + w
+                if w and 0 <= b < n:
+                    tag = <uint32_t>hashes[b & (RING - 1)]
+                    e = tag & mask
+                    while table[e].slot1:
+                        if table[e].tag == tag:
+                            c = conn_at(chunks, table[e].slot1 - 1)
+                            __builtin_prefetch(c, 1, 3)
+                            __builtin_prefetch(&c.hot[direction], 1, 3)
+                            break
+                        e = (e + 1) & mask
+                # stage 3, item i: look up and update
+                if i < 0:
+                    continue
+                k = <const unsigned char *>PyBytes_AS_STRING(<object>PyList_GET_ITEM(keys, i))
+                slot = self._find(k, PyBytes_GET_SIZE(<object>PyList_GET_ITEM(keys, i)), hashes[i & (RING - 1)])
+                if slot < 0:
+                    unknown += 1
+                    continue
+                known += 1
+                c = conn_at(chunks, slot)
+                resets += self._count_update(c, direction, bytes_totals[i], packets_totals[i],
+                                             last_activity_ms[i], <uint8_t>source)
+        finally:
+            if unknown:
+                self.stats["unknown_updates"] += unknown
+            if resets:
+                self.stats["counter_resets"] += resets
         return known
 
     def touch(self, key, int64_t now_ms):
         """The connection is known alive (e.g. seen in the kernel dump)."""
-        cdef Connection conn = self._conns.get(key)
-        if conn is not None and now_ms > conn.last_seen:
-            conn.last_seen = now_ms
+        cdef Conn *c = self._lookup(key)
+        if c is not NULL and now_ms > c.last_seen:
+            c.last_seen = now_ms
 
-    cdef int _attribute(self, Connection conn, Direction *d, uint64_t delta_bytes, uint64_t delta_packets,
+    cdef int _count_update(self, Conn *c, int k, uint64_t bytes_total, uint64_t packets_total,
+                           int64_t last_activity_ms, uint8_t source) except -1:
+        """Apply one cumulative counter pair; 1 when it went backwards (a reset), else 0."""
+        cdef DirHot *h = &c.hot[k]
+        cdef uint64_t delta_bytes, delta_packets
+        c.source = source
+        if last_activity_ms > c.last_seen:
+            c.last_seen = last_activity_ms
+        if bytes_total < h.bytes_counter or packets_total < h.packets_counter:
+            h.bytes_counter = bytes_total
+            h.packets_counter = packets_total
+            return 1
+        delta_bytes = bytes_total - h.bytes_counter
+        delta_packets = packets_total - h.packets_counter
+        h.bytes_counter = bytes_total
+        h.packets_counter = packets_total
+        if delta_bytes == 0:  # packets with no bytes (pure ACKs, keep-alives): the tail's
+            h.tail.packets_interval += delta_packets
+        elif delta_bytes <= h.tail.capacity - h.tail.count:  # the common case: it all fits in the tail
+            h.tail.count += delta_bytes
+            h.tail.bytes_interval += delta_bytes
+            h.tail.last_activity = last_activity_ms
+            h.tail.packets_interval += delta_packets
+        else:
+            self._attribute(c, k, delta_bytes, delta_packets, last_activity_ms)
+        return 0
+
+    cdef int _attribute(self, Conn *c, int k, uint64_t delta_bytes, uint64_t delta_packets,
                         int64_t stamp) except -1:
-        cdef Segment *tail
+        """Bytes that overflow the tail: fill it, open new tails, share the packets."""
+        cdef DirCold *d = &c.cold[k]
+        cdef Segment *tail = &c.hot[k].tail
         cdef uint64_t remaining = delta_bytes
-        cdef uint64_t room, take, cap
-        cdef Py_ssize_t first, n, i
-        cdef uint64_t one_piece[1]
+        cdef uint64_t room, take
+        cdef Py_ssize_t first = d.nolder, n, i
         cdef uint64_t *pieces
         cdef uint64_t *parts
-        if delta_bytes == 0:
-            d.segs[d.nsegs - 1].packets_interval += delta_packets
-            return 0
-        first = d.nsegs - 1
         while remaining:
-            tail = &d.segs[d.nsegs - 1]
             room = tail.capacity - tail.count
             if room == 0:
-                cap = self._capacity(d.level)
-                tail = self._append(d, tail.start + tail.count, cap)
-                room = cap
+                tail = self._push_tail(c, k, self._capacity(d.level))
+                room = tail.capacity
             take = room if room < remaining else remaining
             tail.count += take
             tail.bytes_interval += take
             tail.last_activity = stamp
             remaining -= take
-        d.total += delta_bytes
-        # Segments first .. nsegs-1 received bytes: the first may have been
+        # Segments first .. the tail received bytes: the first may have been
         # only topped up, the others filled from their start.
-        n = d.nsegs - first
+        n = d.nolder + 1 - first
         if n == 1:
-            d.segs[first].packets_interval += delta_packets
+            tail.packets_interval += delta_packets
         elif delta_packets:
             pieces = <uint64_t *>PyMem_Malloc(2 * n * sizeof(uint64_t))
             if pieces is NULL:
@@ -351,74 +807,90 @@ cdef class SegmentTracker:
             for i in range(n - 1, -1, -1):
                 # bytes of this update in segment first+i: all of it for every
                 # segment but the first, whose older bytes predate the update
-                take = d.segs[first + i].count
+                take = seg_at(c, k, first + i).count
                 if take > remaining:
                     take = remaining
                 pieces[i] = take
                 remaining -= take
-            share(delta_packets, pieces, parts, n)
-            for i in range(n):
-                d.segs[first + i].packets_interval += parts[i]
-            PyMem_Free(pieces)
-        self._enforce_connection_bound(conn)
+            try:
+                share(delta_packets, pieces, parts, n)
+                for i in range(n):
+                    seg_at(c, k, first + i).packets_interval += parts[i]
+            finally:
+                PyMem_Free(pieces)
+        self._enforce_connection_bound(c)
         return 0
 
     # -- intervals --------------------------------------------------------------------------------
     def begin_interval(self, int64_t now_ms):
-        cdef Connection conn
-        cdef Direction *d
+        cdef int32_t slot = self._head
+        cdef Conn *c
+        cdef DirCold *d
         cdef Py_ssize_t i
         cdef int k
-        for conn in self._conns.values():
+        while slot >= 0:
+            c = conn_at(self._chunks, slot)
             for k in range(2):
-                d = &conn.dirs[k]
-                d.interval_start = d.total
-                for i in range(d.nsegs):
-                    d.segs[i].bytes_interval = 0
-                    d.segs[i].packets_interval = 0
+                d = &c.cold[k]
+                d.interval_start = d.tail_start + c.hot[k].tail.count
+                for i in range(d.nolder):
+                    d.older[i].bytes_interval = 0
+                    d.older[i].packets_interval = 0
+                c.hot[k].tail.bytes_interval = 0
+                c.hot[k].tail.packets_interval = 0
+            slot = c.next
 
     def end_interval(self, int64_t now_ms):
-        cdef Connection conn
+        cdef int32_t slot = self._head
+        cdef Conn *c
         cdef list expired = []
-        for key, conn in self._conns.items():
-            self._adapt(&conn.dirs[0], now_ms)
-            self._adapt(&conn.dirs[1], now_ms)
-            self._enforce_connection_bound(conn)
-            if now_ms - conn.last_seen >= self.expire_ms:
-                expired.append(key)
-        for key in expired:
-            self.close(key, now_ms, FLAG_EXPIRED)
+        while slot >= 0:
+            c = conn_at(self._chunks, slot)
+            self._adapt(c, 0, now_ms)
+            self._adapt(c, 1, now_ms)
+            self._enforce_connection_bound(c)
+            if now_ms - c.last_seen >= self.expire_ms:
+                expired.append(slot)
+            slot = c.next
+        for slot in expired:
+            self._close_slot(slot, now_ms, FLAG_EXPIRED)
         self._enforce_total_bound()
 
-    cdef int _adapt(self, Direction *d, int64_t now_ms) except -1:
-        cdef Segment *tail = &d.segs[d.nsegs - 1]
+    cdef int _adapt(self, Conn *c, int k, int64_t now_ms) except -1:
+        cdef DirCold *d = &c.cold[k]
+        cdef Segment *tail = &c.hot[k].tail
+        cdef Segment *a
+        cdef Segment *b
         cdef Py_ssize_t i
         if tail.bytes_interval >= self.split_bytes and tail.bytes_interval > 0:
             if self._capacity(d.level + 1) < self._capacity(d.level):
                 d.level += 1
             if tail.capacity >= 2 * self.min_segment_size:
-                self._split_tail(d)
+                self._split_tail(c, k)
         elif tail.bytes_interval == 0 and now_ms - tail.last_activity >= self.idle_ms:
             if self._capacity(d.level - 1) > self._capacity(d.level):
                 d.level -= 1
         i = 0
-        while i + 1 < d.nsegs:
-            if (self._idle(&d.segs[i], now_ms) and self._idle(&d.segs[i + 1], now_ms)
-                    and d.segs[i].capacity + d.segs[i + 1].capacity <= self.max_segment_size):
-                self._merge_pair(d, i)
+        while i < d.nolder:  # while segment i has a successor
+            a = seg_at(c, k, i)
+            b = seg_at(c, k, i + 1)
+            if self._idle(a, now_ms) and self._idle(b, now_ms) and a.capacity + b.capacity <= self.max_segment_size:
+                self._merge_pair(c, k, i)
                 self.stats["merges"] += 1
             else:
                 i += 1
         return 0
 
-    cdef int _split_tail(self, Direction *d) except -1:
-        cdef Segment *tail = &d.segs[d.nsegs - 1]
+    cdef int _split_tail(self, Conn *c, int k) except -1:
+        """The tail's first half joins the older segments, its second half is the new tail."""
+        cdef DirCold *d = &c.cold[k]
+        cdef Segment *tail = &c.hot[k].tail
         cdef uint64_t half = tail.capacity // 2
         cdef uint64_t second_capacity = tail.capacity - half
         cdef uint64_t second_count
-        cdef uint64_t tail_start = tail.start
+        cdef uint64_t tail_start = d.tail_start
         cdef uint64_t lo = d.interval_start
-        cdef uint64_t hi = d.total
+        cdef uint64_t hi = d.tail_start + tail.count
         cdef uint64_t first_end, first_begin, first_bytes, second_bytes
         cdef uint64_t weights[2]
         cdef uint64_t parts[2]
@@ -430,13 +902,10 @@ cdef class SegmentTracker:
         if tail.count <= half:
             # Nothing lies past the half yet: narrowing the tail is the split.
             tail.capacity = half
-            tail.level = self._level_of(half)
+            tail.level = <int8_t>self._level_of(half)
             return 0
         second_count = tail.count - half
-        tail.count = half
-        tail.capacity = half
-        tail.level = self._level_of(half)
-        first_end = tail_start + tail.count
+        first_end = tail_start + half
         if hi < first_end:
             first_end = hi
         first_begin = lo if lo > tail_start else tail_start
@@ -445,109 +914,156 @@ cdef class SegmentTracker:
         weights[0] = first_bytes
         weights[1] = second_bytes
         share(packets, weights, parts, 2)
+        tail.count = half
+        tail.capacity = half
+        tail.level = <int8_t>self._level_of(half)
         tail.bytes_interval = first_bytes
         tail.packets_interval = parts[0]
-        second = self._append(d, tail_start + half, second_capacity)  # may move the array
+        second = self._push_tail(c, k, second_capacity)
         second.count = second_count
         second.bytes_interval = second_bytes
         second.packets_interval = parts[1]
         second.last_activity = stamp
         return 0
 
-    cdef bint _idle(self, Segment *s, int64_t now_ms):
+    cdef bint _idle(self, Segment *s, int64_t now_ms) noexcept:
         return (s.count == s.capacity and s.bytes_interval == 0 and s.packets_interval == 0
                 and now_ms - s.last_activity >= self.idle_ms)
 
-    cdef void _merge_pair(self, Direction *d, Py_ssize_t i):
-        cdef Segment *a = &d.segs[i]
-        cdef Segment *b = &d.segs[i + 1]
-        a.count += b.count
-        a.capacity += b.capacity
-        a.bytes_interval += b.bytes_interval
-        a.packets_interval += b.packets_interval
-        if b.last_activity > a.last_activity:
-            a.last_activity = b.last_activity
-        a.level = self._level_of(a.capacity)
-        memmove(b, b + 1, (d.nsegs - i - 2) * sizeof(Segment))
-        d.nsegs -= 1
+    cdef void _merge_pair(self, Conn *c, int k, Py_ssize_t i) noexcept:
+        """Segments i and i + 1 of direction k become one (the tail, if i + 1 was)."""
+        cdef DirCold *d = &c.cold[k]
+        cdef Segment *a = &d.older[i]
+        cdef Segment *b = seg_at(c, k, i + 1)
+        b.count += a.count
+        b.capacity += a.capacity
+        b.bytes_interval += a.bytes_interval
+        b.packets_interval += a.packets_interval
+        if a.last_activity > b.last_activity:
+            b.last_activity = a.last_activity
+        b.level = <int8_t>self._level_of(b.capacity)
+        if b == &c.hot[k].tail:
+            d.tail_start -= a.count
+        # a's slot goes: the older ones after it (b, if older) move down one
+        memmove(a, a + 1, (d.nolder - i - 1) * sizeof(Segment))
+        d.nolder -= 1
         self.total_segments -= 1
+        if d.nolder == 0:  # the tail alone again: inline only
+            self._overflow_bytes -= free_older(d)
 
-    cdef bint _coarsen_once(self, Connection conn):
-        """Merge the connection's adjacent pair with the smallest combined byte_count."""
+    cdef int _coarsen_once(self, Conn *c) except -1:
+        """Merge the connection's adjacent pair with the smallest combined byte_count; 0 if none."""
         cdef int k, best_dir = -1
         cdef Py_ssize_t i, best_i = 0
         cdef uint64_t size, best_size = 0
-        cdef Direction *d
         for k in range(2):
-            d = &conn.dirs[k]
-            for i in range(d.nsegs - 1):
-                size = d.segs[i].count + d.segs[i + 1].count
+            for i in range(c.cold[k].nolder):
+                size = seg_at(c, k, i).count + seg_at(c, k, i + 1).count
                 if best_dir < 0 or size < best_size:
                     best_dir, best_i, best_size = k, i, size
         if best_dir < 0:
-            return False
-        self._merge_pair(&conn.dirs[best_dir], best_i)
+            return 0
+        self._merge_pair(c, best_dir, best_i)
         self.stats["merges"] += 1
         self.stats["coarsened"] += 1
-        return True
+        return 1
 
-    cdef void _enforce_connection_bound(self, Connection conn):
-        while conn.dirs[0].nsegs + conn.dirs[1].nsegs > self.max_segments_per_connection:
-            if not self._coarsen_once(conn):
+    cdef int _enforce_connection_bound(self, Conn *c) except -1:
+        while segment_count(c) > self.max_segments_per_connection:
+            if not self._coarsen_once(c):
                 break
+        return 0
 
-    def _enforce_total_bound(self):
-        cdef Connection conn
+    cdef int _enforce_total_bound(self) except -1:
+        """Coarsen the connections with the most segments first (ties: registration order)."""
+        cdef Py_ssize_t n = self._count, i
+        cdef uint64_t *order
+        cdef int32_t *slots
+        cdef int32_t slot
+        cdef Conn *c
+        cdef uint64_t count
         if self.total_segments <= self.max_total_segments:
-            return
-        by_size = sorted(self._conns.values(), key=_segment_count, reverse=True)
-        for conn in by_size:
-            while self.total_segments > self.max_total_segments and self._coarsen_once(conn):
-                pass
-            if self.total_segments <= self.max_total_segments:
-                return
+            return 0
+        order = <uint64_t *>PyMem_Malloc(n * (sizeof(uint64_t) + sizeof(int32_t)) + 1)
+        if order is NULL:
+            raise MemoryError()
+        slots = <int32_t *>(order + n)
+        try:
+            # sort key: segment count descending, then registration order (the
+            # twin's stable sort); counts above 2^32 - 1 cannot fit in memory
+            slot = self._head
+            for i in range(n):
+                c = conn_at(self._chunks, slot)
+                slots[i] = slot
+                count = segment_count(c)
+                order[i] = ((0xFFFFFFFF - count) << 32) | <uint64_t>i
+                slot = c.next
+            qsort(order, n, sizeof(uint64_t), cmp_u64)
+            for i in range(n):
+                c = conn_at(self._chunks, slots[order[i] & 0xFFFFFFFF])
+                while self.total_segments > self.max_total_segments and self._coarsen_once(c):
+                    pass
+                if self.total_segments <= self.max_total_segments:
+                    break
+        finally:
+            PyMem_Free(order)
+        return 0
+
 
     # -- output ----------------------------------------------------------------------------------
-    cdef object _record(self, Connection conn):
+    cdef object _record(self, Conn *c):
         cdef list segments = []
         cdef Segment *s
         cdef Py_ssize_t i
+        cdef uint64_t start
         cdef int k
         for k in range(2):
-            for i in range(conn.dirs[k].nsegs):
-                s = &conn.dirs[k].segs[i]
-                segments.append(SegmentRecord(k, s.start, s.count, s.bytes_interval, s.packets_interval,
+            start = 0
+            for i in range(c.cold[k].nolder + 1):
+                s = seg_at(c, k, i)
+                segments.append(SegmentRecord(k, start, s.count, s.bytes_interval, s.packets_interval,
                                               s.last_activity, s.level))
+                start += s.count
         return ConnectionRecord(
-            conn_id=PyBytes_FromStringAndSize(<char *>conn.conn_id, 16), src=conn.src, src_port=conn.src_port, dst=conn.dst, dst_port=conn.dst_port,
-            frontend=conn.frontend, flags=conn.flags, counter_source=conn.source,
-            granularity_level=max(conn.dirs[0].level, conn.dirs[1].level),
-            requested_lease_ms=conn.requested_lease, predicted_lease_ms=conn.predicted_lease,
-            lease_source=conn.lease_source, bytes_in_total=conn.dirs[0].total,
-            bytes_out_total=conn.dirs[1].total, segments=tuple(segments),
+            conn_id=PyBytes_FromStringAndSize(<char *>c.conn_id, 16), src=address_text(c.cold[0].addr),
+            src_port=c.cold[0].port, dst=address_text(c.cold[1].addr), dst_port=c.cold[1].port,
+            frontend=self._frontends[c.frontend], flags=c.flags, counter_source=c.source,
+            granularity_level=max(c.cold[0].level, c.cold[1].level),
+            requested_lease_ms=c.requested_lease, predicted_lease_ms=c.predicted_lease,
+            lease_source=c.lease_source, bytes_in_total=c.cold[0].tail_start + c.hot[0].tail.count,
+            bytes_out_total=c.cold[1].tail_start + c.hot[1].tail.count, segments=tuple(segments),
         )
 
     def snapshot(self, key):
-        cdef Connection conn = self._conns.get(key)
-        return None if conn is None else self._record(conn)
+        cdef Conn *c = self._lookup(key)
+        return None if c is NULL else self._record(c)
 
     def publish(self):
         """Records of every live connection, then the final ones closed since last time."""
-        cdef Connection conn
-        cdef list out = [self._record(conn) for conn in self._conns.values()]
+        cdef list out = []
+        cdef int32_t slot = self._head
+        cdef Conn *c
+        while slot >= 0:
+            c = conn_at(self._chunks, slot)
+            out.append(self._record(c))
+            slot = c.next
         out.extend(self._closed)
         self._closed = []
         return out
 
     def keys(self):
-        return list(self._conns)
+        """Live keys in registration order (the twin's dict order)."""
+        cdef list out = []
+        cdef int32_t slot = self._head
+        cdef Conn *c
+        while slot >= 0:
+            c = conn_at(self._chunks, slot)
+            out.append(PyBytes_FromStringAndSize(<char *>c.key, c.key_len))
+            slot = c.next
+        return out
 
     def __len__(self):
-        return len(self._conns)
+        return self._count
 
     def __contains__(self, key):
-        return key in self._conns
-
-
-def _segment_count(Connection conn):
-    return conn.dirs[0].nsegs + conn.dirs[1].nsegs
+        return self._lookup(key) is not NULL
