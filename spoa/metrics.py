@@ -159,6 +159,12 @@ class LbNodeCollector:
         yield CounterMetricFamily(f"{p}_forecast_abs_error", "sum of |forecast - actual| bytes per interval",
                                   value=s.forecast_abs_error)
         yield CounterMetricFamily(f"{p}_forecast_samples", "forecasts scored", value=s.forecast_samples)
+        segments = table.segments
+        yield GaugeMetricFamily(f"{p}_segments", "segments with cached state and history", value=len(segments))
+        yield CounterMetricFamily(f"{p}_segments_refused", "segments not tracked: segment table full",
+                                  value=segments.refused)
+        yield CounterMetricFamily(f"{p}_segments_dropped", "segment slots reclaimed (merged away or released)",
+                                  value=segments.dropped)
         yield CounterMetricFamily(f"{p}_packets_accepted", "datagrams accepted", value=r.accepted)
         rejected = CounterMetricFamily(f"{p}_packets_rejected", "datagrams rejected, by reason", labels=["reason"])
         for reason, n in sorted(r.rejected.items()):

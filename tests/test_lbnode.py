@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from types import SimpleNamespace
+
 import pytest
 
 from spoa.forecast import SES
 from spoa.hints import Hint, decode_hints, encode_hints, max_hints
-from spoa.lbnode import LeaseTable
+from spoa.lbnode import LeaseTable, SegmentTable
 from spoa.lease_policy import LeaseBounds, VolumePolicy
+from spoa.metrics import LbNodeCollector
 from spoa.packet import PacketError
-from spoa.records import ConnectionRecord, ConnFlags, LeaseSource
+from spoa.records import ConnectionRecord, ConnFlags, LeaseSource, SegmentRecord
 
 KEY = b"k" * 32
 BOUNDS = LeaseBounds(min_ms=1000, max_ms=60_000, standard_ms=30_000)
@@ -124,3 +128,19 @@ def test_hint_from_the_wrong_key_is_refused():
         decode_hints(datagram, KEY)
     assert err.value.reason == "bad_hmac"
 
+
+
+def test_metrics_export_segment_table_state_and_counts():
+    # room for 3 segments: the second connection's second segment is refused, and counted
+    t = LeaseTable(8, SES(8, alpha=0.5), VolumePolicy(BOUNDS, 10.0), BOUNDS.standard_ms, 1000,
+                   segments=SegmentTable(3, 8))
+    segs = (SegmentRecord(0, 0, 10, 10, 1, 1000, 0), SegmentRecord(1, 0, 20, 20, 1, 1000, 0))
+    t.ingest(1, [replace(record(b"a" * 16, 30), segments=segs), replace(record(b"b" * 16, 30), segments=segs)],
+             now=1000)
+    receiver = SimpleNamespace(accepted=1, rejected={"bad_hmac": 2})
+    samples = {s.name: s.value for family in LbNodeCollector(SimpleNamespace(table=t), receiver).collect()
+               for s in family.samples}
+    assert samples["spoa_lbnode_segments"] == 3
+    assert samples["spoa_lbnode_segments_refused_total"] == 1
+    assert samples["spoa_lbnode_segments_dropped_total"] == 0
+    assert samples["spoa_lbnode_connections"] == 2
