@@ -255,6 +255,30 @@ def test_compiled_packet_loaded():
     assert spoa._packet._FAST_RECORDS, "records are built through their constructors: decoding is ~4x slower"
 
 
+@pytest.mark.c_extension
+@pytest.mark.parametrize("key", [b"k" * 16, b"\x00" * 64, bytes(range(65)), bytes(range(200)), bytearray(b"b" * 40)],
+                         ids=["16B", "64B-zeros", "65B-hashed-first", "200B", "bytearray"])
+def test_compiled_hmac_paths_sign_as_the_twin(compiled, key):
+    # libcrypto's SHA-256 primitives (the fast path, found at import on this
+    # machine) and the HMAC-object fallback both give the twin's bytes.
+    header = PacketHeader(node_id=7, sequence=9, timestamp_ms=1, interval_ms=1000)
+    conns = [sample_record(i, v6=i % 2 == 1) for i in range(40)]
+    expected = reference.encode_packet(header, conns, key, 1400)
+    assert compiled.USES_LIBCRYPTO, "libcrypto's SHA256_* not found: HMAC runs ~2.5x slower"
+    try:
+        for fast in (True, False):
+            assert compiled._use_libcrypto(fast) is fast
+            assert compiled.encode_packet(header, conns, key, 1400) == expected
+            for datagram in expected:
+                compiled.decode_datagram(datagram, key)
+            forged = expected[0][:-1] + bytes([expected[0][-1] ^ 1])
+            with pytest.raises(reference.PacketError) as err:
+                compiled.decode_datagram(forged, key)
+            assert err.value.reason == "bad_hmac"
+    finally:
+        compiled._use_libcrypto(True)
+
+
 @pytest.mark.parametrize(("env_value", "implementation"), [("1", "python"), ("", "cython")])
 def test_no_extensions_env_selects_the_twin(env_value, implementation, request):
     if implementation == "cython":

@@ -6,9 +6,13 @@ pointers, then cuts it into datagrams at record boundaries, each written
 straight into its bytes object and signed in place. Decoding reads the
 datagram through a pointer after every length check.
 
-HMAC-SHA256 is OpenSSL's, through the twin's per-key cache of keyed HMAC
-objects (and a one-entry cache of the last key in front of it); the tag is
-compared in constant time here. ColumnBatch decodes into numpy columns
+HMAC-SHA256 is computed here on OpenSSL's SHA256_Init/Update/Final (the
+libcrypto Python's hashlib already loaded, found with dlopen(RTLD_NOLOAD)),
+from inner/outer states precomputed for the last key: ~1 µs for a 1400-byte
+datagram against ~2.6 µs through a Python HMAC object, whose EVP layer costs
+~0.9 µs per call in OpenSSL 3. It is checked at import against RFC 4231;
+without it (another libcrypto, or a mismatch) the twin's cached HMAC objects
+are used. The tag is compared in constant time here. ColumnBatch decodes into numpy columns
 through raw pointers (docs/publishing-packet.md §12). Error messages are never built
 here: on any invalid input the compiled path calls the twin's validation
 helper for that field, which raises the very same exception the twin raises.
@@ -22,7 +26,7 @@ from cpython.memoryview cimport PyMemoryView_FromMemory
 from cpython.buffer cimport PyBUF_READ
 from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
 from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memcmp, memcpy, strlen
+from libc.string cimport memcmp, memcpy, memset, strlen
 
 import dataclasses
 import types
@@ -413,9 +417,8 @@ def encode_packet(header, connections, key, mtu=DEFAULT_MTU):
     cdef uint64_t node_id, sequence, timestamp_ms, interval_ms, flags
     cdef uint8_t *p
     cdef list out = []
-    cdef bytes datagram, tag
+    cdef bytes datagram
     _check_key(key)
-    keyed = _keyed(key)
     cmtu = _check_mtu(mtu)
     node_id, sequence, timestamp_ms, interval_ms, flags = _header_fields(header)
     limit = cmtu - C_OVERHEAD
@@ -460,10 +463,7 @@ def encode_packet(header, connections, key, mtu=DEFAULT_MTU):
             if payload:
                 memcpy(p + C_HEADER, s.data + start, payload)
             # The bytes object is ours alone until returned: sign it in place.
-            mac = keyed.copy()
-            mac.update(PyMemoryView_FromMemory(<char *>p, length - C_TAG, PyBUF_READ))
-            tag = mac.digest()
-            memcpy(p + length - C_TAG, PyBytes_AS_STRING(tag), C_TAG)
+            hmac_tag(key, p, length - C_TAG, p + length - C_TAG)
             out.append(datagram)
             index += 1
             if k >= s.nrec:
@@ -482,18 +482,125 @@ cdef inline malformed(str detail):
     return PacketError("malformed", detail)
 
 
-cdef object last_key = None  # the key verify() saw last, and its keyed HMAC object:
-cdef object last_mac = None  # a receiver verifies everything with one key
+# -- HMAC-SHA256 -----------------------------------------------------------------------
+
+cdef extern from "<dlfcn.h>":
+    void *dlopen(const char *filename, int flag)
+    void *dlsym(void *handle, const char *symbol)
+    int RTLD_NOW
+    int RTLD_NOLOAD
+
+ctypedef int (*sha_init_f)(void *ctx) noexcept nogil
+ctypedef int (*sha_update_f)(void *ctx, const void *data, size_t n) noexcept nogil
+ctypedef int (*sha_final_f)(unsigned char *md, void *ctx) noexcept nogil
+
+cdef enum:
+    CTX_BYTES = 256  # room for a SHA256_CTX (112 bytes in OpenSSL 1.1 and 3.x)
+    SHA_BLOCK = 64
+    SHA_DIGEST = 32
+
+cdef sha_init_f sha_init = NULL
+cdef sha_update_f sha_update = NULL
+cdef sha_final_f sha_final = NULL
+cdef uint8_t key_inner[CTX_BYTES]  # SHA-256 state after (last_key xor ipad)
+cdef uint8_t key_outer[CTX_BYTES]  # SHA-256 state after (last_key xor opad)
+cdef object last_key = None  # the key those states (or last_mac) belong to: a
+cdef object last_mac = None  # receiver verifies everything with one key
 
 
-cdef object keyed(object key):
+cdef void absorb_key(const uint8_t *key, Py_ssize_t n) noexcept:
+    """key_inner/key_outer for `key` (RFC 2104: a key longer than a block is hashed first)."""
+    cdef uint8_t block[SHA_BLOCK]
+    cdef uint8_t pad[SHA_BLOCK]
+    cdef uint8_t ctx[CTX_BYTES]
+    cdef int i
+    memset(block, 0, SHA_BLOCK)
+    if n > SHA_BLOCK:
+        sha_init(ctx)
+        sha_update(ctx, key, n)
+        sha_final(block, ctx)
+    else:
+        memcpy(block, key, n)
+    for i in range(SHA_BLOCK):
+        pad[i] = block[i] ^ 0x36
+    sha_init(key_inner)
+    sha_update(key_inner, pad, SHA_BLOCK)
+    for i in range(SHA_BLOCK):
+        pad[i] = block[i] ^ 0x5C
+    sha_init(key_outer)
+    sha_update(key_outer, pad, SHA_BLOCK)
+
+
+cdef void sha_hmac(const uint8_t *data, Py_ssize_t n, uint8_t *out) noexcept nogil:
+    """HMAC-SHA256 of data under the absorbed key, 32 bytes into out."""
+    cdef uint8_t ctx[CTX_BYTES]
+    cdef uint8_t inner[SHA_DIGEST]
+    memcpy(ctx, key_inner, CTX_BYTES)
+    sha_update(ctx, data, n)
+    sha_final(inner, ctx)
+    memcpy(ctx, key_outer, CTX_BYTES)
+    sha_update(ctx, inner, SHA_DIGEST)
+    sha_final(out, ctx)
+
+
+cdef int hmac_tag(object key, const uint8_t *data, Py_ssize_t n, uint8_t *out) except -1:
+    """The C_TAG-byte tag of data into out; key already checked by _check_key."""
     global last_key, last_mac
+    cdef bytes tag
+    cdef uint8_t full[SHA_DIGEST]
     if type(key) is not bytes:  # a bytearray could change under the cache
-        return _keyed(key)
+        key = bytes(key)
     if key is not last_key:
-        last_mac = _keyed(key)
+        if sha_init is not NULL:
+            absorb_key(<const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
+        else:
+            last_mac = _keyed(key)
         last_key = key
-    return last_mac
+    if sha_init is not NULL:
+        sha_hmac(data, n, full)
+        memcpy(out, full, C_TAG)
+        return 0
+    mac = last_mac.copy()
+    mac.update(PyMemoryView_FromMemory(<char *>data, n, PyBUF_READ))
+    tag = mac.digest()
+    memcpy(out, PyBytes_AS_STRING(tag), C_TAG)
+    return 0
+
+
+def _use_libcrypto(bint on):
+    """Compute HMACs with libcrypto's SHA-256 primitives (True: if found and
+    correct) or through the twin's HMAC objects (False). Returns whether the
+    primitives are in use. Tests drive both paths; import calls it with True."""
+    global sha_init, sha_update, sha_final, last_key
+    cdef void *lib = NULL
+    cdef uint8_t out[SHA_DIGEST]
+    sha_init, sha_update, sha_final, last_key = NULL, NULL, NULL, None
+    if not on:
+        return False
+    import _hashlib  # noqa: F401  (loads the libcrypto Python itself uses)
+    for name in (b"libcrypto.so.3", b"libcrypto.so.1.1"):
+        lib = dlopen(name, RTLD_NOW | RTLD_NOLOAD)
+        if lib is not NULL:
+            break
+    if lib is NULL:
+        return False
+    sha_init = <sha_init_f>dlsym(lib, "SHA256_Init")
+    sha_update = <sha_update_f>dlsym(lib, "SHA256_Update")
+    sha_final = <sha_final_f>dlsym(lib, "SHA256_Final")
+    if sha_init is NULL or sha_update is NULL or sha_final is NULL:
+        sha_init = NULL
+        return False
+    # RFC 4231 test case 2: wrong primitives must never sign a packet.
+    absorb_key(<const uint8_t *>b"Jefe", 4)
+    sha_hmac(<const uint8_t *>b"what do ya want for nothing?", 28, out)
+    if PyBytes_FromStringAndSize(<char *>out, SHA_DIGEST) != bytes.fromhex(
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"):
+        sha_init = NULL
+        return False
+    return True
+
+
+USES_LIBCRYPTO = _use_libcrypto(True)
 
 
 cdef inline bint same_tag(const uint8_t *a, const uint8_t *b) noexcept nogil:
@@ -511,7 +618,7 @@ cdef object verify(bytes data, object key, uint16_t *index, uint16_t *count, Py_
     cdef const uint8_t *p
     cdef Py_ssize_t n, end
     cdef uint16_t length
-    cdef bytes tag
+    cdef uint8_t tag[C_TAG]
     if not (isinstance(key, bytes) and PyBytes_GET_SIZE(key) >= C_MIN_KEY):
         _check_key(key)
     n = PyBytes_GET_SIZE(data)
@@ -532,10 +639,8 @@ cdef object verify(bytes data, object key, uint16_t *index, uint16_t *count, Py_
     if length < n:
         raise malformed(f"{n} bytes; the header announces {length}")
     end = n - C_TAG
-    mac = keyed(key).copy()
-    mac.update(PyMemoryView_FromMemory(<char *>p, end, PyBUF_READ))
-    tag = mac.digest()
-    if not same_tag(<const uint8_t *>PyBytes_AS_STRING(tag), p + end):
+    hmac_tag(key, p, end, tag)
+    if not same_tag(tag, p + end):
         raise PacketError("bad_hmac", "HMAC-SHA256 mismatch: wrong key or altered datagram")
     index[0] = ld16(p + 36)
     count[0] = ld16(p + 38)
