@@ -18,7 +18,7 @@ directives = {"language_level": "3", "embedsignature": True}
 if DEBUG:
     directives.update(boundscheck=True, wraparound=True)
 
-MODULES = ["_codec", "_tracker", "_packet", "_sampler", "_slotmap"]
+MODULES = ["_records", "_codec", "_tracker", "_packet", "_sampler", "_slotmap"]
 if os.environ.get("SPOA_MODULES"):
     wanted = os.environ["SPOA_MODULES"].split(",")
     unknown = set(wanted) - set(MODULES)

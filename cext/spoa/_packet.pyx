@@ -21,15 +21,13 @@ helper for that field, which raises the very same exception the twin raises.
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLong
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
-from cpython.object cimport PyObject, PyTypeObject, Py_TYPE, descrsetfunc, newfunc
 from cpython.memoryview cimport PyMemoryView_FromMemory
 from cpython.buffer cimport PyBUF_READ
 from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
 from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset, strlen
 
-import dataclasses
-import types
+from spoa._records cimport new_connection, new_header, new_segment
 
 import numpy as np
 from collections import OrderedDict
@@ -103,92 +101,6 @@ cdef uint64_t U64_MAX = 0xFFFFFFFFFFFFFFFFULL
 cdef const uint8_t *V4_MAPPED = <const uint8_t *>b"\0\0\0\0\0\0\0\0\0\0\xff\xff"
 cdef const uint8_t *C_MAGIC = <const uint8_t *>b"CPUB"
 assert MAGIC == b"CPUB" and (_HEADER_SIZE, _TAG_SIZE, _CONN_SIZE, _SEG_SIZE, _VERSION) == (42, 16, 84, 42, 1)
-
-
-# -- building the frozen record dataclasses fast -------------------------------------
-# Their generated __init__ stores each field with object.__setattr__, which
-# costs ~0.15 us a field and dominated decoding (a 16-segment record is 127
-# fields). We do what it does, minus the Python frames: allocate with the
-# type's tp_new, then store each field through its __slots__ member
-# descriptor. Used only when the classes look exactly as expected (slots
-# dataclasses, these fields, no __post_init__, object's __new__); otherwise
-# the constructors are called. tests/test_packet.py checks _FAST_RECORDS.
-
-SEG_FIELDS = ("direction", "start_byte_offset", "byte_count", "bytes_transferred", "packets_transferred",
-              "timestamp_last_activity_ms", "level")
-CONN_FIELDS = ("conn_id", "src", "src_port", "dst", "dst_port", "frontend", "flags", "counter_source",
-               "granularity_level", "requested_lease_ms", "predicted_lease_ms", "lease_source", "bytes_in_total",
-               "bytes_out_total", "segments")
-
-
-def _slot_descriptors(cls, names):
-    """The member descriptors of cls's fields in `names` order, or None."""
-    if (not dataclasses.is_dataclass(cls) or hasattr(cls, "__post_init__") or cls.__new__ is not object.__new__
-            or tuple(f.name for f in dataclasses.fields(cls)) != names):
-        return None
-    descriptors = [cls.__dict__.get(name) for name in names]
-    if not all(type(d) is types.MemberDescriptorType for d in descriptors):
-        return None
-    return descriptors
-
-
-HEADER_FIELDS = ("node_id", "sequence", "timestamp_ms", "interval_ms", "flags")
-
-cdef list SEG_DESCRS = _slot_descriptors(SegmentRecord, SEG_FIELDS)
-cdef list CONN_DESCRS = _slot_descriptors(ConnectionRecord, CONN_FIELDS)
-cdef list HEADER_DESCRS = _slot_descriptors(PacketHeader, HEADER_FIELDS)
-_FAST_RECORDS = SEG_DESCRS is not None and CONN_DESCRS is not None and HEADER_DESCRS is not None
-cdef bint FAST_RECORDS = _FAST_RECORDS
-cdef descrsetfunc MEMBER_SET = Py_TYPE(SEG_DESCRS[0]).tp_descr_set if FAST_RECORDS else NULL
-cdef newfunc SEG_NEW = (<PyTypeObject *>SegmentRecord).tp_new
-cdef newfunc CONN_NEW = (<PyTypeObject *>ConnectionRecord).tp_new
-cdef newfunc HEADER_NEW = (<PyTypeObject *>PacketHeader).tp_new
-cdef tuple NO_ARGS = ()
-
-
-cdef object new_segment(uint8_t direction, uint64_t start, uint64_t byte_count, uint64_t transferred,
-                        uint64_t packets, uint64_t last, int level):
-    cdef object seg
-    cdef list d = SEG_DESCRS
-    if not FAST_RECORDS:
-        return SegmentRecord(direction, start, byte_count, transferred, packets, last, level)
-    seg = SEG_NEW(SegmentRecord, <PyObject *>NO_ARGS, NULL)
-    MEMBER_SET(d[0], seg, direction)
-    MEMBER_SET(d[1], seg, start)
-    MEMBER_SET(d[2], seg, byte_count)
-    MEMBER_SET(d[3], seg, transferred)
-    MEMBER_SET(d[4], seg, packets)
-    MEMBER_SET(d[5], seg, last)
-    MEMBER_SET(d[6], seg, level)
-    return seg
-
-
-cdef object new_header(uint64_t node_id, uint64_t sequence, uint64_t timestamp_ms, uint32_t interval_ms,
-                       uint8_t flags):
-    cdef object header
-    cdef list d = HEADER_DESCRS
-    if not FAST_RECORDS:
-        return PacketHeader(node_id, sequence, timestamp_ms, interval_ms, flags)
-    header = HEADER_NEW(PacketHeader, <PyObject *>NO_ARGS, NULL)
-    MEMBER_SET(d[0], header, node_id)
-    MEMBER_SET(d[1], header, sequence)
-    MEMBER_SET(d[2], header, timestamp_ms)
-    MEMBER_SET(d[3], header, interval_ms)
-    MEMBER_SET(d[4], header, flags)
-    return header
-
-
-cdef object new_connection(tuple values):
-    """A ConnectionRecord from its 15 field values in CONN_FIELDS order."""
-    cdef object rec
-    cdef list d = CONN_DESCRS
-    cdef Py_ssize_t k
-    if not FAST_RECORDS:
-        return ConnectionRecord(*values)
-    rec = CONN_NEW(ConnectionRecord, <PyObject *>NO_ARGS, NULL)
-    for k in range(15):
-        MEMBER_SET(d[k], rec, values[k])
-    return rec
 
 
 # -- big-endian stores and loads ---------------------------------------------------

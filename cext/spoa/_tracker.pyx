@@ -17,15 +17,8 @@ from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport qsort
 from libc.string cimport memcmp, memcpy, memmove, memset, strlen
 
-from spoa.records import (
-    DIR_IN,
-    DIR_OUT,
-    ConnectionRecord,
-    ConnFlags,
-    CounterSource,
-    LeaseSource,
-    SegmentRecord,
-)
+from spoa._records cimport new_connection, new_segment
+from spoa.records import DIR_IN, DIR_OUT, ConnFlags, CounterSource, LeaseSource
 
 cdef extern from * nogil:
     # Packet shares multiply packets by bytes: past 2^64 for big intervals.
@@ -1021,18 +1014,16 @@ cdef class SegmentTracker:
             start = 0
             for i in range(c.cold[k].nolder + 1):
                 s = seg_at(c, k, i)
-                segments.append(SegmentRecord(k, start, s.count, s.bytes_interval, s.packets_interval,
-                                              s.last_activity, s.level))
+                segments.append(new_segment(k, start, s.count, s.bytes_interval, s.packets_interval,
+                                            s.last_activity, s.level))
                 start += s.count
-        return ConnectionRecord(
-            conn_id=PyBytes_FromStringAndSize(<char *>c.conn_id, 16), src=address_text(c.cold[0].addr),
-            src_port=c.cold[0].port, dst=address_text(c.cold[1].addr), dst_port=c.cold[1].port,
-            frontend=self._frontends[c.frontend], flags=c.flags, counter_source=c.source,
-            granularity_level=max(c.cold[0].level, c.cold[1].level),
-            requested_lease_ms=c.requested_lease, predicted_lease_ms=c.predicted_lease,
-            lease_source=c.lease_source, bytes_in_total=c.cold[0].tail_start + c.hot[0].tail.count,
-            bytes_out_total=c.cold[1].tail_start + c.hot[1].tail.count, segments=tuple(segments),
-        )
+        return new_connection((
+            PyBytes_FromStringAndSize(<char *>c.conn_id, 16), address_text(c.cold[0].addr), c.cold[0].port,
+            address_text(c.cold[1].addr), c.cold[1].port, self._frontends[c.frontend], c.flags, c.source,
+            max(c.cold[0].level, c.cold[1].level), c.requested_lease, c.predicted_lease, c.lease_source,
+            c.cold[0].tail_start + c.hot[0].tail.count, c.cold[1].tail_start + c.hot[1].tail.count,
+            tuple(segments),
+        ))
 
     def snapshot(self, key):
         cdef Conn *c = self._lookup(key)
