@@ -524,6 +524,15 @@ cdef inline bint same_tag(const uint8_t *a, const uint8_t *b) noexcept nogil:
     return diff == 0
 
 
+cdef bytes as_datagram(object data, object key):
+    """data as bytes (a bytes-like copied once); a bad key fails first, as in the twin."""
+    if isinstance(data, bytes):
+        return data
+    if not (isinstance(key, bytes) and PyBytes_GET_SIZE(key) >= C_MIN_KEY):
+        _check_key(key)
+    return bytes(data)
+
+
 cdef object verify(bytes data, object key, uint16_t *index, uint16_t *count, Py_ssize_t *nrec):
     """Checks 1-8 of docs/publishing-packet.md §9, up to and including the HMAC;
     the header, and index, count and record count through the pointers."""
@@ -606,10 +615,7 @@ def decode_datagram(data, key):
     cdef list records = []
     cdef list segments
     cdef str frontend = None, dst_text = None, src_text
-    if not isinstance(data, bytes):
-        if not (isinstance(key, bytes) and PyBytes_GET_SIZE(key) >= C_MIN_KEY):
-            _check_key(key)
-        data = bytes(data)
+    data = as_datagram(data, key)
     header = verify(data, key, &index, &count, &nrec)
     p = <const uint8_t *>PyBytes_AS_STRING(data)
     end = PyBytes_GET_SIZE(data) - C_TAG
@@ -757,10 +763,7 @@ cdef class ColumnBatch:
         cdef uint64_t node_id
         cdef uint8_t **c = self.conn
         cdef uint8_t **s = self.seg
-        if not isinstance(data, bytes):
-            if not (isinstance(key, bytes) and PyBytes_GET_SIZE(key) >= C_MIN_KEY):
-                _check_key(key)
-            data = bytes(data)
+        data = as_datagram(data, key)
         header = verify(data, key, &index, &count, &nrec)
         p = <const uint8_t *>PyBytes_AS_STRING(data)
         end = PyBytes_GET_SIZE(data) - C_TAG
