@@ -33,7 +33,7 @@ import time
 import tracemalloc
 from contextlib import contextmanager
 
-from spoa import _packet, _packet_py, _slotmap, _slotmap_py, lbnode
+from spoa import _packet, _packet_py, _slotmap, _slotmap_py, lbnode, segment_table
 from spoa.forecast import SES
 from spoa.lbnode import LeaseTable
 from spoa.lease_policy import ActivityPolicy, LeaseBounds, VolumePolicy
@@ -66,18 +66,21 @@ def datagrams(n: int, nseg: int, mtu: int, total: int, sequence: int = 1) -> lis
 
 def table(n: int, nseg: int = 2, policy: str = "volume") -> LeaseTable:
     p = VolumePolicy(BOUNDS, 100.0) if policy == "volume" else ActivityPolicy(BOUNDS, capacity=n)
-    return LeaseTable(n, SES(n), p, BOUNDS.standard_ms, 1000, segments=lbnode.SegmentTable(n * nseg, n))
+    return LeaseTable(n, SES(n), p, BOUNDS.standard_ms, 1000, segments=segment_table.SegmentTable(n * nseg, n))
 
 
 @contextmanager
 def twins(compiled: bool):
     """The compiled modules, or the pure-Python twins, behind the LB node."""
-    saved = lbnode._slotmap
-    lbnode._slotmap = _slotmap if compiled else _slotmap_py
+    modules = (lbnode, segment_table)
+    saved = [m.SlotMap for m in modules]
+    for m in modules:
+        m.SlotMap = (_slotmap if compiled else _slotmap_py).SlotMap
     try:
         yield _packet if compiled else _packet_py
     finally:
-        lbnode._slotmap = saved
+        for m, cls in zip(modules, saved):
+            m.SlotMap = cls
 
 
 def batches(codec, data: list[bytes]) -> list:

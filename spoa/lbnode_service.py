@@ -11,7 +11,8 @@ import numpy as np
 from . import __version__
 from .config import ConfigError, read_key_file
 from .forecast import ARIMA, SES, TSB, Croston, DampedHolt, History
-from .lbnode import LbNode, LeaseTable, SegmentTable
+from .lbnode import LbNode, LeaseTable
+from .segment_table import SegmentTable
 from .packet_receiver import BatchReceiver, open_batch_receiver
 from .server import parse_address
 from .stream_transport import DatagramStream

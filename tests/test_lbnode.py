@@ -9,7 +9,8 @@ import pytest
 
 from spoa.forecast import SES
 from spoa.hints import Hint, decode_hints, encode_hints, max_hints
-from spoa.lbnode import LeaseTable, SegmentTable
+from spoa.lbnode import LeaseTable
+from spoa.segment_table import SegmentTable
 from spoa.lease_policy import LeaseBounds, VolumePolicy
 from spoa.metrics import LbNodeCollector
 from spoa.packet import PacketError

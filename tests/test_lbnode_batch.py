@@ -19,10 +19,11 @@ import random
 import numpy as np
 import pytest
 
-from spoa import _packet_py, _slotmap_py, lbnode
+from spoa import _packet_py, _slotmap_py, lbnode, segment_table
 from spoa.anomaly import AnomalyDetector
 from spoa.forecast import SES
-from spoa.lbnode import LeaseTable, SegmentTable
+from spoa.lbnode import LeaseTable
+from spoa.segment_table import SegmentTable
 from spoa.lease_policy import LeaseBounds, VolumePolicy
 from spoa.packet import ColumnBatch, encode_packet
 from spoa.records import DIR_IN, DIR_OUT, ConnectionRecord, ConnFlags, PacketHeader, SegmentRecord
@@ -36,7 +37,8 @@ STATE = ("expires", "refreshed_at", "last_total", "volume", "elapsed", "lease", 
 @pytest.fixture(params=["compiled", "python"])
 def twins(request, monkeypatch):
     if request.param == "python":
-        monkeypatch.setattr(lbnode, "_slotmap", _slotmap_py)
+        for module in (lbnode, segment_table):
+            monkeypatch.setattr(module, "SlotMap", _slotmap_py.SlotMap)
     return request.param
 
 

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import spoa._slotmap_py as reference
-from spoa import lbnode
+from spoa import slotmap as facade
 
 TWINS = [pytest.param("cython", marks=pytest.mark.c_extension, id="cython"), pytest.param("python", id="python")]
 
@@ -51,11 +51,11 @@ def keys(pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
 
 def test_compiled_slotmap_loaded(request):
     if _compiled_disabled(request.config):
-        assert lbnode.SLOTMAP_IMPLEMENTATION == "python"
+        assert facade.IMPLEMENTATION == "python"
         return
     import spoa._slotmap  # noqa: F401 - an ImportError here names the build problem
 
-    assert lbnode.SLOTMAP_IMPLEMENTATION == "cython", "run `python setup.py build_ext --inplace`"
+    assert facade.IMPLEMENTATION == "cython", "run `python setup.py build_ext --inplace`"
 
 
 def test_lifo_refused_repeated_and_release(slotmap):
