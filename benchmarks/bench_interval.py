@@ -9,12 +9,14 @@ datagrams encoded but not sent:
 
 - apply: _apply_kernel_sample (join the sample on the tracker's keys, two
   update_batch calls, closing states, touch)
-- end_interval, publish, _due (which records go out), begin_interval
+- end_interval; publish(now) (a quiet connection whose refresh is not due
+  yet is left out before its record is built); _due (each published
+  connection's next refresh time); begin_interval
 - encode: encode_packet of the due records (mtu 1400, HMAC included)
 
 Two traffic shapes: "active" (every connection moves bytes every interval: every
 record goes out) and "idle, predicted" (no bytes, predicted leases of 60 s from
-fresh hints: _due defers almost every record, the reduced lease overhead).
+fresh hints: publish(now) defers every record, the reduced lease overhead).
 Compiled modules vs the pure-Python twins (SPOA_NO_EXTENSIONS=1 in a child
 process, at a tenth of the size), same run.
 """
@@ -85,7 +87,7 @@ def run(n: int, rounds: int, idle: bool) -> dict:
         tracker.end_interval(now)
         took["end_interval"] = time.perf_counter() - started
         started = time.perf_counter()
-        records = tracker.publish()
+        records = tracker.publish(now)
         took["publish"] = time.perf_counter() - started
         started = time.perf_counter()
         due = module._due(records, now)

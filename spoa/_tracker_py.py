@@ -83,6 +83,19 @@ def _check_port(port: object) -> None:
         raise ValueError(f"port must be 0..65535, got {port}")
 
 
+def _check_lease(name: str, value: object) -> None:
+    """lease durations: u32 ms, as the publishing packet carries them."""
+    if not isinstance(value, int):
+        raise TypeError(f"{name} must be int, not {type(value).__name__}")
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise ValueError(f"{name} must be 0..4294967295, got {value}")
+
+
+def _quiet(conn: _Connection) -> bool:
+    """Nothing moved in any of its segments this interval."""
+    return not any(seg.bytes_interval or seg.packets_interval for d in conn.dirs for seg in d.segments)
+
+
 def _check_small(name: str, value: int) -> None:
     """flags and sources: one byte each in the compiled twin."""
     if not 0 <= value <= 255:
@@ -132,7 +145,7 @@ class _Direction:
 class _Connection:
     __slots__ = (
         "key", "conn_id", "src", "src_port", "dst", "dst_port", "frontend", "flags", "source",
-        "last_seen", "requested_lease", "predicted_lease", "lease_source", "dirs",
+        "last_seen", "requested_lease", "predicted_lease", "publish_after", "lease_source", "dirs",
     )
 
 
@@ -167,7 +180,7 @@ class SegmentTracker:
         self.total_segments = 0
         self.stats = dict.fromkeys(
             ("registered", "refused", "closed", "expired", "counter_resets", "splits", "merges", "coarsened",
-             "unknown_updates"), 0
+             "unknown_updates", "deferred"), 0
         )
 
     # -- sizes and levels ---------------------------------------------------------
@@ -210,6 +223,7 @@ class SegmentTracker:
         conn.source = int(CounterSource.NONE)
         conn.last_seen = now_ms
         conn.requested_lease = conn.predicted_lease = 0
+        conn.publish_after = 0
         conn.lease_source = int(LeaseSource.STANDARD)
         base = self._capacity(0)
         conn.dirs = (_Direction(base, self._level_of(base)), _Direction(base, self._level_of(base)))
@@ -226,10 +240,20 @@ class SegmentTracker:
 
     def set_lease(self, key: bytes, requested_ms: int, predicted_ms: int, lease_source: int) -> None:
         _check_key(key)
+        _check_lease("requested_ms", requested_ms)
+        _check_lease("predicted_ms", predicted_ms)
         _check_small("lease_source", lease_source)
         conn = self._conns.get(key)
         if conn is not None:
             conn.requested_lease, conn.predicted_lease, conn.lease_source = requested_ms, predicted_ms, lease_source
+
+    def set_publish_after(self, key: bytes, after_ms: int) -> None:
+        """publish(now_ms) leaves the connection out while it is quiet (nothing
+        moved in the interval) and now_ms < after_ms; 0: never left out."""
+        _check_key(key)
+        conn = self._conns.get(key)
+        if conn is not None:
+            conn.publish_after = after_ms
 
     def close(self, key: bytes, now_ms: int, flags: int = ConnFlags.CLOSED) -> bool:
         """Final report for this connection goes out with the next publish()."""
@@ -472,9 +496,21 @@ class SegmentTracker:
         conn = self._conns.get(key)
         return None if conn is None else self._record(conn)
 
-    def publish(self) -> list[ConnectionRecord]:
-        """Records of every live connection, then the final ones closed since last time."""
-        out = [self._record(conn) for conn in self._conns.values()]
+    def publish(self, now_ms: int | None = None) -> list[ConnectionRecord]:
+        """Records of every live connection, then the final ones closed since last time.
+
+        With now_ms, a live connection that was quiet this interval and whose
+        set_publish_after() time is still ahead is left out (counted `deferred`):
+        its record is not even built."""
+        out = []
+        deferred = 0
+        for conn in self._conns.values():
+            if now_ms is not None and conn.publish_after > now_ms and _quiet(conn):
+                deferred += 1
+            else:
+                out.append(self._record(conn))
+        if deferred:
+            self.stats["deferred"] += deferred
         out.extend(self._closed)
         self._closed = []
         return out

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import struct
 import time
 from array import array
@@ -38,14 +39,6 @@ LEASE_MESSAGES = ("lease-session", "lease-request")
 _CLOSING_STATES = frozenset((4, 5, 8, 9, 11))  # FIN_WAIT1/2, CLOSE_WAIT, LAST_ACK, CLOSING
 # A plain int: IntFlag operators cost ~1 µs, paid per connection per interval.
 _FINAL = int(ConnFlags.CLOSED | ConnFlags.EXPIRED)
-
-
-def _quiet(segments: tuple) -> bool:
-    """Nothing moved in any segment this interval."""
-    for seg in segments:
-        if seg.bytes_transferred or seg.packets_transferred:
-            return False
-    return True
 
 
 def now_ms() -> int:
@@ -179,6 +172,7 @@ class LbModule:
             self.stats.hints_applied += 1
             lease_ms, source, _ = self.lease_for(hint.conn_id, now)
             self.tracker.set_lease(key, lease_ms, hint.lease_ms, LEASE_SOURCE_IDS[source])
+            self.tracker.set_publish_after(key, self._publish_after(hint.conn_id, now))
 
     def lease_for(self, conn_id: bytes | None, now: int) -> tuple[int, str, int | None]:
         """(lease ms, source name, granularity level or None) in force for a connection.
@@ -238,7 +232,9 @@ class LbModule:
         if self.sampler is not None and self._ports:
             self._apply_kernel_sample(now)
         self.tracker.end_interval(now)
-        records = self._due(self.tracker.publish(), now)
+        deferred = self.tracker.stats["deferred"]
+        records = self._due(self.tracker.publish(now), now)
+        self.stats.records_deferred += self.tracker.stats["deferred"] - deferred
         self.tracker.begin_interval(now)
         if self.publisher is not None and records:
             self._sequence += 1
@@ -249,30 +245,39 @@ class LbModule:
             self.stats.records_published += len(records)
 
     def _due(self, records: list, now: int) -> list:
-        """Records to publish now. A connection under a predicted lease that was
-        quiet this interval is refreshed only every lease * refresh_fraction (the
-        reduced lease overhead: most intervals of long connections are quiet);
-        active ones go out every interval, so the LB node sees traffic change.
-        Records carry cumulative totals, so a skipped interval loses nothing.
-        Runs once per connection per interval: cheapest tests first."""
-        due = []
-        last_published = self._last_published
-        interval, fraction = self.interval_ms, self.lease.refresh_fraction
+        """What publish(now) returned goes out; each live connection's next
+        refresh time is set in the tracker (see _publish_after)."""
+        keys, last_published = self._keys, self._last_published
         for rec in records:
             conn_id = rec.conn_id
             if rec.flags & _FINAL:
                 self._forget(conn_id)
-                due.append(rec)
                 continue
-            last = last_published.get(conn_id)
-            if last is not None and _quiet(rec.segments):
-                lease_ms, source, _ = self.lease_for(conn_id, now)
-                if source == "predicted" and now - last < max(interval, lease_ms * fraction):
-                    self.stats.records_deferred += 1
-                    continue
             last_published[conn_id] = now
-            due.append(rec)
-        return due
+            key = keys.get(conn_id)
+            if key is not None:
+                self.tracker.set_publish_after(key, self._publish_after(conn_id, now))
+        return records
+
+    def _publish_after(self, conn_id: bytes, now: int) -> int:
+        """Until when a quiet connection need not be republished (0: every interval).
+
+        Under a predicted lease, a connection quiet this interval is refreshed
+        only every lease * refresh_fraction (the reduced lease overhead: most
+        intervals of long connections are quiet), and no longer than its hint
+        stays fresh; active ones go out every interval, so the LB node sees
+        traffic change. Records carry cumulative totals, so a skipped interval
+        loses nothing. The tracker applies it (publish(now) builds no record for
+        a deferred connection): the time is set when a record goes out and when
+        a hint changes the lease.
+        """
+        last = self._last_published.get(conn_id)
+        lease_ms, source, _ = self.lease_for(conn_id, now)
+        if last is None or source != "predicted":
+            return 0
+        received = self._hints[conn_id][1]
+        wait = max(self.interval_ms, math.ceil(lease_ms * self.lease.refresh_fraction))
+        return min(last + wait, received + self.lease.hint_ttl_ms + 1)
 
     def _forget(self, conn_id: bytes) -> None:
         self._keys.pop(conn_id, None)

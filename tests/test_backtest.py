@@ -145,10 +145,28 @@ def reference_run(conns: Connections, policy: str, forecaster: str, loss: float,
     monkeypatch.setattr(lb_module, "now_ms", lambda: clock["now"])
 
     class Tracker:
+        """The tracker's side of the cadence, over ready-made records: publish(now)
+        leaves out a live record that moved nothing while its set_publish_after()
+        time is ahead (SegmentTracker.publish(now_ms), tested in test_tracker.py)."""
+
+        def __init__(self):
+            self.after = {}
+
         def set_lease(self, *args):
             pass
 
-    module = LbModule(Tracker(), None, None, I, 1, LeaseSettings())
+        def set_publish_after(self, key, after_ms):
+            self.after[key] = after_ms
+
+        def publish(self, records, now):
+            def due(rec):
+                active = any(seg.bytes_transferred or seg.packets_transferred for seg in rec.segments)
+                return rec.flags & ConnFlags.CLOSED or active or self.after.get(module._keys[rec.conn_id], 0) <= now
+
+            return [rec for rec in records if due(rec)]
+
+    tracker = Tracker()
+    module = LbModule(tracker, None, None, I, 1, LeaseSettings())
     ids = [i.to_bytes(15, "big") + b"\x01" for i in range(cap)]
     for i, cid in enumerate(ids):
         module._keys[cid] = ("key", i)
@@ -170,7 +188,7 @@ def reference_run(conns: Connections, policy: str, forecaster: str, loss: float,
             records.append(ConnectionRecord(ids[i], "192.0.2.1", 1, "192.0.2.2", 2,
                                             conns.classes[conns.klass[i]], flags, 0, 0, 0, 0, 0, b_in, b_out,
                                             (seg,)))
-        due = module._due(records, T)
+        due = module._due(tracker.publish(records, T), T)
         entries += len(due)
         if loss:
             due = [rec for rec, keep in zip(due, rng.random(len(due)) >= loss) if keep]

@@ -65,6 +65,7 @@ operations = st.lists(
                   st.integers(0, 300 * KiB), st.integers(0, 400)),
         st.tuples(st.just("tick"), st.integers(1, 400)),
         st.tuples(st.just("close"), st.integers(0, 7)),
+        st.tuples(st.just("defer"), st.integers(0, 7), st.integers(-200, 800)),
     ),
     max_size=60,
 )
@@ -98,6 +99,9 @@ def test_twins_agree_and_invariants_hold(ops):
                 d = deltas[bytes([key]) * 16][direction]
                 d[0] += more_bytes
                 d[1] += more_packets
+        elif op[0] == "defer":  # leave it out of publish(now) while quiet, until now + offset
+            for t in trackers:
+                t.set_publish_after(KEYS[op[1]], max(0, now + op[2]))
         elif op[0] == "close":
             results = [t.close(KEYS[op[1]], now) for t in trackers]
             assert results[0] == results[1]
@@ -114,8 +118,12 @@ def test_twins_agree_and_invariants_hold(ops):
             assert trackers[0].keys() == trackers[1].keys()
             assert trackers[0].total_segments == trackers[1].total_segments
             assert trackers[0].total_segments <= trackers[0].max_total_segments
-            published = [t.publish() for t in trackers]
+            published = [t.publish(now) for t in trackers]
             assert published[0] == published[1]
+            # deferral never holds back a connection that moved something this interval
+            live = {rec.conn_id for rec in snapshots[0]}
+            active = {cid for cid, d in deltas.items() if cid in live and any(b or p for b, p in d.values())}
+            assert active <= {rec.conn_id for rec in published[0]}
             for key in list(counters):
                 if KEYS[key[0]] not in trackers[0]:  # expired
                     counters.pop(key)
@@ -294,3 +302,29 @@ def test_update_batch_equals_one_update_at_a_time(steps):
                 known = sum(t.update(k, DIR_OUT, b, p, 7, 0) for k, b, p in zip(keys, byts, pkts))
             results.append((known, [t.snapshot(KEYS[k]) for k in range(4)], t.stats))
     assert all(r == results[0] for r in results)
+
+
+def test_publish_now_leaves_out_quiet_deferred_connections_only(tracker_cls):
+    t = small_tracker(tracker_cls)
+    for k in (1, 2, 3):
+        t.register(KEYS[k], bytes([k]) * 16, "192.0.2.1", 40000 + k, "192.0.2.2", 80, "fe", 1000)
+        t.set_publish_after(KEYS[k], 5000)
+    t.begin_interval(1000)
+    t.update(KEYS[2], DIR_OUT, 100, 1, 1000, 0)  # active: goes out whatever its deferral
+    t.close(KEYS[3], 1000)  # final: goes out whatever its deferral
+    t.end_interval(1000)
+    ids = [r.conn_id for r in t.publish(4999)]
+    assert ids == [bytes([2]) * 16, bytes([3]) * 16]
+    assert t.stats["deferred"] == 1
+    t.begin_interval(1000)
+    assert [r.conn_id for r in t.publish(5000)] == [bytes([1]) * 16, bytes([2]) * 16]  # its time has come
+    t.set_publish_after(KEYS[1], 10_000)
+    assert [r.conn_id for r in t.publish()] == [bytes([1]) * 16, bytes([2]) * 16]  # no now: everything
+
+
+@pytest.mark.parametrize(("requested", "error"), [(-1, ValueError), (1 << 32, ValueError), (1.5, TypeError)])
+def test_lease_durations_are_u32_in_both_twins(tracker_cls, requested, error):
+    t = small_tracker(tracker_cls)
+    with pytest.raises(error, match="requested_ms"):
+        t.set_lease(KEYS[1], requested, 0, 0)
+    t.set_lease(KEYS[1], (1 << 32) - 1, 0, 0)  # unknown key: ignored once the values are valid

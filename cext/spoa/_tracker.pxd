@@ -48,8 +48,9 @@ cdef struct Conn:
     DirHot hot[2]               # DIR_IN (client -> HAProxy), DIR_OUT
     DirCold cold[2]             # the same directions' other state (in: addr/port are src; out: dst)
     unsigned char conn_id[16]   # connection id
-    uint64_t requested_lease    # lease the server node asks for, ms
-    uint64_t predicted_lease    # last hint from the LB node, ms
+    uint32_t requested_lease    # lease the server node asks for, ms (u32, as in the packet)
+    uint32_t predicted_lease    # last hint from the LB node, ms (u32, as in the packet)
+    int64_t publish_after       # unix ms before which publish(now) leaves it out while quiet (0: never)
 
 
 cdef struct Entry:

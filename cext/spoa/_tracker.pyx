@@ -179,6 +179,15 @@ cdef int check_small(str name, object value) except -1:
     return 0
 
 
+cdef int check_lease(str name, object value) except -1:
+    """lease durations: u32 ms, as the publishing packet carries them."""
+    if not isinstance(value, int):
+        raise TypeError(f"{name} must be int, not {type(value).__name__}")
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise ValueError(f"{name} must be 0..4294967295, got {value}")
+    return 0
+
+
 cdef void *region_alloc(size_t size) except NULL:
     """size zeroed bytes from mmap; from HUGE_PAGE up, HUGE_PAGE-aligned and madvised
     for huge pages (tracemalloc does not see it: memory_bytes() counts it)."""
@@ -315,6 +324,19 @@ cdef inline Segment *seg_at(Conn *c, int k, Py_ssize_t i) noexcept nogil:
     return &c.cold[k].older[i] if i < c.cold[k].nolder else &c.hot[k].tail
 
 
+cdef bint quiet(Conn *c) noexcept:
+    """Nothing moved in any of its segments this interval."""
+    cdef int k
+    cdef Py_ssize_t i
+    cdef Segment *s
+    for k in range(2):
+        for i in range(c.cold[k].nolder + 1):
+            s = seg_at(c, k, i)
+            if s.bytes_interval or s.packets_interval:
+                return False
+    return True
+
+
 cdef inline Py_ssize_t segment_count(Conn *c) noexcept nogil:
     return c.cold[0].nolder + c.cold[1].nolder + 2
 
@@ -347,7 +369,7 @@ cdef class SegmentTracker:
         self.total_segments = 0
         self.stats = dict.fromkeys(
             ("registered", "refused", "closed", "expired", "counter_resets", "splits", "merges", "coarsened",
-             "unknown_updates"), 0
+             "unknown_updates", "deferred"), 0
         )
 
     def __dealloc__(self):
@@ -586,6 +608,7 @@ cdef class SegmentTracker:
         memcpy(c.conn_id, PyBytes_AS_STRING(conn_id), 16)
         c.requested_lease = 0
         c.predicted_lease = 0
+        c.publish_after = 0
         self._init_direction(c, 0)
         self._init_direction(c, 1)
         memcpy(c.cold[0].addr, src_raw, 16)
@@ -617,13 +640,22 @@ cdef class SegmentTracker:
         if c is not NULL:
             c.flags |= FLAG_CLOSING
 
-    def set_lease(self, key, uint64_t requested_ms, uint64_t predicted_ms, int lease_source):
+    def set_lease(self, key, requested_ms, predicted_ms, int lease_source):
         cdef Conn *c = self._lookup(key)
+        check_lease("requested_ms", requested_ms)
+        check_lease("predicted_ms", predicted_ms)
         check_small("lease_source", lease_source)
         if c is not NULL:
             c.requested_lease = requested_ms
             c.predicted_lease = predicted_ms
             c.lease_source = <uint8_t>lease_source
+
+    def set_publish_after(self, key, int64_t after_ms):
+        """publish(now_ms) leaves the connection out while it is quiet (nothing
+        moved in the interval) and now_ms < after_ms; 0: never left out."""
+        cdef Conn *c = self._lookup(key)
+        if c is not NULL:
+            c.publish_after = after_ms
 
     def close(self, key, int64_t now_ms, int flags=FLAG_CLOSED):
         """Final report for this connection goes out with the next publish()."""
@@ -1029,15 +1061,27 @@ cdef class SegmentTracker:
         cdef Conn *c = self._lookup(key)
         return None if c is NULL else self._record(c)
 
-    def publish(self):
-        """Records of every live connection, then the final ones closed since last time."""
+    def publish(self, now_ms=None):
+        """Records of every live connection, then the final ones closed since last time.
+
+        With now_ms, a live connection that was quiet this interval and whose
+        set_publish_after() time is still ahead is left out (counted `deferred`):
+        its record is not even built."""
         cdef list out = []
         cdef int32_t slot = self._head
         cdef Conn *c
+        cdef bint filtering = now_ms is not None
+        cdef int64_t now = now_ms if filtering else 0
+        cdef Py_ssize_t deferred = 0
         while slot >= 0:
             c = conn_at(self._chunks, slot)
-            out.append(self._record(c))
+            if filtering and c.publish_after > now and quiet(c):
+                deferred += 1
+            else:
+                out.append(self._record(c))
             slot = c.next
+        if deferred:
+            self.stats["deferred"] += deferred
         out.extend(self._closed)
         self._closed = []
         return out
