@@ -59,7 +59,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -75,7 +74,7 @@ from spoa import provision  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-from spoa.testing import free_port, http_get, wait_port, wait_until  # noqa: E402
+from spoa.testing import free_port, http_get, scrape_metrics, wait_port, wait_until  # noqa: E402
 from _machine import cpu_model  # noqa: E402 - benchmarks/ is the script's folder
 
 
@@ -157,17 +156,8 @@ class Agent:
         return "cython" if "spoa/_codec.cpython" in maps else "python"
 
     def metrics(self) -> dict[str, float]:
-        with socket.create_connection(("127.0.0.1", self.metrics_port), timeout=5) as s:
-            s.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-        out = {}
-        for line in data.split(b"\r\n\r\n", 1)[1].decode().splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
+        """Prometheus text -> {"name{labels}": value}."""
+        return scrape_metrics(self.metrics_port)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

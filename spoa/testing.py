@@ -406,3 +406,18 @@ def http_get(port: int, path: str = "/", timeout: float = 5.0) -> tuple[int, dic
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}
     finally:
         conn.close()
+
+
+def scrape_metrics(port: int, timeout: float = 5.0) -> dict[str, float]:
+    """GET 127.0.0.1:port/metrics; Prometheus text -> {"name{labels}": value}."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    out = {}
+    for line in data.split(b"\r\n\r\n", 1)[1].decode().splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out

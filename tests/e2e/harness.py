@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 import yaml
 
 from spoa.provision import HAProxyBinary
-from spoa.testing import free_port, http_get, wait_port, wait_until  # noqa: F401 - re-exported to the tests
+from spoa.testing import free_port, http_get, scrape_metrics, wait_port, wait_until  # noqa: F401 - re-exported to the tests
 
 REPO = Path(__file__).resolve().parents[2]
 HAPROXY_DIR = REPO / "haproxy"
@@ -55,18 +55,7 @@ class SpoaProcess:
 
     def metrics(self) -> dict[str, float]:
         """Prometheus text -> {"name{labels}": value}."""
-        with socket.create_connection(("127.0.0.1", self.metrics_port), timeout=5) as s:
-            s.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-        body = data.split(b"\r\n\r\n", 1)[1].decode()
-        out = {}
-        for line in body.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
+        return scrape_metrics(self.metrics_port)
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
