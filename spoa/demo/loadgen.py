@@ -198,7 +198,12 @@ class LoadGen:
         state.connected = False
         await conn.close()
 
-    def _lease(self, state: ClientState, headers: dict[str, str], status: int) -> None:
+    def _answered(self, state: ClientState, status: int, headers: dict[str, str], body_bytes: int) -> None:
+        """Count one answered request (its body bytes) and read the lease it carries."""
+        state.requests += 1
+        self.stats.requests += 1
+        state.bytes_received += body_bytes
+        self.stats.bytes_received += body_bytes
         self.stats.responses += 1
         if status not in (200, 101):
             self.stats.error(f"{state.label}: HTTP {status}")
@@ -232,11 +237,7 @@ class LoadGen:
             for _ in range(self.rng.randint(3, 6)):
                 size = int(self.stream_bytes * self.rng.uniform(0.5, 1.5))
                 status, headers, n = await conn.request(f"/stream?bytes={size}&rate={self.stream_rate}")
-                state.requests += 1
-                self.stats.requests += 1
-                state.bytes_received += n
-                self.stats.bytes_received += n
-                self._lease(state, headers, status)
+                self._answered(state, status, headers, n)
                 await asyncio.sleep(self.rng.uniform(0.3, 2.0))
         finally:
             await self._disconnect(state, conn)
@@ -246,11 +247,7 @@ class LoadGen:
         try:
             for _ in range(self.rng.randint(20, 40)):
                 status, headers, n = await conn.request(f"/api?size={self.rng.randint(64, 2048)}")
-                state.requests += 1
-                self.stats.requests += 1
-                state.bytes_received += n
-                self.stats.bytes_received += n
-                self._lease(state, headers, status)
+                self._answered(state, status, headers, n)
                 await asyncio.sleep(self.rng.uniform(0.3, 2.5))
         finally:
             await self._disconnect(state, conn)
@@ -263,9 +260,7 @@ class LoadGen:
             status, headers, n = await conn.request("/chat", {"Connection": "Upgrade", "Upgrade": "websocket",
                                                               "Sec-WebSocket-Key": key,
                                                               "Sec-WebSocket-Version": "13"})
-            state.requests += 1
-            self.stats.requests += 1
-            self._lease(state, headers, status)
+            self._answered(state, status, headers, 0)  # the upgrade: chat bytes are counted as frames
             if status != 101:
                 raise ConnectionError(f"chat upgrade answered {status}")
             talker = asyncio.create_task(self._chat_talk(state, conn))
@@ -318,11 +313,7 @@ class LoadGen:
             self.stats.connections += 1
             self.ports[conn.local_port] = "short"
             status, headers, n = await conn.request(f"/?size={self.rng.randint(16, 4096)}", {"Connection": "close"})
-            state.requests += 1
-            self.stats.requests += 1
-            state.bytes_received += n
-            self.stats.bytes_received += n
-            self._lease(state, headers, status)
+            self._answered(state, status, headers, n)
         except asyncio.CancelledError:
             pass
         except (OSError, ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as exc:
