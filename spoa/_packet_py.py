@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .records import ConnectionRecord, PacketHeader, SegmentRecord
+from .records import V4_MAPPED, ConnectionRecord, PacketHeader, SegmentRecord
 
 try:
     import _hashlib
@@ -56,7 +56,6 @@ _U8 = 0xFF
 _U16 = 0xFFFF
 _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
-_V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:0:0/96, how IPv4 addresses are stored
 
 # magic, version, flags, datagram_length, node_id, sequence, timestamp_ms,
 # interval_ms, datagram_index, datagram_count, record_count
@@ -176,7 +175,7 @@ def _addresses(src: object, dst: object, i: int) -> tuple[int, bytes, bytes]:
         other = _pton(socket.AF_INET, dst)
         if other is None:
             raise _dst_error(dst, FAMILY_IPV4, i)
-        return FAMILY_IPV4, _V4_MAPPED + packed, _V4_MAPPED + other
+        return FAMILY_IPV4, V4_MAPPED + packed, V4_MAPPED + other
     packed = _pton(socket.AF_INET6, src)
     if packed is None:
         raise _src_error(src, i)
@@ -409,7 +408,7 @@ def _check_record(data: bytes, pos: int, end: int, i: int, nrec: int) -> tuple:
     if end - pos - CONN_SIZE < flen + nseg * SEG_SIZE:
         raise _malformed(f"record {i} of {nrec}: its {flen}-byte frontend name and {nseg} segments run past the end")
     if family == FAMILY_IPV4:
-        if src[:12] != _V4_MAPPED or dst[:12] != _V4_MAPPED:
+        if src[:12] != V4_MAPPED or dst[:12] != V4_MAPPED:
             raise _malformed(f"record {i}: IPv4 address outside ::ffff:0:0/96")
     elif family != FAMILY_IPV6:
         raise _malformed(f"record {i}: address family {family}, expected 4 or 6")

@@ -40,14 +40,22 @@ registration order (the dict's), which the compiled twin reproduces.
 
 from __future__ import annotations
 
-import socket
 import sys
 from typing import Any
 
-from .records import DIR_IN, DIR_OUT, ConnectionRecord, ConnFlags, CounterSource, LeaseSource, SegmentRecord
+from .records import (
+    DIR_IN,
+    DIR_OUT,
+    ConnectionRecord,
+    ConnFlags,
+    CounterSource,
+    LeaseSource,
+    SegmentRecord,
+    pack_address,
+    unpack_address,
+)
 
 KEY_MAX = 40  # longest key, bytes (the compiled twin stores keys inline); records.pack_key gives 36
-_V4_MAPPED = bytes(10) + b"\xff\xff"
 
 
 def _check_key(key: object) -> None:
@@ -64,16 +72,9 @@ def _address(text: object) -> str:
     if not isinstance(text, str):
         raise TypeError(f"address must be str, not {type(text).__name__}")
     try:
-        return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, text))
-    except (OSError, ValueError, UnicodeError):
-        pass
-    try:
-        raw = socket.inet_pton(socket.AF_INET6, text)
-    except (OSError, ValueError, UnicodeError):
+        return unpack_address(pack_address(text))
+    except (OSError, ValueError):  # UnicodeError is a ValueError
         raise ValueError(f"not an IPv4 or IPv6 address: {text!r}") from None
-    if raw[:12] == _V4_MAPPED:
-        return socket.inet_ntop(socket.AF_INET, raw[12:])
-    return socket.inet_ntop(socket.AF_INET6, raw)
 
 
 def _check_port(port: object) -> None:

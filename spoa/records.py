@@ -20,19 +20,21 @@ DIR_OUT = 1  # HAProxy -> client (bytes_acked by the client)
 # (16) + remote port (u16 BE). IPv4 is stored IPv4-mapped (::ffff:a.b.c.d), so
 # a dual-stack listener's v4-mapped socket and SPOE's IPv4 src give one key.
 KEY_LEN = 36
-_V4_MAPPED = bytes(10) + b"\xff\xff"
+V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:0:0/96, the prefix IPv4 addresses are stored under
 _PORTS = struct.Struct(">H")
 
 
-def _pack_address(text: str) -> bytes:
+def pack_address(text: str) -> bytes:
+    """16 bytes of IPv4/IPv6 text, IPv4 as IPv4-mapped (OSError/ValueError for what is neither)."""
     try:
-        return _V4_MAPPED + socket.inet_pton(socket.AF_INET, text)
+        return V4_MAPPED + socket.inet_pton(socket.AF_INET, text)
     except OSError:
         return socket.inet_pton(socket.AF_INET6, text)  # OSError for what is neither
 
 
-def _unpack_address(raw: bytes) -> str:
-    if raw[:12] == _V4_MAPPED:
+def unpack_address(raw: bytes) -> str:
+    """inet_ntop text of 16 packed bytes; IPv4-mapped as dotted IPv4."""
+    if raw[:12] == V4_MAPPED:
         return socket.inet_ntop(socket.AF_INET, raw[12:])
     return socket.inet_ntop(socket.AF_INET6, raw)
 
@@ -43,15 +45,15 @@ def pack_key(local: str, local_port: int, remote: str, remote_port: int) -> byte
     OSError for an address that is not IPv4/IPv6 text, struct.error for a
     port outside 0..65535.
     """
-    return _pack_address(local) + _PORTS.pack(local_port) + _pack_address(remote) + _PORTS.pack(remote_port)
+    return pack_address(local) + _PORTS.pack(local_port) + pack_address(remote) + _PORTS.pack(remote_port)
 
 
 def unpack_key(key: bytes) -> tuple[str, int, str, int]:
     """(local, local_port, remote, remote_port) of a pack_key() key; IPv4 as dotted text."""
     if len(key) != KEY_LEN:
         raise ValueError(f"a connection key is {KEY_LEN} bytes, got {len(key)}")
-    return (_unpack_address(key[:16]), _PORTS.unpack_from(key, 16)[0],
-            _unpack_address(key[18:34]), _PORTS.unpack_from(key, 34)[0])
+    return (unpack_address(key[:16]), _PORTS.unpack_from(key, 16)[0],
+            unpack_address(key[18:34]), _PORTS.unpack_from(key, 34)[0])
 
 
 class CounterSource(IntEnum):
