@@ -172,7 +172,7 @@ class LbModule:
             self.stats.hints_applied += 1
             lease_ms, source, _ = self.lease_for(hint.conn_id, now)
             self.tracker.set_lease(key, lease_ms, hint.lease_ms, LEASE_SOURCE_IDS[source])
-            self.tracker.set_publish_after(key, self._publish_after(hint.conn_id, now))
+            self.tracker.set_publish_after(key, self._publish_after(hint.conn_id, lease_ms, source))
 
     def lease_for(self, conn_id: bytes | None, now: int) -> tuple[int, str, int | None]:
         """(lease ms, source name, granularity level or None) in force for a connection.
@@ -256,11 +256,13 @@ class LbModule:
             last_published[conn_id] = now
             key = keys.get(conn_id)
             if key is not None:
-                self.tracker.set_publish_after(key, self._publish_after(conn_id, now))
+                lease_ms, source, _ = self.lease_for(conn_id, now)
+                self.tracker.set_publish_after(key, self._publish_after(conn_id, lease_ms, source))
         return records
 
-    def _publish_after(self, conn_id: bytes, now: int) -> int:
-        """Until when a quiet connection need not be republished (0: every interval).
+    def _publish_after(self, conn_id: bytes, lease_ms: int, source: str) -> int:
+        """Until when a quiet connection need not be republished (0: every interval),
+        given the lease and source lease_for() gives it now.
 
         Under a predicted lease, a connection quiet this interval is refreshed
         only every lease * refresh_fraction (the reduced lease overhead: most
@@ -272,7 +274,6 @@ class LbModule:
         a hint changes the lease.
         """
         last = self._last_published.get(conn_id)
-        lease_ms, source, _ = self.lease_for(conn_id, now)
         if last is None or source != "predicted":
             return 0
         received = self._hints[conn_id][1]
