@@ -12,6 +12,7 @@ import sys
 from . import __version__, config as cfg, logs
 from .agent import Agent, AgentSettings
 from .lb_module import LEASE_MESSAGES, LbModule, LeaseSettings
+from .netutil import derived_node_id
 from .server import AgentServer
 
 log = logging.getLogger("spoa.cli")
@@ -50,10 +51,14 @@ def build_agent(config: dict) -> tuple[Agent, LbModule]:
     if publish["lb_nodes"]:
         from .publisher import Publisher
 
-        publisher = Publisher(publish["lb_nodes"], cfg.read_key_file(publish["key_file"]), publish["mtu"],
-                              transport=publish["transport"])
+        with cfg.startup_error("publish.lb_nodes"):
+            publisher = Publisher(publish["lb_nodes"], cfg.read_key_file(publish["key_file"]), publish["mtu"],
+                                  transport=publish["transport"])
+    node_id = publish["node_id"]
+    if node_id is None:
+        node_id = derived_node_id(config["agent"]["listen"][0])
     module = LbModule(SegmentTracker(**config["tracker"]), make_sampler(config["sampler"]["source"]), publisher,
-                      publish["interval_ms"], publish["node_id"], lease_settings(config))
+                      publish["interval_ms"], node_id, lease_settings(config))
     for name in LEASE_MESSAGES:
         agent.registry.register(name, module.on_message)
     return agent, module
@@ -84,16 +89,21 @@ def on_reload(schema: dict, path: str | None, overrides: dict, current: dict, ap
 
 async def serve_agent(config: dict, reload=None) -> None:
     agent, module = build_agent(config)
-    server = AgentServer(agent, config["agent"]["listen"])
-    await server.start()
-    if module.publisher is not None:
-        await module.publisher.open()
-    module.start()
+    # Metrics and publishing first: HAProxy's connections are accepted only
+    # once nothing else can fail at start.
     if config["metrics"]["listen"]:
         from .metrics import serve_metrics
 
-        serve_metrics(config["metrics"]["listen"], agent.stats, module)
+        with cfg.startup_error("metrics.listen"):
+            serve_metrics(config["metrics"]["listen"], agent.stats, module)
         log.info("metrics on http://%s/metrics", config["metrics"]["listen"])
+    if module.publisher is not None:
+        with cfg.startup_error("publish.lb_nodes"):
+            await module.publisher.open()
+    server = AgentServer(agent, config["agent"]["listen"])
+    with cfg.startup_error("agent.listen"):
+        await server.start()
+    module.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

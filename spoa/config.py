@@ -7,7 +7,10 @@ ConfigError("agent.max_frame_size: must be ...") on the first problem.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,7 +124,9 @@ AGENT_SCHEMA: dict[str, dict[str, Field]] = {
         "interval_ms": Field(int, 1000, "reporting interval", minimum=10, maximum=3_600_000),
         "lb_nodes": Field(list, [], "LB node addresses HOST:PORT (UDP); empty: track without publishing",
                           item_kind=str, check=_check_tcp_address, allow_empty=True),
-        "node_id": Field(int, 1, "this server node's id in the packets", minimum=0, maximum=(1 << 64) - 1),
+        "node_id": Field(int, None, "this server node's id in the packets; null: derived from the host name and "
+                         "agent.listen[0] (stable across restarts, distinct per agent; set it where host names "
+                         "repeat)", minimum=0, maximum=(1 << 64) - 1, nullable=True),
         "key_file": Field(str, None, "file holding the shared HMAC key (required with lb_nodes)",
                           check=_check_key_file, nullable=True),
         "mtu": Field(int, 1400, "largest datagram sent", minimum=576, maximum=65507),
@@ -154,7 +159,12 @@ LBNODE_SCHEMA: dict[str, dict[str, Field]] = {
                             "the connection)", check=_check_tcp_address, nullable=True),
         "key_file": Field(str, None, "file holding the HMAC key shared with the server nodes (required)",
                           check=_check_key_file, nullable=True),
-        "node_id": Field(int, 1, "this LB node's id in the hints", minimum=0, maximum=(1 << 64) - 1),
+        "node_id": Field(int, None, "this LB node's id in the hints; null: derived from the host name and the "
+                         "bound lbnode.listen address (stable across restarts, distinct per LB node; set it where "
+                         "host names repeat)", minimum=0, maximum=(1 << 64) - 1, nullable=True),
+        "receive_buffer": Field(int, 8 << 20, "UDP receive buffer in bytes: holds the bursts of datagrams "
+                                "server nodes send at each interval (the kernel drops what does not fit; "
+                                "spoa_lbnode_udp_drops counts it)", minimum=64 << 10, maximum=1 << 30),
         "interval_ms": Field(int, 1000, "forecast / lease / hint interval", minimum=10, maximum=3_600_000),
         "max_connections": Field(int, 1_000_000, "connections held; beyond, new ones are refused and counted",
                                  minimum=1, maximum=1 << 32),
@@ -234,6 +244,9 @@ def validate_value(path: str, f: Field, value: Any) -> Any:
         where = f"{path}[{i}]" if f.kind is list else path
         if f.item_kind is not None and not _is_kind(item, f.item_kind):
             raise ConfigError(f"{where}: must be {_type_name(f.item_kind)}, got {item!r}")
+        if isinstance(item, float) and not math.isfinite(item):
+            # NaN compares false with every bound: it would pass the range check.
+            raise ConfigError(f"{where}: must be a finite number, got {item!r}")
         if f.minimum is not None and item < f.minimum or f.maximum is not None and item > f.maximum:
             raise ConfigError(f"{where}: {item!r} is out of range [{f.minimum}, {f.maximum}]")
         if f.choices is not None and item not in f.choices:
@@ -334,8 +347,52 @@ def _check_lease_bounds(config: dict) -> None:
         raise ConfigError("lease.class_bounds_ms: must be two increasing bounds [short, medium]")
 
 
+@contextmanager
+def startup_error(key: str) -> Iterator[None]:
+    """An OSError while opening what `key` configures (a socket in use, an
+    address not on this host, a name that does not resolve) becomes a
+    ConfigError naming the key: the process stops at start with exit code 2."""
+    try:
+        yield
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise ConfigError(f"{key}: {where}{exc.strerror or exc}") from None
+
+
+def physical_memory() -> int:
+    """Bytes of RAM on this machine: what any size limit must fit in."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits_memory(needs: dict[str, int], what: str) -> None:
+    """ConfigError naming the key that needs the most, when the worst case of
+    the configured limits ({key: bytes at that limit}) exceeds this machine's RAM:
+    a limit the process could never reach would end in an allocation failure."""
+    total, ram = sum(needs.values()), physical_memory()
+    if total > ram:
+        key = max(needs, key=needs.__getitem__)
+        raise ConfigError(f"{key}: {what} at the configured limits need about {total / 2**30:.1f} GiB "
+                          f"({key} alone {needs[key] / 2**30:.1f} GiB), more than this machine's "
+                          f"{ram / 2**30:.1f} GiB of memory; lower it")
+
+
+# The whole agent per tracked connection (tracker slab, ids, hints; measured in
+# benchmarks/RESULTS.md, "The whole agent's memory per connection") and per
+# segment beyond a connection's inline tail segments.
+AGENT_BYTES_PER_CONNECTION = 800
+AGENT_BYTES_PER_SEGMENT = 64
+
+
+def _check_agent_memory(config: dict) -> None:
+    t = config.get("tracker")
+    if t:
+        check_fits_memory({"tracker.max_connections": t["max_connections"] * AGENT_BYTES_PER_CONNECTION,
+                           "tracker.max_total_segments": t["max_total_segments"] * AGENT_BYTES_PER_SEGMENT},
+                          "tracked connections and segments")
+
+
 CROSS_CHECKS = (_check_segment_sizes, _check_segments_fit_mtu, _check_publish_key, _check_lease_bounds,
-                _check_arima_order)
+                _check_arima_order, _check_agent_memory)
 
 
 def reference_markdown(title: str, schema: dict[str, dict[str, Field]]) -> str:

@@ -62,20 +62,32 @@ def encode_hints(lbnode_id: int, sequence: int, timestamp_ms: int, hints: Sequen
                  key: bytes, mtu: int = 1400) -> list[bytes]:
     """Datagrams of at most `mtu` bytes; each carries its own header and tag.
 
-    `hints`: Hint objects, or a HINT_DTYPE array (what the LB node builds).
+    The i-th datagram carries `sequence + i`: the receiver's replay guard
+    accepts each sequence once, so every datagram needs its own (the caller
+    advances its counter by len(result)). `hints`: Hint objects, or a
+    HINT_DTYPE array (what the LB node builds).
     """
     entries = hints if isinstance(hints, np.ndarray) else hint_array(hints)
     per = max_hints(mtu)
     if per < 1:
         raise ValueError(f"mtu {mtu} cannot hold one hint")
     out = []
-    for start in range(0, max(len(entries), 1), per):
+    for i, start in enumerate(range(0, max(len(entries), 1), per)):
         chunk = entries[start:start + per]
-        body = bytearray(_HEADER.pack(MAGIC, VERSION, 0, len(chunk), lbnode_id, sequence, timestamp_ms))
+        body = bytearray(_HEADER.pack(MAGIC, VERSION, 0, len(chunk), lbnode_id, sequence + i, timestamp_ms))
         body += chunk.tobytes()
         body += _tag(key, body)
         out.append(bytes(body))
     return out
+
+
+def hint_count(data: bytes) -> int:
+    """Entries a hint datagram carries by its header, 0 where its length disagrees
+    (for counting what a refused datagram held; nothing in it is trusted)."""
+    if len(data) < _HEADER.size + TAG_SIZE:
+        return 0
+    count = _HEADER.unpack_from(data)[3]
+    return count if len(data) == _HEADER.size + count * _ENTRY.size + TAG_SIZE else 0
 
 
 def decode_hints(data: bytes, key: bytes) -> tuple[PacketHeader, list[Hint]]:

@@ -93,8 +93,12 @@ class ModuleStats:
     records_published: int = 0
     records_deferred: int = 0  # not republished this interval: their lease is long enough
     connections_closed: int = 0
-    hints_applied: int = 0
-    hints_unknown: int = 0  # hints for connections not tracked here
+    hints_applied: int = 0  # taken for a tracked connection
+    # hints not taken, by reason: unknown_connection (not tracked here, e.g.
+    # closed meanwhile), out_of_bounds (outside [lease.min_ms, lease.max_ms]:
+    # the standard lease applies, source fallback)
+    hints_refused: dict = field(default_factory=lambda: {"unknown_connection": 0, "out_of_bounds": 0})
+    lbnode_silences: int = 0  # times no hint came for longer than a hint stays fresh
     leases: dict = field(default_factory=lambda: {"standard": 0, "predicted": 0, "fallback": 0})
     sources: dict = field(default_factory=lambda: {"kernel": 0, "spoe": 0})
 
@@ -115,6 +119,7 @@ class LbModule:
         self._hints: dict[bytes, tuple] = {}  # conn_id -> (Hint, received unix ms)
         self._last_published: dict[bytes, int] = {}  # conn_id -> unix ms
         self._ports: set[int] = set()
+        self._ports_changed = False
         # Set once the kernel dump has shown a registered connection: we share
         # HAProxy's network namespace, so a registered socket missing from the
         # dump has closed. Until then, absence proves nothing (the agent may
@@ -125,6 +130,11 @@ class LbModule:
         # still run ahead of what the LB nodes' replay guards last saw.
         self._sequence = now_ms()
         self._task: asyncio.Task | None = None
+        # Unix ms since which hints are overdue (None: they arrive). An LB node
+        # that is down answers nothing (UDP has no error to see here), so
+        # silence while publishing is the sign, said once per outage.
+        self._silent_since: int | None = None
+        self._started_ms = now_ms()
 
     # -- SPOE side ------------------------------------------------------------------
     def on_message(self, message: Any, actions: Any) -> None:
@@ -134,6 +144,8 @@ class LbModule:
         cid = message.get("cid")
         conn_id = None
         try:
+            if not 0 < dst_port < 65536:  # HAProxy's listening port: 0 is no socket's
+                raise ValueError(dst_port)
             key = pack_key(dst, dst_port, src, src_port)  # HAProxy's socket: local, remote
         except (TypeError, ValueError, OSError, struct.error):  # missing, or not an address / port
             self.stats.registrations_bad += 1
@@ -146,9 +158,9 @@ class LbModule:
                 self._keys[conn_id] = key
                 self.stats.registrations += 1
                 if dst_port not in self._ports:
+                    # The sampler's filter is rebuilt once per interval, not per new port.
                     self._ports.add(dst_port)
-                    if self.sampler is not None:
-                        self.sampler.set_ports(self._ports)
+                    self._ports_changed = True
                 self._spoe_counters(key, message, now)
         lease_ms, source, level = self.lease_for(conn_id, now_ms())
         self.stats.leases[source] += 1
@@ -163,13 +175,21 @@ class LbModule:
     # -- hints from the LB nodes ------------------------------------------------------
     def on_hints(self, header: Any, hints: list) -> None:
         now = now_ms()
+        if self._silent_since is not None:
+            log.info("lease hints arrive again (LB node %s), after %.1f s without", header.node_id,
+                     (now - self._silent_since) / 1000)
+            self._silent_since = None
+        stats, lease = self.stats, self.lease
         for hint in hints:
             key = self._keys.get(hint.conn_id)
             if key is None:
-                self.stats.hints_unknown += 1
+                stats.hints_refused["unknown_connection"] += 1
                 continue
             self._hints[hint.conn_id] = (hint, now)
-            self.stats.hints_applied += 1
+            if lease.min_ms <= hint.lease_ms <= lease.max_ms:
+                stats.hints_applied += 1
+            else:
+                stats.hints_refused["out_of_bounds"] += 1
             lease_ms, source, _ = self.lease_for(hint.conn_id, now)
             self.tracker.set_lease(key, lease_ms, hint.lease_ms, LEASE_SOURCE_IDS[source])
             self.tracker.set_publish_after(key, self._publish_after(hint.conn_id, lease_ms, source))
@@ -230,12 +250,17 @@ class LbModule:
         """One interval: sample, close vanished sockets, adapt, publish, restart."""
         now = now_ms()
         if self.sampler is not None and self._ports:
+            if self._ports_changed:
+                self._ports_changed = False
+                self.sampler.set_ports(self._ports)
             self._apply_kernel_sample(now)
         self.tracker.end_interval(now)
         deferred = self.tracker.stats["deferred"]
         records = self._due(self.tracker.publish(now), now)
         self.stats.records_deferred += self.tracker.stats["deferred"] - deferred
         self.tracker.begin_interval(now)
+        if self.publisher is not None:
+            self._watch_hints(now)
         if self.publisher is not None and records:
             self._sequence += 1
             header = PacketHeader(node_id=self.node_id, sequence=self._sequence, timestamp_ms=now,
@@ -243,6 +268,20 @@ class LbModule:
             self.publisher.send(header, records)
             self.stats.packets_sent += 1
             self.stats.records_published += len(records)
+
+    def _watch_hints(self, now: int) -> None:
+        """Warn once when no hint came for longer than a hint stays fresh while
+        connections are tracked: leases have then fallen back to the standard one."""
+        if self._silent_since is not None or not len(self.tracker):
+            return
+        last = self.publisher.last_hint_ms or self._started_ms
+        overdue = max(self.lease.hint_ttl_ms, 3 * self.interval_ms)
+        if now - last > overdue:
+            self._silent_since = last
+            self.stats.lbnode_silences += 1
+            log.warning("no lease hint from any LB node for %.1f s (publishing to %s): leases fall back to the "
+                        "standard %d ms until hints return", (now - last) / 1000, self.publisher.describe(),
+                        self.lease.standard_ms)
 
     def _due(self, records: list, now: int) -> list:
         """What publish(now) returned goes out; each live connection's next

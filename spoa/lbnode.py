@@ -396,7 +396,11 @@ class LbNode:
         # server node id -> where its packets come from: a UDP address, or the
         # DatagramStream of a TCP sender (hints go back on that connection)
         self.addresses: dict[int, Any] = {}
-        self._sequence = now_ms()  # ahead of what a replay guard saw before a restart
+        # One sequence per hint datagram (the agents' replay guards accept each
+        # once). Seeded from the clock in µs, so that after a restart it still
+        # runs ahead of what the previous process sent: that one could not send
+        # more than a million datagrams a second.
+        self._sequence = time.time_ns() // 1000
         self.receiver: Any = None  # the BatchReceiver feeding on_batch: flushed before each interval ends
 
     def on_datagram(self, header: Any, addr: Any) -> None:
@@ -414,8 +418,9 @@ class LbNode:
             addr = self.addresses.get(node_id)
             if addr is None:
                 continue
-            self._sequence += 1
-            for datagram in encode_hints(self.lbnode_id, self._sequence, now_ms(), node_hints, self.key, self.mtu):
+            datagrams = encode_hints(self.lbnode_id, self._sequence, now_ms(), node_hints, self.key, self.mtu)
+            self._sequence += len(datagrams)
+            for datagram in datagrams:
                 try:
                     if isinstance(addr, DatagramStream):
                         addr.send(datagram)

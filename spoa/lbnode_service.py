@@ -9,9 +9,10 @@ import signal
 import numpy as np
 
 from . import __version__
-from .config import ConfigError, read_key_file
+from .config import ConfigError, read_key_file, startup_error
 from .forecast import ARIMA, SES, TSB, Croston, DampedHolt, History
 from .lbnode import LbNode, LeaseTable
+from .netutil import derived_node_id, set_receive_buffer
 from .segment_table import SegmentTable
 from .packet_receiver import BatchReceiver, open_batch_receiver
 from .server import parse_address
@@ -72,6 +73,24 @@ def build_lbnode(config: dict) -> LbNode:
     return LbNode(table, read_key_file(node["key_file"]), node["node_id"], node["interval_ms"], node["mtu"])
 
 
+async def open_lbnode(config: dict) -> LbNode:
+    """The LB node built from `config`, its UDP socket bound and drained into its table.
+
+    Without `lbnode.node_id` the id is derived from the bound address (so
+    port 0 gives every instance its own).
+    """
+    lbnode = build_lbnode(config)
+    host, port = parse_address(config["lbnode"]["listen"])
+    receiver = BatchReceiver(lbnode.key, lbnode.on_batch, lbnode.on_datagram)
+    lbnode.receiver = receiver
+    lbnode.transport = await open_batch_receiver(host, port, receiver)
+    set_receive_buffer(lbnode.transport.sock, config["lbnode"]["receive_buffer"])
+    if lbnode.lbnode_id is None:
+        bound = lbnode.transport.get_extra_info("sockname")
+        lbnode.lbnode_id = derived_node_id(f"{bound[0]}:{bound[1]}")
+    return lbnode
+
+
 async def _interval_loop(lbnode: LbNode, refit_every: int) -> None:
     loop = asyncio.get_running_loop()
     table = lbnode.table
@@ -92,23 +111,22 @@ async def _interval_loop(lbnode: LbNode, refit_every: int) -> None:
 
 
 async def serve_lbnode(config: dict, reload=None) -> None:
-    lbnode = build_lbnode(config)
-    host, port = parse_address(config["lbnode"]["listen"])
+    with startup_error("lbnode.listen"):
+        lbnode = await open_lbnode(config)
+    receiver, transport = lbnode.receiver, lbnode.transport
     loop = asyncio.get_running_loop()
-    receiver = BatchReceiver(lbnode.key, lbnode.on_batch, lbnode.on_datagram)
-    lbnode.receiver = receiver
-    transport = await open_batch_receiver(host, port, receiver)
-    lbnode.transport = transport
     tcp_server = None
     if config["lbnode"]["tcp_listen"]:
         # The TCP option: the same datagrams, length-prefixed, through the same receiver.
         tcp_host, tcp_port = parse_address(config["lbnode"]["tcp_listen"])
-        tcp_server = await loop.create_server(lambda: DatagramStream(receiver.datagram_received), tcp_host, tcp_port,
-                                              reuse_address=True)
+        with startup_error("lbnode.tcp_listen"):
+            tcp_server = await loop.create_server(lambda: DatagramStream(receiver.datagram_received), tcp_host,
+                                                  tcp_port, reuse_address=True)
     if config["metrics"]["listen"]:
         from .metrics import serve_lbnode_metrics
 
-        serve_lbnode_metrics(config["metrics"]["listen"], lbnode, receiver)
+        with startup_error("metrics.listen"):
+            serve_lbnode_metrics(config["metrics"]["listen"], lbnode, receiver)
     ticker = loop.create_task(_interval_loop(lbnode, config["forecast"]["arima_refit_intervals"]))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -12,6 +12,7 @@ from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
+from .netutil import udp_drops
 from .server import parse_address
 from .stats import DEPTH_BUCKETS, AgentStats
 
@@ -100,9 +101,19 @@ class ModuleCollector:
                           ("records_published", "connection records published"),
                           ("connections_closed", "connections closed on leaving the kernel dump"),
                           ("records_deferred", "quiet records not republished under a long lease"),
-                          ("hints_applied", "lease hints applied"),
-                          ("hints_unknown", "lease hints for connections not tracked here")):
+                          ("hints_applied", "lease hints taken for a tracked connection"),
+                          ("lbnode_silences", "times no lease hint came for longer than lease.hint_ttl_ms")):
             yield CounterMetricFamily(f"{p}_{name}", doc, value=getattr(s, name))
+        # What the LB nodes sent = hints_applied + hints_refused (all reasons).
+        refused = CounterMetricFamily(f"{p}_hints_refused", "lease hints not taken, by reason: the datagram's "
+                                      "(replayed, bad_hmac, ...) or the hint's own", labels=["reason"])
+        reasons = dict(s.hints_refused)
+        if m.publisher is not None:
+            for reason, n in m.publisher.hint_entries_rejected.items():
+                reasons[reason] = reasons.get(reason, 0) + n
+        for reason, n in sorted(reasons.items()):
+            refused.add_metric([reason], n)
+        yield refused
         yield CounterMetricFamily(f"{p}_sample_seconds", "time spent in kernel dumps", value=s.sample_seconds)
         leases = CounterMetricFamily(f"{p}_leases", "leases answered to HAProxy, by source", labels=["source"])
         for source, n in sorted(s.leases.items()):
@@ -115,18 +126,36 @@ class ModuleCollector:
         if m.publisher is not None:
             for name, doc in (("datagrams_sent", "publishing datagrams sent"),
                               ("bytes_sent", "publishing bytes sent"),
-                              ("send_errors", "datagrams the socket refused")):
+                              ("send_errors", "datagrams the socket refused"),
+                              ("hint_datagrams", "hint datagrams accepted"),
+                              ("hints_received", "lease hints in accepted datagrams")):
                 yield CounterMetricFamily(f"{p}_{name}", doc, value=getattr(m.publisher, name))
+            rejected = CounterMetricFamily(f"{p}_hint_datagrams_rejected", "hint datagrams refused, by reason",
+                                           labels=["reason"])
+            for reason, n in sorted(m.publisher.hints_rejected.items()):
+                rejected.add_metric([reason], n)
+            yield rejected
+            last = m.publisher.last_hint_ms
+            yield GaugeMetricFamily(f"{p}_last_hint_timestamp_seconds", "unix time of the last hint datagram "
+                                    "accepted (0: none yet)", value=0 if last is None else last / 1000)
+
+
+def _serve(address: str, registry: CollectorRegistry) -> tuple:
+    """Start the /metrics HTTP server in a thread; returns (server, thread).
+    An OSError names the address (e.g. in use)."""
+    host, port = parse_address(address)
+    try:
+        return start_http_server(int(port), addr=str(host), registry=registry)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, address) from exc
 
 
 def serve_metrics(address: str, stats: AgentStats, module=None) -> tuple:
-    """Start the /metrics HTTP server in a thread; returns (server, thread)."""
-    host, port = parse_address(address)
     registry = CollectorRegistry()
     registry.register(AgentCollector(stats))
     if module is not None:
         registry.register(ModuleCollector(module))
-    return start_http_server(int(port), addr=str(host), registry=registry)
+    return _serve(address, registry)
 
 
 class LbNodeCollector:
@@ -170,10 +199,16 @@ class LbNodeCollector:
         for reason, n in sorted(r.rejected.items()):
             rejected.add_metric([reason], n)
         yield rejected
+        yield CounterMetricFamily(f"{p}_hint_send_errors", "hint datagrams the socket refused",
+                                  value=s.hint_send_errors)
+        sock = getattr(getattr(self._lbnode, "transport", None), "sock", None)
+        drops = udp_drops(sock) if sock is not None else None
+        if drops is not None:
+            yield CounterMetricFamily(f"{p}_udp_drops", "datagrams the kernel dropped: receive buffer full "
+                                      "(raise lbnode.receive_buffer)", value=drops)
 
 
 def serve_lbnode_metrics(address: str, lbnode, receiver) -> tuple:
-    host, port = parse_address(address)
     registry = CollectorRegistry()
     registry.register(LbNodeCollector(lbnode, receiver))
-    return start_http_server(int(port), addr=str(host), registry=registry)
+    return _serve(address, registry)

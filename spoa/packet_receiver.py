@@ -285,8 +285,8 @@ async def open_batch_receiver(host: str, port: int, receiver: BatchReceiver) -> 
     try:
         sock.setblocking(False)
         sock.bind(address)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise OSError(exc.errno, exc.strerror, f"{host}:{port}") from exc
     loop.add_reader(sock.fileno(), receiver.drain, sock)
     return UdpEndpoint(sock, loop)

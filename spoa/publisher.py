@@ -11,16 +11,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .hints import decode_hints
+from .hints import decode_hints, hint_count
+from .netutil import set_receive_buffer
 from .packet import REASONS, PacketError, ReplayGuard, encode_packet
 from .records import ConnectionRecord, PacketHeader
 from .server import parse_address
 from .stream_transport import StreamClient
 
 log = logging.getLogger("spoa.publisher")
+
+# Hint datagrams whose sequences may arrive out of order and still be accepted.
+HINT_REPLAY_WINDOW = 1024
+# An interval's hints arrive as a burst (56 entries per 1400-byte datagram).
+HINT_RECEIVE_BUFFER = 4 << 20
 
 
 class _HintEndpoint(asyncio.DatagramProtocol):
@@ -53,12 +60,22 @@ class Publisher:
             info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
             self.targets.append((info[0], info[4]))
         self._transports: dict[int, asyncio.DatagramTransport] = {}
-        self.guard = ReplayGuard()
+        # Each hint datagram has its own sequence (spoa.hints.encode_hints): an
+        # interval's hints for thousands of connections are dozens of them,
+        # and the window tolerates their reordering.
+        self.guard = ReplayGuard(window=HINT_REPLAY_WINDOW)
         self.datagrams_sent = 0
         self.bytes_sent = 0
         self.send_errors = 0
-        self.hints_received = 0
+        self.hint_datagrams = 0  # accepted
+        self.hints_received = 0  # entries of accepted datagrams
+        # Refused datagrams by reason, and the entries they carried (where
+        # their length says how many): with hints_received, what the LB nodes
+        # sent adds up.
         self.hints_rejected: dict[str, int] = dict.fromkeys(REASONS, 0)
+        self.hint_entries_rejected: dict[str, int] = dict.fromkeys(REASONS, 0)
+        self.last_hint_ms: int | None = None  # unix ms of the last accepted hint datagram
+        self._described = ", ".join(targets)
 
     async def open(self) -> None:
         for stream in self._streams:
@@ -66,6 +83,7 @@ class Publisher:
         loop = asyncio.get_running_loop()
         for family in {family for family, _ in self.targets}:
             transport, _ = await loop.create_datagram_endpoint(lambda: _HintEndpoint(self), family=family)
+            set_receive_buffer(transport.get_extra_info("socket"), HINT_RECEIVE_BUFFER)
             self._transports[family] = transport
 
     def send(self, header: PacketHeader, records: Sequence[ConnectionRecord]) -> None:
@@ -95,10 +113,17 @@ class Publisher:
             self.guard.check(header, 0)
         except PacketError as exc:
             self.hints_rejected[exc.reason] += 1
+            self.hint_entries_rejected[exc.reason] += hint_count(data)
             return
+        self.hint_datagrams += 1
         self.hints_received += len(hints)
+        self.last_hint_ms = time.time_ns() // 1_000_000
         if self.on_hints is not None:
             self.on_hints(header, hints)
+
+    def describe(self) -> str:
+        """The LB node addresses, as configured."""
+        return self._described
 
     def close(self) -> None:
         for stream in self._streams:

@@ -399,17 +399,40 @@ def _kernel_has_eq() -> bool:
 
 
 def _port_ranges(ports: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted ranges covering exactly `ports`, then at most MAX_RANGES of them
+    covering a superset: the narrowest gaps between ranges are filled first.
+
+    The kernel runs the filter once per socket, a test per range, so a long
+    program costs every dump; and one must stay under 64 KiB. A superset is
+    safe: the agent joins the dump on its registered sockets, so an extra
+    socket costs its parsing, never a wrong count.
+    """
     ranges: list[tuple[int, int]] = []
     for p in sorted(set(ports)):
         if ranges and p == ranges[-1][1] + 1:
             ranges[-1] = (ranges[-1][0], p)
         else:
             ranges.append((p, p))
-    return ranges
+    if len(ranges) <= MAX_RANGES:
+        return ranges
+    gaps = sorted(range(1, len(ranges)), key=lambda i: ranges[i][0] - ranges[i - 1][1])
+    closed = set(gaps[:len(ranges) - MAX_RANGES])  # range i joins range i - 1
+    merged = [ranges[0]]
+    for i in range(1, len(ranges)):
+        if i in closed:
+            merged[-1] = (merged[-1][0], ranges[i][1])
+        else:
+            merged.append(ranges[i])
+    return merged
+
+
+# Port ranges in one filter at most (see _port_ranges).
+MAX_RANGES = 64
 
 
 def build_bytecode(ports: Iterable[int], use_eq: bool = True) -> bytes:
-    """inet_diag bytecode accepting sockets whose local port is in `ports`.
+    """inet_diag bytecode accepting sockets whose local port is in `ports`
+    (or, past MAX_RANGES ranges of them, a superset: see _port_ranges).
 
     Ports are merged into ranges; each range is a test (S_EQ for a single port
     when `use_eq`, else S_GE + S_LE) followed, except for the last one, by a
@@ -422,8 +445,6 @@ def build_bytecode(ports: Iterable[int], use_eq: bool = True) -> bytes:
         raise ValueError("no ports")
     sizes = [(8 if (lo == hi and use_eq) else 16) for lo, hi in ranges]
     total = sum(sizes) + 4 * (len(ranges) - 1)
-    if total > MAX_BYTECODE:
-        raise ValueError(f"{len(ranges)} port ranges make a {total}-byte filter; the kernel's limit is under 64 KiB")
     ops: list[bytes] = []
     off = 0
     for i, ((lo, hi), size) in enumerate(zip(ranges, sizes)):
@@ -443,10 +464,6 @@ def build_bytecode(ports: Iterable[int], use_eq: bool = True) -> bytes:
     bc = b"".join(ops)
     assert len(bc) == total
     return bc
-
-
-# Jump offsets are u16 and the attribute length too: one program stays below 64 KiB.
-MAX_BYTECODE = 65000
 
 
 def build_request(family: int, states: int, bytecode: bytes | None, seq: int) -> bytes:

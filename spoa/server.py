@@ -53,11 +53,14 @@ class AgentServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         for host, port in self.listen:
-            if host == "unix":
-                _remove_stale_socket(port)
-                server = await loop.create_unix_server(self._protocol, port, backlog=1024)
-            else:
-                server = await loop.create_server(self._protocol, host, port, backlog=1024, reuse_address=True)
+            try:
+                if host == "unix":
+                    _remove_stale_socket(port)
+                    server = await loop.create_unix_server(self._protocol, port, backlog=1024)
+                else:
+                    server = await loop.create_server(self._protocol, host, port, backlog=1024, reuse_address=True)
+            except OSError as exc:  # say which address: there may be several
+                raise OSError(exc.errno, exc.strerror or str(exc), _text(host, port)) from exc
             self._servers.append(server)
             log.info("listening on %s", ", ".join(_describe(s) for s in server.sockets))
 
@@ -90,6 +93,13 @@ class _Refuse(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport.close()
+
+
+def _text(host: str, port: str | int) -> str:
+    """An address as agent.listen spells it."""
+    if host == "unix":
+        return f"unix:{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _describe(sock: socket.socket) -> str:

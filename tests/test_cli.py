@@ -210,14 +210,31 @@ def test_unusable_unix_socket_path_fails_with_a_one_line_error(start_agent, tmp_
         assert path.read_text() == "data"
 
 
-def test_port_in_use_fails_with_exit_1():
-    with socket.socket() as busy:
+@pytest.mark.parametrize("command", ["agent", "lbnode"])
+@pytest.mark.parametrize("where", ["listen", "metrics"])
+def test_address_in_use_is_a_config_error_naming_the_key(tmp_path, command, where):
+    key = tmp_path / "k.key"
+    key.write_bytes(b"k" * 32)
+    kind = socket.SOCK_DGRAM if (command, where) == ("lbnode", "listen") else socket.SOCK_STREAM
+    with socket.socket(socket.AF_INET, kind) as busy:
         busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        result = run_cli("agent", "--listen", f"127.0.0.1:{port}")
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr and "spoa-lease:" in result.stderr
+        if kind == socket.SOCK_STREAM:
+            busy.listen()
+        taken = f"127.0.0.1:{busy.getsockname()[1]}"
+        args = ["--listen", taken] if where == "listen" else ["--listen", "127.0.0.1:0", "--metrics", taken]
+        result = run_cli(command, *args, *(["--key-file", str(key)] if command == "lbnode" else []))
+    assert result.returncode == 2, result.stderr
+    expected = f"{command}.listen" if where == "listen" else "metrics.listen"
+    assert result.stderr.splitlines()[-1].startswith(f"spoa-lease: config error: {expected}: {taken}: "), \
+        result.stderr
+    assert "in use" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("address", ["192.0.2.1:12345", "300.1.1.1:12345"])
+def test_listen_address_not_on_this_host_is_a_config_error(address):
+    result = run_cli("agent", "--listen", address)
+    assert result.returncode == 2 and result.stderr.startswith(f"spoa-lease: config error: agent.listen: {address}: ")
+    assert "Traceback" not in result.stderr
 
 
 # (id, YAML text or None, extra CLI args, text the error must contain). The
@@ -251,6 +268,12 @@ INPROCESS_MISTAKES = [
     ("lease-bounds", "lease: {min_ms: 5000, standard_ms: 1000}\n", [], "lease.standard_ms: must lie between"),
     ("segments-over-mtu", "tracker: {max_segments_per_connection: 100}\n", [],
      "tracker.max_segments_per_connection: 100 segments do not fit"),
+    # NaN compares false with every bound: each once passed, then hung or broke the agent
+    ("nan-hello-timeout", "agent: {hello_timeout: .nan}\n", [], "agent.hello_timeout: must be a finite number"),
+    ("nan-refresh", "lease: {refresh_fraction: .nan}\n", [], "lease.refresh_fraction: must be a finite number"),
+    ("inf-grace", "agent: {shutdown_grace: .inf}\n", [], "agent.shutdown_grace: must be a finite number"),
+    ("more-than-memory", "tracker: {max_connections: 1099511627776}\n", [],
+     "tracker.max_connections: tracked connections and segments at the configured limits need about"),
 ]
 
 
@@ -348,6 +371,9 @@ def test_config_values_reach_the_agent(start_agent, tmp_path):
     ("lbnode: {key_file: /nonexistent/lease.key}\n", "lbnode.key_file: cannot read key file"),
     ("lease: {policy: psychic}\n", "lease.policy"),
     ("forecast: {arima_order: [1, 3, 0]}\n", "forecast.arima_order"),
+    ("lease: {safety: .nan}\n", "lease.safety: must be a finite number"),
+    ("anomaly: {quantile: .nan}\n", "anomaly.quantile: must be a finite number"),
+    ("lease: {resource_utilization_threshold: .inf}\n", "lease.resource_utilization_threshold: must be a finite"),
 ])
 def test_lbnode_config_mistakes_fail_fast(tmp_path, capsys, text, needle):
     from spoa import cli

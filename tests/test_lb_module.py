@@ -84,6 +84,33 @@ def test_message_without_identity_is_counted_and_still_answered():
     assert module.stats.registrations_bad == 4 and len(module.tracker) == 0
 
 
+def test_port_zero_is_refused_and_later_ports_still_register():
+    """A message with dst_port 0 once broke every later new port (the sampler refused the set)."""
+    from spoa.sampler import KernelSampler
+
+    with KernelSampler(()) as sampler:
+        module = LbModule(SegmentTracker(), sampler, None, 1000, 1, LeaseSettings())
+        answer(module, message(**dict(IDENTITY, dst_port=0)))
+        assert module.stats.registrations_bad == 1
+        actions = answer(module, message(**dict(IDENTITY, dst_port=8443)))
+        assert ("set-var", Scope.SESS, "source", "standard") in actions
+        module.tick()
+        assert sampler.ports == frozenset([8443]) and module.stats.sample_errors == 0
+
+
+def test_the_port_filter_is_rebuilt_once_per_interval():
+    sampler = FakeSampler()
+    builds = []
+    sampler.set_ports = lambda ports: builds.append(len(ports))
+    module = LbModule(SegmentTracker(), sampler, None, 1000, 1, LeaseSettings())
+    for port in range(1000, 7000):  # past the ~5,400 ports that overflowed the filter
+        answer(module, message(**dict(IDENTITY, dst_port=port)))
+    assert builds == []
+    module.tick()
+    module.tick()
+    assert builds == [6000]
+
+
 class FakeSampler:
     """KernelSampler's interface, with the dict a test wants."""
 
@@ -106,10 +133,10 @@ def test_kernel_sample_is_joined_on_the_packed_key():
     sampler = FakeSampler()
     module = LbModule(SegmentTracker(), sampler, None, 1000, 1, LeaseSettings())
     answer(module, message(**IDENTITY))
-    assert sampler.ports == {443}
     other = pack_key("198.51.100.1", 443, "192.0.2.11", 40000)  # a socket HAProxy did not register
     sampler.snapshot = {KEY: tcp_sample(KEY, 1200, 50000, state=8), other: tcp_sample(other, 1, 1)}
     module.tick()
+    assert sampler.ports == {443}
     rec = module.tracker.snapshot(KEY)
     assert (rec.bytes_in_total, rec.bytes_out_total) == (1200, 50000)
     assert rec.counter_source == CounterSource.KERNEL and rec.flags & ConnFlags.CLOSING

@@ -103,9 +103,9 @@ def test_hints_round_trip_and_split_by_mtu():
     datagrams = encode_hints(7, 42, 123456, hints, KEY, mtu=1400)
     assert len(datagrams) == -(-120 // max_hints(1400)) and all(len(d) <= 1400 for d in datagrams)
     decoded = []
-    for d in datagrams:
+    for i, d in enumerate(datagrams):
         header, part = decode_hints(d, KEY)
-        assert (header.node_id, header.sequence, header.timestamp_ms) == (7, 42, 123456)
+        assert (header.node_id, header.sequence, header.timestamp_ms) == (7, 42 + i, 123456)
         decoded += part
     assert decoded == hints
 

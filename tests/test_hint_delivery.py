@@ -1,0 +1,130 @@
+"""Hints reach every connection: many datagrams per interval, several LB nodes, restarts.
+
+Real UDP on 127.0.0.1 between an in-process LB node (its own receiver, table
+and hint sender) and the agent's publisher and lease module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pytest
+
+from spoa import config as cfg
+from spoa.hints import Hint, encode_hints, max_hints
+from spoa.lb_module import LbModule, LeaseSettings
+from spoa.lbnode_service import open_lbnode
+from spoa.publisher import Publisher
+from spoa.records import LeaseSource
+from spoa.tracker import SegmentTracker
+
+KEY = b"k" * 32
+
+
+@pytest.fixture
+def key_file(tmp_path):
+    path = tmp_path / "key"
+    path.write_bytes(KEY)
+    return str(path)
+
+
+async def start_lbnode(key_file: str, node_id=None, port: int = 0):
+    overrides = {"lbnode.listen": f"127.0.0.1:{port}", "lbnode.key_file": key_file, "lbnode.node_id": node_id,
+                 "lbnode.max_connections": 10_000, "lease.min_ms": 1000}
+    return await open_lbnode(cfg.load(cfg.LBNODE_SCHEMA, None, overrides))
+
+
+def register(module: LbModule, count: int, first: int = 0) -> None:
+    """`count` connections as HAProxy's lease-request messages register them."""
+    for i in range(first, first + count):
+        cid = f"{i:08x}-0000-4000-8000-000000000000"
+        msg = {"cid": cid, "src": f"10.0.{i >> 8}.{i & 255}", "src_port": 40000 + i % 20000,
+               "dst": "127.0.0.1", "dst_port": 8080, "frontend": "fe"}
+        module.on_message(_Message(msg), _Actions())
+
+
+class _Message:
+    def __init__(self, args):
+        self._args = args
+
+    def get(self, name):
+        return self._args.get(name)
+
+    get_address = get
+
+
+class _Actions:
+    def set_var(self, *args):
+        pass
+
+
+async def exchange(module: LbModule, lbnodes: list, rounds: int = 2) -> None:
+    """Publish, let the LB nodes ingest and answer, let the hints arrive."""
+    for _ in range(rounds):
+        module.tick()
+        await asyncio.sleep(0.1)
+        for lbnode in lbnodes:
+            lbnode.tick()
+        await asyncio.sleep(0.1)
+
+
+async def agent_for(lbnodes: list) -> LbModule:
+    targets = [f"127.0.0.1:{n.transport.get_extra_info('sockname')[1]}" for n in lbnodes]
+    publisher = Publisher(targets, KEY, 1400)
+    await publisher.open()
+    return LbModule(SegmentTracker(), None, publisher, 1000, 7, LeaseSettings(min_ms=1000))
+
+
+@pytest.mark.parametrize("connections", [1000, 3000])
+def test_every_connection_gets_its_hint_across_many_datagrams(key_file, connections):
+    async def run():
+        lbnode = await start_lbnode(key_file)
+        module = await agent_for([lbnode])
+        register(module, connections)
+        await exchange(module, [lbnode])
+        stats = lbnode.table.stats
+        assert stats.hint_datagrams >= connections // max_hints(1400)  # many datagrams per interval
+        assert module.publisher.hints_rejected["replayed"] == 0
+        # every hint sent was applied, none lost on the way
+        assert module.stats.hints_applied == stats.hints_sent >= 2 * connections
+        assert len(module._hints) == connections
+        module.publisher.close()
+        lbnode.transport.close()
+
+    asyncio.run(run())
+
+
+def test_two_lb_nodes_with_default_ids_are_both_heard(key_file):
+    async def run():
+        first, second = await start_lbnode(key_file), await start_lbnode(key_file)
+        assert first.lbnode_id != second.lbnode_id  # derived from the listen address
+        module = await agent_for([first, second])
+        register(module, 200)
+        await exchange(module, [first, second])
+        sent = first.table.stats.hints_sent + second.table.stats.hints_sent
+        assert module.stats.hints_applied == sent and sum(module.publisher.hints_rejected.values()) == 0
+        module.publisher.close()
+        first.transport.close()
+        second.transport.close()
+
+    asyncio.run(run())
+
+
+def test_a_restarted_lb_node_is_not_replayed(key_file):
+    """A restart within the same millisecond range the old process used must still be heard."""
+    async def run():
+        lbnode = await start_lbnode(key_file, node_id=5)
+        module = await agent_for([lbnode])
+        register(module, 3000)  # ~54 datagrams per interval: sequences run ahead of the clock
+        await exchange(module, [lbnode], rounds=3)
+        port = lbnode.transport.get_extra_info("sockname")[1]
+        lbnode.transport.close()
+        restarted = await start_lbnode(key_file, node_id=5, port=port)
+        before = module.stats.hints_applied
+        register(module, 300, first=3000)  # new connections: published at once (the rest are deferred)
+        await exchange(module, [restarted])
+        assert module.publisher.hints_rejected["replayed"] == 0
+        assert module.stats.hints_applied - before == restarted.table.stats.hints_sent > 0
+        module.publisher.close()
+        restarted.transport.close()
+
+    asyncio.run(run())
