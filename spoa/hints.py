@@ -1,7 +1,7 @@
 """Lease hints: what an LB node answers a server node, per connection.
 
 Format v1, big-endian, one self-contained UDP datagram (documented in
-docs/publishing-packet.md, "Lease hints"):
+docs/publishing-packet.md §13, "Lease hints"; one sequence per datagram):
 
   header (32 B)  magic "CHNT" | version u8 = 1 | flags u8 = 0 | count u16
                  | lbnode_id u64 | sequence u64 | timestamp_ms u64
@@ -9,8 +9,9 @@ docs/publishing-packet.md, "Lease hints"):
                  | granularity_level i8 | flags u8 (bit 0: anomaly) | reserved u8
   tag (16 B)     HMAC-SHA256 over everything before it, truncated (as packets)
 
-Pure Python (struct): hints are one small datagram per server node per
-interval, far off any hot path.
+Pure Python (struct, numpy): one datagram carries 56 hints at mtu 1400, so
+an interval's hints are a few dozen datagrams per server node, far off any
+hot path.
 """
 
 from __future__ import annotations
