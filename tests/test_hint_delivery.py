@@ -10,11 +10,11 @@ import asyncio
 import pytest
 
 from spoa import config as cfg
-from spoa.hints import Hint, encode_hints, max_hints
+from spoa.hints import max_hints
 from spoa.lb_module import LbModule, LeaseSettings
 from spoa.lbnode_service import open_lbnode
 from spoa.publisher import Publisher
-from spoa.records import LeaseSource
+from spoa.records import PacketHeader
 from spoa.tracker import SegmentTracker
 
 KEY = b"k" * 32
@@ -68,8 +68,11 @@ async def exchange(module: LbModule, lbnodes: list, rounds: int = 2) -> None:
 
 
 async def agent_for(lbnodes: list) -> LbModule:
-    targets = [f"127.0.0.1:{n.transport.get_extra_info('sockname')[1]}" for n in lbnodes]
-    publisher = Publisher(targets, KEY, 1400)
+    return await agent_for_address(*(f"127.0.0.1:{n.transport.get_extra_info('sockname')[1]}" for n in lbnodes))
+
+
+async def agent_for_address(*targets: str) -> LbModule:
+    publisher = Publisher(list(targets), KEY, 1400)
     await publisher.open()
     return LbModule(SegmentTracker(), None, publisher, 1000, 7, LeaseSettings(min_ms=1000))
 
@@ -126,5 +129,23 @@ def test_a_restarted_lb_node_is_not_replayed(key_file):
         assert module.stats.hints_applied - before == restarted.table.stats.hints_sent > 0
         module.publisher.close()
         restarted.transport.close()
+
+    asyncio.run(run())
+
+
+def test_silent_lb_nodes_are_said_once_and_their_return_too(caplog):
+    async def run():
+        module = await agent_for_address("127.0.0.1:9")  # nothing answers there
+        register(module, 3)
+        module._started_ms -= 10_000  # as if started 10 s ago, and no hint since
+        with caplog.at_level("INFO", logger="spoa.lb_module"):
+            module.tick()
+            module.tick()
+            assert module.stats.lbnode_silences == 1
+            assert [r.levelname for r in caplog.records if "no lease hint" in r.message] == ["WARNING"]
+            assert "127.0.0.1:9" in caplog.text and "standard 30000 ms" in caplog.text
+            module.on_hints(PacketHeader(node_id=1, sequence=1, timestamp_ms=0, interval_ms=0), [])
+            assert "lease hints arrive again" in caplog.text
+        module.publisher.close()
 
     asyncio.run(run())
