@@ -48,10 +48,10 @@ SEGMENTS = (2, 16)
 PACKET = 10_000  # records per logical packet
 
 
-def records(n: int, nseg: int, total: int) -> list[ConnectionRecord]:
+def records(n: int, nseg: int, total: int, first: int = 0) -> list[ConnectionRecord]:
     segs = tuple(SegmentRecord(j & 1, (j >> 1) << 20, 1 << 20, 1000 + j, 2, 1_717_171_716_000, 0)
                  for j in range(nseg))
-    return [ConnectionRecord(conn_id=i.to_bytes(16, "big"), src="192.0.2.1", src_port=1024 + i % 60000,
+    return [ConnectionRecord(conn_id=(first + i).to_bytes(16, "big"), src="192.0.2.1", src_port=1024 + i % 60000,
                              dst="198.51.100.1", dst_port=443, frontend="fe_https", flags=0, counter_source=0,
                              granularity_level=0, requested_lease_ms=0, predicted_lease_ms=0, lease_source=0,
                              bytes_in_total=total, bytes_out_total=total, segments=segs) for i in range(n)]

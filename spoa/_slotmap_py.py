@@ -8,7 +8,8 @@ the 16 bytes viewed as two u64); the lease table keys connections by
 compiled twin runs per-key work in C and the table stays vectorized.
 
 Free slots are a LIFO stack, initially popping 0, 1, 2, ...: a released slot
-is the next one handed out. Both twins behave identically (tests/test_slotmap.py).
+is the next one handed out. `grow` adds slots (the tables grow with what they
+hold, up to their configured bound) below the free ones. Both twins behave identically (tests/test_slotmap.py).
 """
 
 from __future__ import annotations
@@ -25,12 +26,29 @@ class SlotMap:
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self.capacity = int(capacity)
-        self.key_a = np.zeros(self.capacity, np.uint64)  # a of the key holding each slot
-        self.key_b = np.zeros((self.capacity, 2), np.uint64)  # b of it
-        self.in_use = np.zeros(self.capacity, bool)  # slot held by a key
+        self.capacity = 0
+        self.key_a = np.zeros(0, np.uint64)  # a of the key holding each slot
+        self.key_b = np.zeros((0, 2), np.uint64)  # b of it
+        self.in_use = np.zeros(0, bool)  # slot held by a key
         self._slots: dict[tuple[int, int, int], int] = {}
-        self._free = list(range(self.capacity - 1, -1, -1))
+        self._free: list[int] = []  # the top (end) is handed out next
+        self.grow(capacity)
+
+    def grow(self, capacity: int) -> None:
+        """Room for `capacity` slots (no change when not more than now). Held
+        slots keep their keys; the new slots are handed out after the free
+        ones, lowest first. The key arrays are new objects: views of the old
+        ones must be taken again."""
+        old = self.capacity
+        if capacity <= old:
+            return
+        for name in ("key_a", "key_b", "in_use"):
+            array = getattr(self, name)
+            grown = np.zeros((capacity, *array.shape[1:]), array.dtype)
+            grown[:old] = array
+            setattr(self, name, grown)
+        self._free = list(range(capacity - 1, old - 1, -1)) + self._free
+        self.capacity = int(capacity)
 
     def __len__(self) -> int:
         return len(self._slots)

@@ -37,6 +37,17 @@ class AgentSettings:
     accept_fragments: bool = True
     # Connections beyond this are closed at once (counted).
     max_connections: int = 10000
+    # Seconds a connection may stay silent after HELLO with nothing pending
+    # before the agent closes it (HAProxy's `timeout idle`, 2.x, and the
+    # agents backend's `timeout server`, 3.1+, are shorter and close first):
+    # idle peers must not hold max_connections.
+    idle_timeout: float = 120.0
+    # Seconds a frame may take from its first byte to its last, and a 2.x
+    # fragmented NOTIFY from its first fragment to its last (slow peers).
+    frame_timeout: float = 10.0
+    # Bytes of partial frames and reassemblies held across all connections;
+    # the connection that would exceed it is refused (RESOURCE status).
+    max_buffered_bytes: int = 256 << 20
 
 
 class Agent:
@@ -45,6 +56,19 @@ class Agent:
         self.registry = registry or HandlerRegistry()
         self.stats = AgentStats()
         self.connections: set = set()
+        # What the connections hold in partial frames (bounded by
+        # settings.max_buffered_bytes), and the sweep's clock.
+        self.buffered_bytes = 0
+        self.ticks = 0
+        self.tick_seconds = min(1.0, self.settings.idle_timeout / 4, self.settings.frame_timeout / 4)
+
+    def sweep(self) -> None:
+        """One tick of the deadline clock (the server calls it every
+        tick_seconds): connections idle or stuck mid-frame are closed."""
+        self.ticks += 1
+        self.stats.buffered_bytes = self.buffered_bytes
+        for conn in list(self.connections):
+            conn.check_deadlines(self.ticks)
 
     def capabilities_for(self, offered: str) -> list[str]:
         """What to announce in AGENT-HELLO given HAProxy's capability list."""

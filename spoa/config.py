@@ -85,6 +85,16 @@ AGENT_SCHEMA: dict[str, dict[str, Field]] = {
         "allow_async": Field(bool, True, "announce `async` when HAProxy 2.x offers it"),
         "accept_fragments": Field(bool, True, "announce `fragmentation` (2.x then fragments big NOTIFYs)"),
         "shutdown_grace": Field((int, float), 5.0, "seconds to drain connections on SIGTERM", minimum=0, maximum=600),
+        "idle_timeout": Field((int, float), 120.0, "seconds a connection may send nothing after HELLO (nothing "
+                              "pending) before it is closed; keep it above HAProxy's `timeout idle` (2.x) and the "
+                              "agents backend's `timeout server` (3.1+), which close first", minimum=1,
+                              maximum=86400),
+        "frame_timeout": Field((int, float), 10.0, "seconds from a frame's first byte to its last (and from a "
+                               "fragmented NOTIFY's first fragment to its last) before the connection is closed",
+                               minimum=0.1, maximum=3600),
+        "max_buffered_bytes": Field(int, 256 << 20, "bytes of partial frames and reassemblies held across all "
+                                    "connections; the connection that would exceed it is refused (status 13)",
+                                    minimum=64 << 10, maximum=1 << 40),
     },
     "lease": {
         "standard_ms": Field(int, 30000, "the standard lease, sent when no prediction applies",
@@ -157,6 +167,12 @@ LBNODE_SCHEMA: dict[str, dict[str, Field]] = {
                         check=_check_tcp_address),
         "tcp_listen": Field(str, None, "also accept packets over TCP here (length-prefixed; hints return on "
                             "the connection)", check=_check_tcp_address, nullable=True),
+        "tcp_idle_timeout": Field((int, float), 300.0, "seconds a TCP peer may send nothing before it is closed "
+                                  "(agents send every publish interval)", minimum=1, maximum=86400),
+        "tcp_message_timeout": Field((int, float), 10.0, "seconds from a TCP message's first byte to its last "
+                                     "before the peer is closed", minimum=0.1, maximum=3600),
+        "tcp_max_buffered_bytes": Field(int, 64 << 20, "bytes of unfinished TCP messages held across peers; the "
+                                        "peer that would exceed it is closed", minimum=64 << 10, maximum=1 << 40),
         "key_file": Field(str, None, "file holding the HMAC key shared with the server nodes (required)",
                           check=_check_key_file, nullable=True),
         "node_id": Field(int, None, "this LB node's id in the hints; null: derived from the host name and the "
@@ -166,8 +182,9 @@ LBNODE_SCHEMA: dict[str, dict[str, Field]] = {
                                 "server nodes send at each interval (the kernel drops what does not fit; "
                                 "spoa_lbnode_udp_drops counts it)", minimum=64 << 10, maximum=1 << 30),
         "interval_ms": Field(int, 1000, "forecast / lease / hint interval", minimum=10, maximum=3_600_000),
-        "max_connections": Field(int, 1_000_000, "connections held; beyond, new ones are refused and counted",
-                                 minimum=1, maximum=1 << 32),
+        "max_connections": Field(int, 1_000_000, "connections held; beyond, new ones are refused and counted. "
+                                 "The tables grow to it as connections arrive (about 1 kB per held connection "
+                                 "with the default history; an idle LB node is ~45 MB)", minimum=1, maximum=1 << 32),
         "remember_expired": Field(int, 100_000, "expired connections remembered to detect premature expiries",
                                   minimum=0, maximum=1 << 32),
         "mtu": Field(int, 1400, "largest hint datagram", minimum=576, maximum=65507),
@@ -387,12 +404,32 @@ def _check_agent_memory(config: dict) -> None:
     t = config.get("tracker")
     if t:
         check_fits_memory({"tracker.max_connections": t["max_connections"] * AGENT_BYTES_PER_CONNECTION,
-                           "tracker.max_total_segments": t["max_total_segments"] * AGENT_BYTES_PER_SEGMENT},
+                           "tracker.max_total_segments": t["max_total_segments"] * AGENT_BYTES_PER_SEGMENT,
+                           "agent.max_buffered_bytes": config["agent"]["max_buffered_bytes"]},
                           "tracked connections and segments")
 
 
+# The LB node per held connection beyond its history ring (tables, slot map,
+# forecaster and policy state, two segments; measured in benchmarks/RESULTS.md,
+# "LB node memory"), per segment beyond its ring, per remembered expiry.
+LBNODE_BYTES_PER_CONNECTION = 850
+LBNODE_BYTES_PER_SEGMENT = 110
+LBNODE_BYTES_PER_EXPIRED = 200
+
+
+def _check_lbnode_memory(config: dict) -> None:
+    node, f = config.get("lbnode"), config.get("forecast")
+    if node and f:
+        check_fits_memory({"lbnode.max_connections": node["max_connections"] * LBNODE_BYTES_PER_CONNECTION,
+                           "forecast.history": node["max_connections"] * 4 * f["history"],
+                           "lbnode.max_segments": node["max_segments"] * (LBNODE_BYTES_PER_SEGMENT
+                                                                          + 4 * node["segment_history"]),
+                           "lbnode.remember_expired": node["remember_expired"] * LBNODE_BYTES_PER_EXPIRED},
+                          "LB-node state")
+
+
 CROSS_CHECKS = (_check_segment_sizes, _check_segments_fit_mtu, _check_publish_key, _check_lease_bounds,
-                _check_arima_order, _check_agent_memory)
+                _check_arima_order, _check_agent_memory, _check_lbnode_memory)
 
 
 def reference_markdown(title: str, schema: dict[str, dict[str, Field]]) -> str:

@@ -93,6 +93,27 @@ def columns(node_id: int, records: Sequence[ConnectionRecord]) -> SimpleNamespac
     )  # fmt: skip
 
 
+# Slots a table starts with; it doubles from there up to its bound.
+INITIAL_CAPACITY = 1024
+
+# The per-connection arrays of a LeaseTable: (name, dtype, value of a fresh slot, what).
+_PER_SLOT = (
+    ("born", np.int64, 0, "allocation order (expiry walks lapsed slots in it)"),
+    ("expires", np.int64, 0, "unix ms the lease ends"),
+    ("refreshed_at", np.int64, 0, "unix ms of the last refresh"),
+    ("last_total", np.uint64, 0, "bytes in + out at the last refresh"),
+    ("volume", np.float64, 0, "bytes since the previous interval's refresh"),
+    ("elapsed", np.int64, 1, "intervals those bytes span"),
+    ("lease", np.int64, 0, "lease in force, ms"),
+    ("source", np.uint8, 0, "LeaseSource of it"),
+    ("level", np.int8, 0, "granularity level reported"),
+    ("flagged", bool, False, "anomaly"),
+    ("class_id", np.int32, 0, "traffic class: server node + frontend"),
+    ("refreshed", bool, False, "refreshed during this interval"),
+    ("position", np.int64, 0, "scratch: a slot's row in the batch being ingested"),
+)
+
+
 class LeaseTable:
     """Per-connection state in numpy arrays indexed by slot.
 
@@ -106,7 +127,10 @@ class LeaseTable:
     def __init__(self, capacity: int, forecaster: Any, policy: Any, standard_ms: int, interval_ms: int,
                  remember_expired: int = 100_000, anomaly: Any = None, history: Any = None,
                  segments: SegmentTable | None = None) -> None:
-        self.capacity = capacity
+        # At most `capacity` connections; the arrays start small and double
+        # as connections arrive, so memory follows what is held.
+        self.max_capacity = capacity
+        self.capacity = 0
         self.forecaster = forecaster
         self.policy = policy
         self.standard_ms = standard_ms
@@ -114,23 +138,10 @@ class LeaseTable:
         self.anomaly = anomaly
         self.history = history  # rolling per-interval volumes per connection (a History ring), or None
         # per-segment state; its rates feed the anomaly detector
-        self.segments = segments if segments is not None else SegmentTable(2 * capacity, capacity)
-        self.keys = SlotMap(capacity)  # (server node id, conn_id) -> slot
-        self.node = self.keys.key_a  # server node id (where hints go)
-        self.conn_id = self.keys.key_b.view("S16").reshape(capacity)  # connection id (what hints name)
-        self.born = np.zeros(capacity, np.int64)  # allocation order (expiry walks lapsed slots in it)
-        self.expires = np.zeros(capacity, np.int64)  # unix ms the lease ends
-        self.refreshed_at = np.zeros(capacity, np.int64)  # unix ms of the last refresh
-        self.last_total = np.zeros(capacity, np.uint64)  # bytes in + out at the last refresh
-        self.volume = np.zeros(capacity, np.float64)  # bytes since the previous interval's refresh
-        self.elapsed = np.ones(capacity, np.int64)  # intervals those bytes span
-        self.lease = np.zeros(capacity, np.int64)  # lease in force, ms
-        self.source = np.zeros(capacity, np.uint8)  # LeaseSource of it
-        self.level = np.zeros(capacity, np.int8)  # granularity level reported
-        self.flagged = np.zeros(capacity, bool)  # anomaly
-        self.class_id = np.zeros(capacity, np.int32)  # traffic class: server node + frontend
-        self.refreshed = np.zeros(capacity, bool)  # refreshed during this interval
-        self.position = np.zeros(capacity, np.int64)  # scratch: a slot's row in the batch being ingested
+        self.segments = segments if segments is not None else SegmentTable(2 * capacity)
+        self.keys = SlotMap(1)  # (server node id, conn_id) -> slot
+        for name, dtype, _fresh, _what in _PER_SLOT:
+            setattr(self, name, np.zeros(0, dtype))
         self.classes: dict[tuple[int, str], int] = {}  # traffic class -> id
         self.class_names: list[str] = []  # id -> frontend name
         self.class_lease = np.full(0, np.nan)  # id -> EWMA of leases granted (NaN: none yet)
@@ -139,6 +150,40 @@ class LeaseTable:
         self.remember_expired = remember_expired
         self.allocations = 0
         self.stats = LbNodeStats()
+        self._grow(min(capacity, INITIAL_CAPACITY))
+
+    def _grow(self, capacity: int) -> None:
+        """Every per-connection array (and the forecaster's, the policy's, the
+        history's) to `capacity` slots; held slots keep their state."""
+        old = self.capacity
+        self.keys.grow(capacity)
+        self.node = self.keys.key_a  # server node id (where hints go)
+        self.conn_id = self.keys.key_b.view("S16").reshape(capacity)  # connection id (what hints name)
+        for name, dtype, fresh, _what in _PER_SLOT:
+            grown = np.full(capacity, fresh, dtype)
+            grown[:old] = getattr(self, name)
+            setattr(self, name, grown)
+        for part in (self.forecaster, self.policy, self.history):
+            resize = getattr(part, "resize", None)
+            if resize is not None:
+                resize(capacity)
+        self.segments.grow_connections(capacity)
+        self.capacity = capacity
+
+    def _resolve(self, batch: Any, create: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The batch's slots and which are new; the table doubles (up to its
+        bound) when the new ones do not fit, then resolves again."""
+        key_b = batch.conn_id.view(np.uint64).reshape(batch.n, 2)
+        slots, fresh = self.keys.resolve(batch.node_id, key_b, create)
+        refused = int(np.count_nonzero(slots == REFUSED))
+        if refused and self.capacity < self.max_capacity:
+            capacity = self.capacity
+            while capacity < len(self.keys) + refused:
+                capacity *= 2
+            self._grow(min(capacity, self.max_capacity))
+            slots, again = self.keys.resolve(batch.node_id, key_b, create)
+            fresh |= again  # those created by the first pass come back as known
+        return slots, fresh
 
     def slot(self, node_id: int, conn_id: bytes) -> int | None:
         """The slot holding a connection, or None."""
@@ -169,7 +214,7 @@ class LeaseTable:
             return
         closed = (batch.flags & ConnFlags.CLOSED) != 0
         # a closed report of a connection not held creates nothing
-        slots, fresh = self.keys.resolve(batch.node_id, batch.conn_id.view(np.uint64).reshape(n, 2), ~closed)
+        slots, fresh = self._resolve(batch, ~closed)
         stats.refused += int(np.count_nonzero(slots == REFUSED))
         resumed = self._forget_expired(batch, slots, fresh) if self.recently_expired else {}
         new = np.flatnonzero(fresh)

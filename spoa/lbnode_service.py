@@ -11,12 +11,12 @@ import numpy as np
 from . import __version__
 from .config import ConfigError, read_key_file, startup_error
 from .forecast import ARIMA, SES, TSB, Croston, DampedHolt, History
-from .lbnode import LbNode, LeaseTable
+from .lbnode import INITIAL_CAPACITY, LbNode, LeaseTable
 from .netutil import derived_node_id, set_receive_buffer
 from .segment_table import SegmentTable
 from .packet_receiver import BatchReceiver, open_batch_receiver
 from .server import parse_address
-from .stream_transport import DatagramStream
+from .stream_transport import DatagramListener
 
 log = logging.getLogger("spoa.lbnode")
 
@@ -55,19 +55,21 @@ def make_policy(lease: dict, interval_ms: int, capacity: int):
 def build_lbnode(config: dict) -> LbNode:
     node = config["lbnode"]
     capacity = node["max_connections"]
+    # Its parts start at the table's first size and grow with it.
+    start = min(capacity, INITIAL_CAPACITY)
     anomaly = None
     if config["anomaly"]["enabled"]:
         from .anomaly import AnomalyDetector
 
         a = config["anomaly"]
         anomaly = AnomalyDetector(q_high=a["quantile"], factor=a["factor"], min_samples=a["min_samples"])
-    forecaster = make_forecaster(config["forecast"], capacity)
+    forecaster = make_forecaster(config["forecast"], start)
     # The rolling per-connection history (bounded ring): ARIMA refits read it,
     # and it is what one inspects a connection's recent volumes by. float32:
     # it costs 4 B x forecast.history per connection slot.
-    history = History(capacity, config["forecast"]["history"], np.float32)
-    segments = SegmentTable(node["max_segments"], capacity, node["segment_history"])
-    table = LeaseTable(capacity, forecaster, make_policy(config["lease"], node["interval_ms"], capacity),
+    history = History(start, config["forecast"]["history"], np.float32)
+    segments = SegmentTable(node["max_segments"], history=node["segment_history"])
+    table = LeaseTable(capacity, forecaster, make_policy(config["lease"], node["interval_ms"], start),
                        config["lease"]["standard_ms"], node["interval_ms"], node["remember_expired"], anomaly,
                        history, segments)
     return LbNode(table, read_key_file(node["key_file"]), node["node_id"], node["interval_ms"], node["mtu"])
@@ -116,17 +118,19 @@ async def serve_lbnode(config: dict, reload=None) -> None:
     receiver, transport = lbnode.receiver, lbnode.transport
     loop = asyncio.get_running_loop()
     tcp_server = None
-    if config["lbnode"]["tcp_listen"]:
+    node = config["lbnode"]
+    if node["tcp_listen"]:
         # The TCP option: the same datagrams, length-prefixed, through the same receiver.
-        tcp_host, tcp_port = parse_address(config["lbnode"]["tcp_listen"])
+        tcp_host, tcp_port = parse_address(node["tcp_listen"])
+        tcp_server = DatagramListener(receiver.datagram_received, node["tcp_idle_timeout"],
+                                      node["tcp_message_timeout"], node["tcp_max_buffered_bytes"])
         with startup_error("lbnode.tcp_listen"):
-            tcp_server = await loop.create_server(lambda: DatagramStream(receiver.datagram_received), tcp_host,
-                                                  tcp_port, reuse_address=True)
+            await tcp_server.start(tcp_host, tcp_port)
     if config["metrics"]["listen"]:
         from .metrics import serve_lbnode_metrics
 
         with startup_error("metrics.listen"):
-            serve_lbnode_metrics(config["metrics"]["listen"], lbnode, receiver)
+            serve_lbnode_metrics(config["metrics"]["listen"], lbnode, receiver, tcp_server)
     ticker = loop.create_task(_interval_loop(lbnode, config["forecast"]["arima_refit_intervals"]))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

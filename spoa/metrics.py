@@ -35,12 +35,16 @@ _COUNTERS = {
     "acks_truncated": "ACKs whose actions exceeded max-frame-size",
     "resets": "connections closed by RST/EPIPE (normal on HAProxy 3.1+)",
     "eof_mid_frame": "connections closed in the middle of a frame",
+    "idle_timeouts": "connections closed after agent.idle_timeout without a frame",
+    "frame_timeouts": "connections closed with a frame unfinished after agent.frame_timeout",
+    "buffer_budget_closes": "connections refused for exceeding agent.max_buffered_bytes with partial frames",
 }
 _GAUGES = {
     "connections_active": "open SPOP connections",
     "inflight": "NOTIFYs being answered by async handlers",
     "max_inflight": "highest inflight seen",
     "max_pipeline_depth": "most NOTIFYs outstanding together on one connection",
+    "buffered_bytes": "bytes of partial frames and reassemblies held (at the last sweep)",
 }
 
 
@@ -161,9 +165,10 @@ def serve_metrics(address: str, stats: AgentStats, module=None) -> tuple:
 class LbNodeCollector:
     """The LB node: connections held, leases, premature expiries, packets, hints."""
 
-    def __init__(self, lbnode, receiver, prefix: str = "spoa_lbnode") -> None:
+    def __init__(self, lbnode, receiver, tcp_listener=None, prefix: str = "spoa_lbnode") -> None:
         self._lbnode = lbnode
         self._receiver = receiver
+        self._tcp = tcp_listener
         self._prefix = prefix
 
     def collect(self) -> Iterator:
@@ -206,9 +211,19 @@ class LbNodeCollector:
         if drops is not None:
             yield CounterMetricFamily(f"{p}_udp_drops", "datagrams the kernel dropped: receive buffer full "
                                       "(raise lbnode.receive_buffer)", value=drops)
+        tcp = self._tcp
+        if tcp is not None:
+            yield GaugeMetricFamily(f"{p}_tcp_connections", "agents connected over TCP", value=len(tcp.streams))
+            yield GaugeMetricFamily(f"{p}_tcp_buffered_bytes", "bytes of unfinished TCP messages held",
+                                    value=tcp.buffered_bytes)
+            for name, doc in (("idle_timeouts", "TCP peers closed after lbnode.tcp_idle_timeout of silence"),
+                              ("message_timeouts", "TCP peers closed with a message unfinished after "
+                               "lbnode.tcp_message_timeout"),
+                              ("budget_closes", "TCP peers closed for exceeding lbnode.tcp_max_buffered_bytes")):
+                yield CounterMetricFamily(f"{p}_tcp_{name}", doc, value=getattr(tcp, name))
 
 
-def serve_lbnode_metrics(address: str, lbnode, receiver) -> tuple:
+def serve_lbnode_metrics(address: str, lbnode, receiver, tcp_listener=None) -> tuple:
     registry = CollectorRegistry()
-    registry.register(LbNodeCollector(lbnode, receiver))
+    registry.register(LbNodeCollector(lbnode, receiver, tcp_listener))
     return _serve(address, registry)

@@ -66,6 +66,13 @@ class SpopProtocol(asyncio.Protocol):
         self._fragment: list | None = None
         self._tasks: set[asyncio.Task] = set()
         self._paused = False
+        # Deadlines, checked by the agent's sweep (Agent.sweep) in its ticks
+        # rather than a timer per read: the tick of the last read, and of the
+        # start of the frame (or fragmented NOTIFY) still incomplete.
+        self._last_read = agent.ticks
+        self._partial_since: int | None = None
+        # Bytes of partial frames and reassembly held, in agent.buffered_bytes.
+        self._held = 0
 
     # -- asyncio callbacks -------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -83,6 +90,7 @@ class SpopProtocol(asyncio.Protocol):
         if self._state >= _DRAINING:
             return
         self._stats.bytes_in += len(data)
+        self._last_read = self._agent.ticks
         self._reader.feed(data)  # cannot fail: only next_frame() judges the bytes
         self._process()
 
@@ -91,13 +99,17 @@ class SpopProtocol(asyncio.Protocol):
         stats = self._stats
         reader = self._reader
         depth = 0
+        frames_before = stats.frames_in
         try:
             while self._state < _DRAINING and not self._paused:
                 frame = reader.next_frame()
                 if frame is None:
                     break
                 stats.frames_in += 1
-                if frame.type == _NOTIFY and self._state == _READY and frame.flags & FLAG_FIN:
+                # A whole NOTIFY while a fragmented one is pending goes the
+                # slow way, to be refused as interlaced.
+                if (frame.type == _NOTIFY and self._state == _READY and frame.flags & FLAG_FIN
+                        and self._fragment is None):
                     depth += 1
                     self._on_notify(frame)
                 else:
@@ -110,7 +122,55 @@ class SpopProtocol(asyncio.Protocol):
             self._fail(Status.UNKNOWN, "internal agent error")
         if depth:
             stats.observe_depth(depth + len(self._tasks))
+        self._account(stats.frames_in != frames_before)
         self._flush()
+
+    def _account(self, progressed: bool) -> None:
+        """Book what this connection holds unanswered (a partial frame, a
+        reassembly) against the agent's budget, and date it for the deadline."""
+        held = self._reader.buffered
+        if self._fragment is not None:
+            held += len(self._fragment[1])
+        if held == self._held:
+            if not held:
+                return
+        else:
+            agent = self._agent
+            agent.buffered_bytes += held - self._held
+            self._held = held
+            if held and agent.buffered_bytes > self._settings.max_buffered_bytes and self._state < _CLOSING:
+                self._stats.buffer_budget_closes += 1
+                self._fail(Status.RESOURCE, f"partial frames of all connections exceed max_buffered_bytes "
+                                            f"({self._settings.max_buffered_bytes})")
+                return
+        if not held:
+            self._partial_since = None
+        elif self._fragment is not None:
+            # A reassembly's deadline runs from its first fragment.
+            if self._partial_since is None:
+                self._partial_since = self._agent.ticks
+        elif progressed or self._partial_since is None:
+            self._partial_since = self._agent.ticks
+
+    def check_deadlines(self, ticks: int) -> None:
+        """Called by the agent's sweep each tick: close a connection idle past
+        idle_timeout, or holding a frame unfinished past frame_timeout."""
+        if self._state >= _DRAINING:
+            return
+        settings, stats = self._settings, self._stats
+        tick = self._agent.tick_seconds
+        if self._partial_since is not None and (ticks - self._partial_since) * tick >= settings.frame_timeout:
+            stats.frame_timeouts += 1
+            self._fail(Status.TIMEOUT, f"frame unfinished after frame_timeout ({settings.frame_timeout:g} s)")
+        elif (self._state == _READY and not self._tasks
+              and (ticks - self._last_read) * tick >= settings.idle_timeout):
+            # Normal for a pooled connection HAProxy stopped using (its own
+            # idle timeouts are shorter): a clean DISCONNECT, not an error.
+            stats.idle_timeouts += 1
+            log.info("connection from %s idle for %g s: closing", self._peer, settings.idle_timeout)
+            write_disconnect(self._out, FrameType.AGENT_DISCONNECT, Status.NORMAL, "idle timeout")
+            stats.frames_out += 1
+            self._close_after_flush()
 
     def eof_received(self) -> bool | None:
         if self._reader.buffered and self._state < _DRAINING:
@@ -122,6 +182,8 @@ class SpopProtocol(asyncio.Protocol):
         stats = self._stats
         stats.connections_active -= 1
         self._agent.connections.discard(self)
+        self._agent.buffered_bytes -= self._held
+        self._held = 0
         if isinstance(exc, _NORMAL_CLOSE_ERRORS):
             stats.resets += 1
         elif exc is not None:

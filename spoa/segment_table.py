@@ -14,6 +14,22 @@ from .forecast import History
 from .slotmap import REFUSED, SlotMap
 
 
+# Segment slots a table starts with; it doubles from there up to its bound.
+INITIAL_SEGMENTS = 2048
+
+# The per-segment arrays: (name, dtype, value of a fresh slot).
+_PER_SEGMENT = (
+    ("owner", np.int64, -1),  # connection slot
+    ("direction", np.uint8, 0),  # DIR_IN / DIR_OUT
+    ("byte_count", np.uint64, 0),  # as last reported
+    ("level", np.int8, 0),  # granularity level, as last reported
+    ("last_activity", np.uint64, 0),  # unix ms of its last byte (0: never)
+    ("transferred", np.float64, 0.0),  # bytes reported during this interval
+    ("refreshed", bool, False),  # reported during this interval
+    ("seen", np.int64, -1),  # update (epoch) that last reported it
+)
+
+
 class SegmentTable:
     """Per-segment state of the held connections, keyed by (connection slot,
     direction, start_byte_offset), in numpy arrays indexed by segment slot.
@@ -27,29 +43,48 @@ class SegmentTable:
 
     Per interval it sums each segment's bytes_transferred and pushes the sum
     into a bounded ring (History, `history` intervals) of each segment
-    refreshed in it. At most `capacity` segments are held: beyond, new
-    segments are not tracked and counted in `refused`.
+    refreshed in it. At most `capacity` segments are held (the arrays grow
+    to it as segments arrive): beyond, new segments are not tracked and
+    counted in `refused`.
     """
 
-    def __init__(self, capacity: int, conn_capacity: int, history: int = 8) -> None:
-        self.capacity = capacity
-        self.keys = SlotMap(capacity)  # (connection slot x 2 + direction, start offset) -> segment slot
-        self.owner = np.full(capacity, -1, np.int64)  # connection slot
-        self.direction = np.zeros(capacity, np.uint8)  # DIR_IN / DIR_OUT
-        self.start = self.keys.key_b[:, 0]  # start_byte_offset (a view of the key)
-        self.byte_count = np.zeros(capacity, np.uint64)  # as last reported
-        self.level = np.zeros(capacity, np.int8)  # granularity level, as last reported
-        self.last_activity = np.zeros(capacity, np.uint64)  # unix ms of its last byte (0: never)
-        self.transferred = np.zeros(capacity, np.float64)  # bytes reported during this interval
-        self.refreshed = np.zeros(capacity, bool)  # reported during this interval
-        self.seen = np.full(capacity, -1, np.int64)  # update (epoch) that last reported it
-        self.history = History(capacity, history, np.float32)  # bytes per interval, the last `history`
+    def __init__(self, capacity: int, conn_capacity: int = 0, history: int = 8) -> None:
+        # At most `capacity` segments; the arrays start small and double as
+        # segments arrive (the connection side grows with the LeaseTable).
+        self.max_capacity = capacity
+        self.capacity = 0
+        self.keys = SlotMap(1)  # (connection slot x 2 + direction, start offset) -> segment slot
+        for name, dtype, _fresh in _PER_SEGMENT:
+            setattr(self, name, np.zeros(0, dtype))
+        self.history = History(0, history, np.float32)  # bytes per interval, the last `history`
         # connection slot -> epoch of its last update (-1: released): a segment
         # is live while its `seen` equals its owner's epoch
-        self.conn_epoch = np.full(conn_capacity, -1, np.int64)
+        self.conn_epoch = np.full(0, -1, np.int64)
         self.epoch = 0
         self.refused = 0  # segments not tracked: table full
         self.dropped = 0  # segment slots reclaimed (merged away, or their connection released)
+        self.grow(min(capacity, INITIAL_SEGMENTS))
+        self.grow_connections(conn_capacity)
+
+    def grow(self, capacity: int) -> None:
+        """Every per-segment array to `capacity` slots; held segments keep their state."""
+        old = self.capacity
+        self.keys.grow(capacity)
+        self.start = self.keys.key_b[:, 0]  # start_byte_offset (a view of the key)
+        for name, dtype, fresh in _PER_SEGMENT:
+            grown = np.full(capacity, fresh, dtype)
+            grown[:old] = getattr(self, name)
+            setattr(self, name, grown)
+        self.history.resize(capacity)
+        self.capacity = capacity
+
+    def grow_connections(self, conn_capacity: int) -> None:
+        """Room for connection slots up to `conn_capacity` (the LeaseTable grew)."""
+        old = len(self.conn_epoch)
+        if conn_capacity > old:
+            grown = np.full(conn_capacity, -1, np.int64)
+            grown[:old] = self.conn_epoch
+            self.conn_epoch = grown
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -66,7 +101,13 @@ class SegmentTable:
         key_a = owner.astype(np.uint64) * 2 + direction
         segs, fresh = self.keys.resolve(key_a, key_b)
         if (segs == REFUSED).any():
-            self.sweep()  # make room from stale segments first
+            self.sweep()  # make room from stale segments first, then grow
+            needed = len(self.keys) + int(np.count_nonzero(segs == REFUSED))
+            if needed > self.capacity < self.max_capacity:
+                capacity = self.capacity
+                while capacity < needed:
+                    capacity *= 2
+                self.grow(min(capacity, self.max_capacity))
             segs, fresh = self.keys.resolve(key_a, key_b)
         kept = segs >= 0
         self.refused += len(segs) - int(np.count_nonzero(kept))

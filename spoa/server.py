@@ -38,6 +38,7 @@ class AgentServer:
         self.listen = [parse_address(a) for a in listen]
         self._servers: list[asyncio.AbstractServer] = []
         self._stopping = False
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def _protocol(self) -> asyncio.Protocol:
         agent = self.agent
@@ -63,6 +64,18 @@ class AgentServer:
                 raise OSError(exc.errno, exc.strerror or str(exc), _text(host, port)) from exc
             self._servers.append(server)
             log.info("listening on %s", ", ".join(_describe(s) for s in server.sockets))
+        self._schedule_sweep()
+
+    def _schedule_sweep(self) -> None:
+        # One timer for every connection's deadlines, not one per read.
+        self._sweeper = asyncio.get_running_loop().call_later(self.agent.tick_seconds, self._sweep)
+
+    def _sweep(self) -> None:
+        try:
+            self.agent.sweep()
+        except Exception:  # a bug of ours must not stop the deadlines for good
+            log.exception("deadline sweep failed")
+        self._schedule_sweep()
 
     @property
     def addresses(self) -> list[str]:
@@ -73,6 +86,8 @@ class AgentServer:
         """Stop accepting; each connection answers its NOTIFYs in flight, then
         says AGENT-DISCONNECT; after `grace` seconds the rest are dropped."""
         self._stopping = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for server in self._servers:
             server.close()
         for conn in list(self.agent.connections):

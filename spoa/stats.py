@@ -36,6 +36,10 @@ class AgentStats:
         "disconnects_received",
         "resets",
         "eof_mid_frame",
+        "idle_timeouts",
+        "frame_timeouts",
+        "buffer_budget_closes",
+        "buffered_bytes",
     )
 
     def __init__(self) -> None:

@@ -671,6 +671,15 @@ def test_reassembly_is_bounded(make_agent):
     assert rt.stats.errors["TOO_BIG"] == 1
 
 
+def test_whole_notify_while_a_fragmented_one_is_pending_is_interlaced(rt):
+    client = rt.client()
+    payload = _message_payload([("echo", [("s", "a" * 100)])])
+    client.send_raw(build_frame(FrameType.NOTIFY, payload[:50], 7, 1, flags=0))
+    client.send_raw(build_notify(9, 1, [("echo", [("after", 1)])]))
+    _expect_disconnect(client, 11)
+    assert rt.stats.errors["INTERLACED_FRAMES"] == 1 and rt.stats.acks == 0
+
+
 def test_fragments_refused_when_not_announced(make_agent):
     rt = make_agent(accept_fragments=False)
     client = rt.client()
@@ -678,6 +687,101 @@ def test_fragments_refused_when_not_announced(make_agent):
     payload = _message_payload([("echo", [("s", "a" * 100)])])
     client.send_raw(build_frame(FrameType.NOTIFY, payload[:50], 7, 1, flags=0))
     _expect_disconnect(client, 10, timeout=0.5)
+
+
+# =====================================================================================
+# Deadlines and the buffer budget: idle peers, slow peers, memory
+# =====================================================================================
+
+
+def test_idle_connection_is_closed_after_idle_timeout(make_agent):
+    rt = make_agent(idle_timeout=1.0)
+    idle, busy = rt.client(), rt.client()
+    started = time.monotonic()
+    # The busy one keeps talking more slowly than the tick but faster than the timeout.
+    for i in range(8):
+        assert busy.notify(1, i + 1, [("echo", [])]) == NOOP
+        time.sleep(0.2)
+    kv = _expect_disconnect(idle, 0, timeout=2.0)
+    assert kv["message"] == "idle timeout"
+    assert 1.0 <= time.monotonic() - started < 2.5
+    assert busy.notify(1, 99, [("echo", [])]) == NOOP  # still open
+    assert rt.stats.idle_timeouts == 1 and sum(rt.stats.errors.values()) == 0
+
+
+def test_idle_peers_no_longer_lock_out_haproxy(make_agent):
+    """max_connections idle peers used to hold every slot forever."""
+    rt = make_agent(idle_timeout=1.0, max_connections=5)
+    for _ in range(5):
+        rt.client()
+    rt.wait_for(lambda: rt.stats.idle_timeouts == 5 and rt.stats.connections_active == 0, timeout=4)
+    assert rt.client().notify(1, 1, [("echo", [])]) == NOOP
+
+
+def test_a_connection_waiting_for_its_handler_is_not_idle(make_agent):
+    rt = make_agent(idle_timeout=1.0, handler_timeout=3.0)
+    client = rt.client()
+    client.send_notify(1, 1, [("async-echo", [("delay_ms", 1800), ("v", 1)])])
+    assert client.read_ack(1, 1, timeout=3.0).actions() == [("set-var", TXN, "async", 1)]
+    assert rt.stats.idle_timeouts == 0
+
+
+@pytest.mark.parametrize("how", ["partial-frame", "slowloris", "fragments"])
+def test_unfinished_frame_is_closed_after_frame_timeout(make_agent, how):
+    rt = make_agent(frame_timeout=0.5, idle_timeout=60)
+    client = rt.client()
+    frame = build_notify(1, 1, [("echo", [("s", "x" * 200)])])
+    started = time.monotonic()
+    if how == "partial-frame":
+        client.send_raw(frame[:-10])
+    elif how == "slowloris":
+        # A byte at a time, each within the idle timeout: only the deadline catches it.
+        for byte in frame[:5]:
+            client.send_raw(bytes([byte]))
+            time.sleep(0.08)
+    else:
+        payload = _message_payload([("echo", [("s", "a" * 300)])])
+        client.send_raw(build_frame(FrameType.NOTIFY, payload[:100], 7, 3, flags=0))
+        for i in range(3):  # fragments keep coming, the NOTIFY never ends
+            client.send_raw(build_frame(FrameType.UNSET, payload[100 + i:101 + i], 7, 3, flags=0))
+            time.sleep(0.12)
+    _expect_disconnect(client, 2, timeout=2.0)
+    assert time.monotonic() - started < 2.5
+    assert rt.stats.frame_timeouts == 1
+    rt.wait_for(lambda: rt.agent.buffered_bytes == 0)
+
+
+def test_frames_split_across_reads_are_not_a_timeout(make_agent):
+    """Steady traffic whose reads end mid-frame makes progress: no deadline."""
+    rt = make_agent(frame_timeout=0.3)
+    client = rt.client()
+    frames = b"".join(build_notify(1, i, [("echo", [("s", "x" * 50)])]) for i in range(1, 41))
+    step = 37  # never a frame boundary
+    for i in range(0, len(frames), step):
+        client.send_raw(frames[i:i + step])
+        time.sleep(0.03)
+    for i in range(1, 41):
+        client.read_ack(1, i)
+    assert rt.stats.frame_timeouts == 0
+
+
+def test_partial_frames_are_held_to_the_budget(make_agent):
+    rt = make_agent(max_buffered_bytes=32 << 10, frame_timeout=30)
+    big = build_notify(1, 1, [("echo", [("s", "x" * 15000)])])
+    first, second = rt.client(), rt.client()
+    first.send_raw(big[:-1])  # 15 KB held
+    rt.wait_for(lambda: rt.agent.buffered_bytes == len(big) - 1)
+    second.send_raw(big[:-1])
+    rt.wait_for(lambda: rt.agent.buffered_bytes == 2 * (len(big) - 1))
+    third = rt.client()
+    third.send_raw(big[:-1])  # the one over the budget
+    _expect_disconnect(third, 13)
+    assert rt.stats.buffer_budget_closes == 1
+    first.send_raw(big[-1:])  # those within the budget are answered
+    assert first.read_ack(1, 1).actions() == [("set-var", TXN, "s", "x" * 15000)]
+    rt.wait_for(lambda: rt.agent.buffered_bytes == len(big) - 1, what="the answered frame released")
+    second.close()
+    rt.wait_for(lambda: rt.agent.buffered_bytes == 0, what="budget released on close")
 
 
 # =====================================================================================

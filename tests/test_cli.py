@@ -374,6 +374,9 @@ def test_config_values_reach_the_agent(start_agent, tmp_path):
     ("lease: {safety: .nan}\n", "lease.safety: must be a finite number"),
     ("anomaly: {quantile: .nan}\n", "anomaly.quantile: must be a finite number"),
     ("lease: {resource_utilization_threshold: .inf}\n", "lease.resource_utilization_threshold: must be a finite"),
+    # in range, but more than this machine could ever allocate (a numpy MemoryError traceback once)
+    ("lbnode: {max_connections: 4294967296}\n", "lbnode.max_connections: LB-node state at the configured limits"),
+    ("{lbnode: {max_connections: 100000000}, forecast: {history: 10000}}\n", "forecast.history: LB-node state at the configured limits"),
 ])
 def test_lbnode_config_mistakes_fail_fast(tmp_path, capsys, text, needle):
     from spoa import cli

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -145,3 +147,19 @@ def test_metrics_export_segment_table_state_and_counts():
     assert samples["spoa_lbnode_segments_refused_total"] == 1
     assert samples["spoa_lbnode_segments_dropped_total"] == 0
     assert samples["spoa_lbnode_connections"] == 2
+
+
+def test_idle_lb_node_at_the_default_limits_is_small(tmp_path):
+    """Its tables grow with the connections held: at the default
+    max_connections (1 M) an idle LB node was ~430 MB of preallocated arrays."""
+    key = tmp_path / "key"
+    key.write_bytes(b"k" * 32)
+    code = ("import sys; from spoa import config; from spoa.lbnode_service import build_lbnode; "
+            "node = build_lbnode(config.load(config.LBNODE_SCHEMA, overrides={'lbnode.key_file': sys.argv[1]})); "
+            "print(node.table.capacity, node.table.max_capacity, "
+            "next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS:')))")
+    out = subprocess.run([sys.executable, "-c", code, str(key)], capture_output=True, text=True, timeout=60,
+                         check=True).stdout.split()
+    capacity, bound, rss_kib = map(int, out)
+    assert (capacity, bound) == (1024, 1_000_000)
+    assert rss_kib < 120 * 1024, f"idle LB node RSS {rss_kib / 1024:.0f} MiB"

@@ -43,7 +43,7 @@ def twins(request, monkeypatch):
 
 
 def table(capacity: int = 64, segments: int | None = None, anomaly=None) -> LeaseTable:
-    seg_table = SegmentTable(segments or 4 * capacity, capacity, history=4)
+    seg_table = SegmentTable(segments or 4 * capacity, history=4)
     return LeaseTable(capacity, SES(capacity, alpha=0.5), VolumePolicy(BOUNDS, 10.0), BOUNDS.standard_ms, 1000,
                       remember_expired=50, anomaly=anomaly, segments=seg_table)
 
@@ -225,3 +225,50 @@ def test_anomaly_is_decided_on_segment_rates():
     hints = t.end_interval(2000)[1]
     flagged = {int.from_bytes(h["conn_id"], "big") for h in hints if h["flags"]}
     assert flagged == {7} and t.stats.anomalies == 1
+
+
+def _grow_scenario(intervals: int = 5, per_interval: int = 1500) -> list[tuple[int, list[ConnectionRecord]]]:
+    """Connections arriving faster than the first table size, the early ones refreshed."""
+    rng = random.Random(7)
+    out = []
+    for k in range(intervals):
+        recs = [record(cid, 1000 * (k + 1) + cid, [seg(DIR_IN, 0, rng.randrange(9000))])
+                for cid in range(per_interval * (k + 1)) if cid % 5 or k % 2]
+        out.append((1000 * (k + 1), recs))
+    return out
+
+
+def _run(t: LeaseTable, intervals) -> list:
+    hints = []
+    for now, recs in intervals:
+        batch = ColumnBatch()
+        for d in encode_packet(PacketHeader(1, now, now, 1000), recs, KEY, 1400):
+            batch.append_datagram(d, KEY)
+        t.ingest_batch(batch, now)
+        hints.append(sorted(t.end_interval(now + 900).get(1, np.zeros(0)).tolist()))
+    return hints
+
+
+def test_a_table_that_grows_holds_what_a_preallocated_one_does(twins, monkeypatch):
+    """Memory follows the connections held: the arrays double from a small
+    start, and every connection's state, segments and hints stay as if the
+    table had been allocated at its bound."""
+    grown = table(10_000, segments=20_000)
+    monkeypatch.setattr(lbnode, "INITIAL_CAPACITY", 10_000)
+    monkeypatch.setattr(segment_table, "INITIAL_SEGMENTS", 20_000)
+    preallocated = table(10_000, segments=20_000)
+    assert (grown.capacity, preallocated.capacity) == (1024, 10_000)
+    assert _run(grown, _grow_scenario()) == _run(preallocated, _grow_scenario())
+    assert by_key(grown) == by_key(preallocated) and grown.stats == preallocated.stats
+    assert 6000 <= len(grown) <= grown.capacity == 8192 and grown.segments.capacity == 8192
+    assert grown.forecaster.capacity == len(grown.segments.conn_epoch) == len(grown.lease) == 8192
+
+
+def test_growth_stops_at_the_bound_and_refuses_beyond(twins):
+    t = table(1500, segments=3000)
+    recs = [record(cid, 100, [seg(DIR_IN, 0, 10)]) for cid in range(2000)]
+    batch = ColumnBatch()
+    for d in encode_packet(PacketHeader(1, 1, 1, 1000), recs, KEY, 1400):
+        batch.append_datagram(d, KEY)
+    t.ingest_batch(batch, 1000)
+    assert (t.capacity, len(t), t.stats.refused) == (1500, 1500, 500)

@@ -2,7 +2,8 @@
 
 Random operation sequences (resolve with and without create, lookup, release)
 give the same slots, fresh flags, key arrays and counts in both twins; free
-slots come back LIFO; a full map refuses; a key repeated in one call gets its
+slots come back LIFO; a full map refuses, and after growing hands out the
+new slots after the free ones, its keys intact; a key repeated in one call gets its
 first occurrence's slot; release skips free slots and checks the range.
 """
 
@@ -91,7 +92,7 @@ def test_many_keys_and_deletions_keep_lookups_right(slotmap):
 
 
 ops = st.lists(st.tuples(
-    st.sampled_from(["resolve", "create", "lookup", "release"]),
+    st.sampled_from(["resolve", "create", "lookup", "release", "grow"]),
     st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5)), max_size=12),
     st.lists(st.booleans(), min_size=12, max_size=12),
     st.lists(st.integers(0, 7), max_size=4),
@@ -106,7 +107,10 @@ def test_twins_agree(compiled, capacity, operations):
         a, b = keys(pairs)
         if op == "release":
             for m in maps:
-                m.release(np.array([s % capacity for s in released], np.int64))
+                m.release(np.array([s % m.capacity for s in released], np.int64))
+        elif op == "grow":
+            for m in maps:
+                m.grow(m.capacity + len(released) + 1)
         elif op == "lookup":
             x, y = (m.lookup(a, b) for m in maps)
             assert np.array_equal(x, y)
@@ -118,3 +122,20 @@ def test_twins_agree(compiled, capacity, operations):
         used = maps[0].in_use
         assert np.array_equal(maps[0].key_a[used], maps[1].key_a[used])
         assert np.array_equal(maps[0].key_b[used], maps[1].key_b[used])
+
+
+def test_grow_keeps_keys_and_hands_out_free_slots_first(slotmap):
+    m = slotmap.SlotMap(4)
+    a, b = keys([(1, i) for i in range(4)])
+    slots, _ = m.resolve(a, b)
+    assert slots.tolist() == [0, 1, 2, 3]
+    m.release(np.array([2], np.int64))
+    m.grow(3)  # not more: no change
+    assert m.capacity == 4
+    m.grow(8)
+    assert m.capacity == 8 and len(m.key_a) == 8 and m.key_b.shape == (8, 2)
+    assert m.lookup(a, b).tolist() == [0, 1, slotmap.MISSING, 3]
+    more_a, more_b = keys([(2, i) for i in range(6)])
+    slots, fresh = m.resolve(more_a, more_b)
+    assert slots.tolist() == [2, 4, 5, 6, 7, slotmap.REFUSED] and fresh.tolist() == [True] * 5 + [False]
+    assert m.lookup(a, b).tolist() == [0, 1, slotmap.MISSING, 3]

@@ -38,35 +38,69 @@ cdef class SlotMap:
         self.free = NULL
 
     def __init__(self, capacity):
-        cdef Py_ssize_t k
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = 0
+        self.key_a = np.zeros(0, np.uint64)
+        self.key_b = np.zeros((0, 2), np.uint64)
+        self.in_use = np.zeros(0, bool)
+        self.nfree = 0
+        self.live = 0
+        self.grow(capacity)
+
+    def grow(self, capacity):
+        """Room for `capacity` slots (no change when not more than now). Held
+        slots keep their keys; the new slots are handed out after the free
+        ones, lowest first. The key arrays are new objects: views of the old
+        ones must be taken again."""
+        cdef Py_ssize_t old = self.capacity, k
+        cdef int64_t slot, found
         cdef uint64_t cells = 1
         cdef uint64_t[::1] a
         cdef uint64_t[:, ::1] b
         cdef uint8_t[::1] u
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self.capacity = capacity
-        self.key_a = np.zeros(self.capacity, np.uint64)
-        self.key_b = np.zeros((self.capacity, 2), np.uint64)
-        self.in_use = np.zeros(self.capacity, bool)
+        cdef int64_t *table
+        cdef int64_t *free
+        if capacity <= old:
+            return
+        while cells < 2 * <uint64_t>capacity:
+            cells <<= 1
+        table = <int64_t *>PyMem_Malloc(cells * sizeof(int64_t))
+        free = <int64_t *>PyMem_Malloc(capacity * sizeof(int64_t))
+        if table == NULL or free == NULL:
+            PyMem_Free(table)
+            PyMem_Free(free)
+            raise MemoryError()
+        key_a = np.zeros(capacity, np.uint64)
+        key_b = np.zeros((capacity, 2), np.uint64)
+        in_use = np.zeros(capacity, bool)
+        key_a[:old] = self.key_a
+        key_b[:old] = self.key_b
+        in_use[:old] = self.in_use
+        # The stack: new slots at the bottom (the highest deepest), the free
+        # ones above them as they were.
+        for k in range(capacity - old):
+            free[k] = capacity - 1 - k
+        for k in range(self.nfree):
+            free[capacity - old + k] = self.free[k]
+        PyMem_Free(self.table)
+        PyMem_Free(self.free)
+        self.table, self.free = table, free
+        self.nfree += capacity - old
+        self.key_a, self.key_b, self.in_use = key_a, key_b, in_use
         a = self.key_a
         b = self.key_b
         u = self.in_use.view(np.uint8)
         self.ka = &a[0]
         self.kb = &b[0, 0]
         self.used = &u[0]
-        while cells < 2 * <uint64_t>self.capacity:
-            cells <<= 1
         self.mask = cells - 1
-        self.table = <int64_t *>PyMem_Malloc(cells * sizeof(int64_t))
-        self.free = <int64_t *>PyMem_Malloc(self.capacity * sizeof(int64_t))
-        if self.table == NULL or self.free == NULL:
-            raise MemoryError()
+        self.capacity = capacity
         memset(self.table, 0xFF, cells * sizeof(int64_t))  # every cell -1
-        for k in range(self.capacity):
-            self.free[k] = self.capacity - 1 - k
-        self.nfree = self.capacity
-        self.live = 0
+        for slot in range(old):  # the held keys, rehashed for the new mask
+            if self.used[slot]:
+                found = self.find(self.ka[slot], self.kb[2 * slot], self.kb[2 * slot + 1])
+                self.table[-found - 1] = slot
 
     def __dealloc__(self):
         PyMem_Free(self.table)

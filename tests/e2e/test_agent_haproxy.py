@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 
+from .conftest import Stack
 from .harness import AgentProcess, http_get, parse_lease_header, wait_until
 
 
@@ -111,6 +112,25 @@ def test_agent_killed_under_load_then_restarted(own_stack):
     assert outcomes and all(status == 200 for _, status, _, _ in outcomes), "a client saw an error"
     during = [(lease, err) for t, _, lease, err in outcomes if killed_at < t < restarted_at]
     assert during and any(err for _, err in during)
+
+
+def test_agent_closing_idle_connections_costs_haproxy_nothing(haproxy_binary, app_server, tmp_path):
+    """The agent closes SPOP connections idle past agent.idle_timeout (here 1 s,
+    far below HAProxy's own idle timeouts): HAProxy must open new ones for the
+    next requests with no error and no lost lease answer, on every line."""
+    stack = Stack(haproxy_binary, tmp_path, app_server, agent_config={"agent": {"idle_timeout": 1}})
+    try:
+        for _ in range(3):
+            for _ in range(10):
+                status, headers = http_get(stack.haproxy.http_port)
+                assert status == 200 and "x-lease-error" not in headers, headers
+                assert parse_lease_header(headers.get("x-lease")) is not None, headers
+            time.sleep(2.5)  # idle: the agent closes HAProxy's connections
+        metrics = stack.agent.metrics()
+        assert metrics["spoa_agent_idle_timeouts_total"] >= 2
+        assert sum(v for k, v in metrics.items() if k.startswith("spoa_agent_protocol_errors_total")) == 0
+    finally:
+        stack.stop()
 
 
 def test_agent_stops_cleanly_under_haproxy(own_stack):
