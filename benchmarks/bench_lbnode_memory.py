@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks._results import write_section
 from benchmarks._machine import cpu_model
 from benchmarks.bench_lbnode import KEY, PACKET, records
 from spoa import _packet
@@ -112,18 +113,6 @@ metrics count (datagrams its receive buffer dropped at the send rate are not res
 """
 
 
-def write_results(path: Path, text: str) -> None:
-    """Replace this benchmark's section of RESULTS.md (or append it)."""
-    old = path.read_text() if path.exists() else ""
-    start = old.find("## LB node memory: ")
-    if start >= 0:
-        end = old.find("\n## ", start + 1)
-        old = old[:start] + text + (old[end + 1:] if end >= 0 else "")
-    else:
-        old = old.rstrip() + "\n\n" + text
-    path.write_text(old)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--held", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
@@ -132,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     text = section(measure(args.held))
     print(text)
     if args.results:
-        write_results(args.results, text)
+        write_section(args.results, "## LB node memory: ", text)
     return 0
 
 

@@ -2,7 +2,7 @@
 """Soak: thousands of keep-alive clients through a real HAProxy for minutes.
 
 The whole product as an operator runs it, on loopback: HAProxy (example.cfg +
-agents.cfg), `python -m spoa agent`, `python -m spoa lbnode`, the tests' app
+agents.cfg), `python -m spoa agent`, `python -m spoa lbnode`, an asyncio app
 server, and --connections keep-alive clients each sending a request every
 ~1/--rate seconds (jittered) for --duration seconds. Every --sample seconds
 it records each daemon's RSS (VmRSS) and CPU time (utime + stime), and the
@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,9 +40,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _machine import cpu_model  # noqa: E402 - benchmarks/ is the script's folder
+from _results import write_section  # noqa: E402
 from spoa import provision  # noqa: E402
 from spoa.demo.loadgen import HttpConn, parse_lease  # noqa: E402
-from tests.e2e.harness import AgentProcess, AppServer, HAProxyProcess, LbNodeProcess  # noqa: E402
+from tests.e2e.harness import AgentProcess, HAProxyProcess, LbNodeProcess, free_port, wait_port  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 KEY = b"soak-benchmark-shared-key-0123456"
@@ -127,9 +129,11 @@ async def soak(args, procs: dict, agent: AgentProcess, lbnode: LbNodeProcess, po
 
 def summarise(args, run: dict, line: str) -> dict:
     samples, clients = run["samples"], run["clients"]
-    steady = [s for s in samples if s["t"] >= args.warm_up]
+    # After the warm-up and while the clients run (the tail after they stop
+    # would dilute the per-connection figures).
+    steady = [s for s in samples if args.warm_up <= s["t"] <= args.duration]
     out = {"connections": args.connections, "duration_s": args.duration, "rate_per_connection": args.rate,
-           "haproxy": line, "interval_ms": args.interval_ms, "requests": sum(clients.statuses.values()),
+           "haproxy_line": line, "interval_ms": args.interval_ms, "requests": sum(clients.statuses.values()),
            "statuses": dict(clients.statuses), "client_errors": dict(clients.errors),
            "sources_after_1min": dict(clients.sources)}
     total = sum(clients.sources.values())
@@ -164,9 +168,9 @@ def markdown(s: dict) -> str:
         f"{s[name]['rss_slope_mib_per_min']:+.3f} | {s[name]['cpu_share']:.2f} | {s[name]['cpu_ms_per_interval']} | "
         f"{s[name]['cpu_us_per_connection_interval']} |" for name in ("agent", "lbnode", "haproxy"))
     h = s["hints"]
-    return f"""## Soak: {s['connections']} keep-alive clients through HAProxy {s['haproxy']} ({s['duration_s']} s)
+    return f"""## Soak: {s['connections']} keep-alive clients through HAProxy {s['haproxy_line']} ({s['duration_s']} s)
 
-`python benchmarks/bench_soak.py --connections {s['connections']} --duration {s['duration_s']} --haproxy {s['haproxy']}`
+`python benchmarks/bench_soak.py --connections {s['connections']} --duration {s['duration_s']:g} --haproxy {s['haproxy_line']}`
 ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {s['machine']['cpu']}, {s['machine']['cores']} CPUs,
 kernel {s['machine']['kernel']}, Python {s['machine']['python']}). Each client sends a request every
 ~{1 / s['rate_per_connection']:.0f} s (jittered); reporting interval {s['interval_ms']} ms; the figures below
@@ -179,22 +183,13 @@ after the first minute {100 * s['predicted_share']:.2f} % of responses carried a
 {h['udp_drops']:.0f}; premature expiries {h['premature_expiries']:.0f}. Mean tracked connections
 {s['tracked_connections_mean']}.
 
+CPU is each process's whole CPU time (for the agent: every SPOE message and the interval work)
+divided by the reporting intervals, and by the tracked connections.
+
 | process | RSS MiB (start → end) | RSS slope MiB/min | CPU (cores) | CPU ms per interval | µs per connection per interval |
 |---|---:|---:|---:|---:|---:|
 {rows}
 """
-
-
-def write_results(path: Path, section: str) -> None:
-    """Replace this benchmark's section of RESULTS.md (or append it)."""
-    text = path.read_text() if path.exists() else ""
-    start = text.find("## Soak: ")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip() + "\n\n" + section
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,13 +210,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="spoa-soak-") as tmp_name:
         tmp = Path(tmp_name)
         (tmp / "lease.key").write_bytes(KEY)
-        app = AppServer().start()
+        app_port = free_port()
+        app = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "_app.py"), str(app_port)])
+        wait_port(app_port, proc=app)
         lbnode = LbNodeProcess(tmp, config={
             "lbnode": {"key_file": str(tmp / "lease.key"), "interval_ms": args.interval_ms}}).start()
         agent = AgentProcess(tmp, config={
             "publish": {"lb_nodes": [f"127.0.0.1:{lbnode.port}"], "key_file": str(tmp / "lease.key"),
                         "interval_ms": args.interval_ms}}).start()
-        haproxy = HAProxyProcess(binary, tmp, agent.port, app.port).start()
+        haproxy = HAProxyProcess(binary, tmp, agent.port, app_port).start()
         procs = {"agent": agent.proc.pid, "lbnode": lbnode.proc.pid, "haproxy": haproxy.proc.pid}
         try:
             run = asyncio.run(soak(args, procs, agent, lbnode, haproxy.http_port))
@@ -229,13 +226,14 @@ def main(argv: list[str] | None = None) -> int:
             haproxy.stop()
             agent.stop()
             lbnode.stop()
-            app.stop()
+            app.terminate()
+            app.wait(10)
     summary = summarise(args, run, args.haproxy)
     print(json.dumps(summary, indent=2))
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "samples": run["samples"]}, indent=2))
     if args.results:
-        write_results(args.results, markdown(summary))
+        write_section(args.results, "## Soak: ", markdown(summary))
     return 0
 
 
