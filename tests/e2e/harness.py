@@ -188,8 +188,11 @@ class HAProxyProcess:
     """HAProxy in the foreground (-db) with haproxy/example.cfg, example-tcp.cfg and agents.cfg."""
 
     def __init__(self, binary: HAProxyBinary, tmp: Path, agent_port: int, app_port: int,
-                 tcp_app_port: int = 9) -> None:
+                 tcp_app_port: int = 9, extra: tuple[Path, ...] = (), env: dict[str, str] | None = None) -> None:
+        """`extra`: more configuration files loaded after the include (a test's
+        own frontends), `env`: the variables they use."""
         self.binary = binary
+        self.extra = tuple(extra)
         self.http_port = free_port()
         self.tcp_port = free_port()
         self.run_dir = tmp
@@ -204,11 +207,12 @@ class HAProxyProcess:
             SPOA_LEASE_TCP=f"127.0.0.1:{self.tcp_port}",
             SPOA_LEASE_TCP_APP=f"127.0.0.1:{tcp_app_port}",
         )
+        self.env.update(env or {})
         self.proc: subprocess.Popen | None = None
 
     def args(self, *extra: str) -> list[str]:
-        return self.binary.command(*extra, *(arg for name in ("example.cfg", "example-tcp.cfg", "agents.cfg")
-                                             for arg in ("-f", str(HAPROXY_DIR / name))))
+        files = [HAPROXY_DIR / name for name in ("example.cfg", "example-tcp.cfg", "agents.cfg")] + list(self.extra)
+        return self.binary.command(*extra, *(arg for path in files for arg in ("-f", str(path))))
 
     def check(self) -> subprocess.CompletedProcess:
         return subprocess.run(self.args("-c"), env=self.env, capture_output=True, text=True, timeout=30)
