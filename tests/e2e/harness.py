@@ -5,6 +5,8 @@ Everything binds 127.0.0.1 on free ports and every wait is bounded.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 import signal
 import socket
@@ -92,6 +94,9 @@ class _AppHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
         url = urlsplit(self.path)
+        if url.path == "/ws" and self.headers.get("Upgrade", "").lower() == "websocket":
+            self._tunnel()
+            return
         if url.path == "/stream":
             query = parse_qs(url.query)
             self._stream(int(query["bytes"][0]), int(query.get("rate", ["0"])[0]))
@@ -102,6 +107,24 @@ class _AppHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _tunnel(self) -> None:
+        """A WebSocket-like upgrade: 101, then the connection echoes raw bytes until EOF."""
+        self.send_response(101, "Switching Protocols")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Upgrade", "websocket")
+        key = self.headers.get("Sec-WebSocket-Key")
+        if key:  # HAProxy answers 502 to a 101 whose accept does not match (RFC 6455 4.2.2)
+            accept = hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
+            self.send_header("Sec-WebSocket-Accept", base64.b64encode(accept).decode())
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        try:
+            while data := self.connection.recv(65536):
+                self.connection.sendall(data)
+        except OSError:
+            pass
 
     def _stream(self, size: int, rate: int) -> None:
         """`size` bytes at `rate` bytes/s (0: as fast as possible)."""
