@@ -116,7 +116,9 @@ class LbModule:
         self.lease = lease
         self.stats = ModuleStats()
         self._keys: dict[bytes, bytes] = {}  # conn_id -> tracker key (pack_key)
-        self._hints: dict[bytes, tuple] = {}  # conn_id -> (Hint, received unix ms)
+        # conn_id -> (Hint, received unix ms): the last hint taken for the
+        # connection, its lease, granularity level and anomaly flag
+        self._hints: dict[bytes, tuple] = {}
         self._last_published: dict[bytes, int] = {}  # conn_id -> unix ms
         self._ports: set[int] = set()
         self._ports_changed = False
@@ -162,13 +164,16 @@ class LbModule:
                     self._ports.add(dst_port)
                     self._ports_changed = True
                 self._spoe_counters(key, message, now)
-        lease_ms, source, level = self.lease_for(conn_id, now_ms())
+        lease_ms, source, level, anomaly = self.lease_for(conn_id, now_ms())
         self.stats.leases[source] += 1
         actions.set_var(Scope.SESS, "duration_ms", lease_ms)
         actions.set_var(Scope.SESS, "source", source)
         actions.set_var(Scope.SESS, "class", self.lease.lease_class(lease_ms))
         if level is not None:
             actions.set_var(Scope.SESS, "granularity", level)
+            # Always 0 or 1 once hints flow, never only-when-1: a sess variable
+            # outlives the request, so a flag that clears must be overwritten.
+            actions.set_var(Scope.SESS, "anomaly", anomaly)
         # A fresh number per answer: shows in HAProxy that the value is live.
         actions.set_var(Scope.TXN, "seq", next(self._answers))
 
@@ -190,25 +195,30 @@ class LbModule:
                 stats.hints_applied += 1
             else:
                 stats.hints_refused["out_of_bounds"] += 1
-            lease_ms, source, _ = self.lease_for(hint.conn_id, now)
+            lease_ms, source, _, _ = self.lease_for(hint.conn_id, now)
             self.tracker.set_lease(key, lease_ms, hint.lease_ms, LEASE_SOURCE_IDS[source])
             self.tracker.set_publish_after(key, self._publish_after(hint.conn_id, lease_ms, source))
 
-    def lease_for(self, conn_id: bytes | None, now: int) -> tuple[int, str, int | None]:
-        """(lease ms, source name, granularity level or None) in force for a connection.
+    def lease_for(self, conn_id: bytes | None, now: int) -> tuple[int, str, int | None, int | None]:
+        """(lease ms, source name, granularity level or None, anomaly 0/1 or None) for a connection.
 
         A hint is honoured only inside [min_ms, max_ms] and while fresh; any
         other case is the standard lease ("fallback" when a hint was refused
-        or went stale, "standard" when there never was one).
+        or went stale, "standard" when there never was one). The anomaly flag
+        is the last hint's (whatever its lease's bounds: the flag is about the
+        traffic, not the lease) while that hint is fresh, 0 once it is stale:
+        a quiet LB node's old judgement must not hold a connection flagged.
+        None, like the level, until a hint came.
         """
         entry = self._hints.get(conn_id) if conn_id is not None else None
         if entry is None:
-            return self.lease.standard_ms, "standard", None
+            return self.lease.standard_ms, "standard", None, None
         hint, received = entry
-        if (now - received <= self.lease.hint_ttl_ms and hint.source == LeaseSource.PREDICTED
-                and self.lease.min_ms <= hint.lease_ms <= self.lease.max_ms):
-            return hint.lease_ms, "predicted", hint.granularity_level
-        return self.lease.standard_ms, "fallback", hint.granularity_level
+        fresh = now - received <= self.lease.hint_ttl_ms
+        anomaly = 1 if fresh and hint.anomaly else 0
+        if fresh and hint.source == LeaseSource.PREDICTED and self.lease.min_ms <= hint.lease_ms <= self.lease.max_ms:
+            return hint.lease_ms, "predicted", hint.granularity_level, anomaly
+        return self.lease.standard_ms, "fallback", hint.granularity_level, anomaly
 
     def _spoe_counters(self, key: bytes, message: Any, now: int) -> None:
         """3.0+ sends bytes_in/bytes_out: the fallback when the kernel cannot be read."""
@@ -295,7 +305,7 @@ class LbModule:
             last_published[conn_id] = now
             key = keys.get(conn_id)
             if key is not None:
-                lease_ms, source, _ = self.lease_for(conn_id, now)
+                lease_ms, source, _, _ = self.lease_for(conn_id, now)
                 self.tracker.set_publish_after(key, self._publish_after(conn_id, lease_ms, source))
         return records
 

@@ -152,3 +152,50 @@ def test_connection_id_from_uuid_or_hash():
     assert connection_id(text.encode()) == uuid.UUID(text).bytes
     other = connection_id("not-a-uuid-but-36-characters-long!!")
     assert len(other) == 16 and other != connection_id("something else")
+
+
+def _hint(anomaly: bool, lease_ms: int = 8000):
+    from spoa.hints import Hint
+    from spoa.records import LeaseSource
+
+    return Hint(connection_id(IDENTITY["cid"]), lease_ms, int(LeaseSource.PREDICTED), 1, anomaly)
+
+
+def _vars(actions) -> dict:
+    return {(scope, name): value for _, scope, name, value in actions}
+
+
+
+def test_anomaly_flag_of_the_last_hint_reaches_haproxy():
+    from spoa.records import PacketHeader
+
+    header = PacketHeader(node_id=3, sequence=1, timestamp_ms=0, interval_ms=0)
+    module = LbModule(SegmentTracker(), None, None, 1000, 1, LeaseSettings())
+    before = _vars(answer(module, message(**IDENTITY)))
+    assert (Scope.SESS, "anomaly") not in before  # no hint yet: nothing to say (like granularity)
+
+    module.on_hints(header, [_hint(anomaly=True)])
+    flagged = _vars(answer(module, message(**IDENTITY)))
+    assert flagged[(Scope.SESS, "anomaly")] == 1 and flagged[(Scope.SESS, "source")] == "predicted"
+
+    module.on_hints(header, [_hint(anomaly=False)])  # the LB node cleared it: HAProxy's sess var must be too
+    assert _vars(answer(module, message(**IDENTITY)))[(Scope.SESS, "anomaly")] == 0
+
+    # the flag is about the traffic: a hint whose lease is refused still carries it
+    module.on_hints(header, [_hint(anomaly=True, lease_ms=10)])
+    refused = _vars(answer(module, message(**IDENTITY)))
+    assert refused[(Scope.SESS, "anomaly")] == 1 and refused[(Scope.SESS, "source")] == "fallback"
+
+
+def test_a_stale_anomaly_flag_is_cleared():
+    import time
+
+    from spoa.records import PacketHeader
+
+    module = LbModule(SegmentTracker(), None, None, 1000, 1, LeaseSettings(hint_ttl_ms=20))
+    answer(module, message(**IDENTITY))
+    module.on_hints(PacketHeader(node_id=3, sequence=1, timestamp_ms=0, interval_ms=0), [_hint(anomaly=True)])
+    assert _vars(answer(module, message(**IDENTITY)))[(Scope.SESS, "anomaly")] == 1
+    time.sleep(0.05)  # the LB node went quiet: its old judgement must not hold the connection flagged
+    stale = _vars(answer(module, message(**IDENTITY)))
+    assert stale[(Scope.SESS, "anomaly")] == 0 and stale[(Scope.SESS, "source")] == "fallback"

@@ -265,9 +265,10 @@ def by_label(m: dict, name: str) -> dict[str, float]:
     return {labels[0][1] if labels else "": v for labels, v in m.get(name, {}).items()}
 
 
-# "%ci:%cp %ft %b/%s %ST %B %Tt cid=... lease=... source=... err=..." (haproxy/example.cfg)
+# "%ci:%cp %ft %b/%s %ST %B %Tt cid=... lease=... source=... err=... anomaly=..." (haproxy/example.cfg;
+# anomaly= optional: older copies of the include end at err=)
 _HAPROXY_LOG = re.compile(r"^(\S+):(\d+) (\S+) (\S+) (-?\d+) (\d+) (-?\d+) cid=(\S*) lease=(\S*) source=(\S*) "
-                          r"err=(\S*)\s*$")
+                          r"err=(\S*)(?: anomaly=(\S*))?\s*$")
 
 
 # What a soft stop logs, as a warning, on every version.

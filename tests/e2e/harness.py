@@ -5,6 +5,8 @@ Everything binds 127.0.0.1 on free ports and every wait is bounded.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 import signal
 import socket
@@ -92,6 +94,9 @@ class _AppHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
         url = urlsplit(self.path)
+        if url.path == "/ws" and self.headers.get("Upgrade", "").lower() == "websocket":
+            self._tunnel()
+            return
         if url.path == "/stream":
             query = parse_qs(url.query)
             self._stream(int(query["bytes"][0]), int(query.get("rate", ["0"])[0]))
@@ -102,6 +107,24 @@ class _AppHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _tunnel(self) -> None:
+        """A WebSocket-like upgrade: 101, then the connection echoes raw bytes until EOF."""
+        self.send_response(101, "Switching Protocols")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Upgrade", "websocket")
+        key = self.headers.get("Sec-WebSocket-Key")
+        if key:  # HAProxy answers 502 to a 101 whose accept does not match (RFC 6455 4.2.2)
+            accept = hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
+            self.send_header("Sec-WebSocket-Accept", base64.b64encode(accept).decode())
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        try:
+            while data := self.connection.recv(65536):
+                self.connection.sendall(data)
+        except OSError:
+            pass
 
     def _stream(self, size: int, rate: int) -> None:
         """`size` bytes at `rate` bytes/s (0: as fast as possible)."""
@@ -188,8 +211,11 @@ class HAProxyProcess:
     """HAProxy in the foreground (-db) with haproxy/example.cfg, example-tcp.cfg and agents.cfg."""
 
     def __init__(self, binary: HAProxyBinary, tmp: Path, agent_port: int, app_port: int,
-                 tcp_app_port: int = 9) -> None:
+                 tcp_app_port: int = 9, extra: tuple[Path, ...] = (), env: dict[str, str] | None = None) -> None:
+        """`extra`: more configuration files loaded after the include (a test's
+        own frontends), `env`: the variables they use."""
         self.binary = binary
+        self.extra = tuple(extra)
         self.http_port = free_port()
         self.tcp_port = free_port()
         self.run_dir = tmp
@@ -204,11 +230,12 @@ class HAProxyProcess:
             SPOA_LEASE_TCP=f"127.0.0.1:{self.tcp_port}",
             SPOA_LEASE_TCP_APP=f"127.0.0.1:{tcp_app_port}",
         )
+        self.env.update(env or {})
         self.proc: subprocess.Popen | None = None
 
     def args(self, *extra: str) -> list[str]:
-        return self.binary.command(*extra, *(arg for name in ("example.cfg", "example-tcp.cfg", "agents.cfg")
-                                             for arg in ("-f", str(HAPROXY_DIR / name))))
+        files = [HAPROXY_DIR / name for name in ("example.cfg", "example-tcp.cfg", "agents.cfg")] + list(self.extra)
+        return self.binary.command(*extra, *(arg for path in files for arg in ("-f", str(path))))
 
     def check(self) -> subprocess.CompletedProcess:
         return subprocess.run(self.args("-c"), env=self.env, capture_output=True, text=True, timeout=30)

@@ -83,6 +83,11 @@ def test_thousand_keepalive_clients_get_predicted_leases_from_two_lb_nodes(line,
             assert statuses == Counter({200: CLIENTS}), statuses  # every request 2xx, none lost
         for sources, _ in rounds[WARM_UP_ROUNDS:]:
             assert sources["predicted"] >= 0.99 * CLIENTS, sources
+        # and the agent answered every one of them within `timeout processing`
+        # (sess.lease.* outlive a request: only txn.lease.error shows a timeout)
+        spoe_errors = [line for line in stack.haproxy.log().splitlines()
+                       if " err=" in line and " err=-" not in line]
+        assert not spoe_errors, (len(spoe_errors), spoe_errors[:3])
 
         # Clients gone: the agent publishes their ends, the LB nodes release them
         # and fall silent; then what they sent must equal what the agent counted.
