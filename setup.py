@@ -1,5 +1,7 @@
 """Builds the Cython core in cext/ into the spoa package.
 
+cext/ mirrors the package: cext/spoa/<pkg>/<name>.pyx builds spoa.<pkg>.<name>.
+
 SPOA_DEBUG_BUILD=1 compiles with -O0 -g, bounds checks on and an annotated
 HTML report next to each .pyx, for the debug CI job and for profiling.
 SPOA_MODULES=_tracker,_packet builds only those modules (quicker edit-build
@@ -18,17 +20,19 @@ directives = {"language_level": "3", "embedsignature": True}
 if DEBUG:
     directives.update(boundscheck=True, wraparound=True)
 
-MODULES = ["_records", "_codec", "_tracker", "_packet", "_sampler", "_slotmap"]
+# Extension name -> the sub-package it is built into (the process that runs it, or wire/ for both).
+MODULES = {"_records": "wire", "_packet": "wire", "_codec": "spop", "_tracker": "servernode",
+           "_sampler": "servernode", "_slotmap": "lbnode"}
 if os.environ.get("SPOA_MODULES"):
     wanted = os.environ["SPOA_MODULES"].split(",")
     unknown = set(wanted) - set(MODULES)
     if unknown:
-        raise SystemExit(f"SPOA_MODULES: unknown module(s) {sorted(unknown)}; known: {MODULES}")
-    MODULES = wanted
+        raise SystemExit(f"SPOA_MODULES: unknown module(s) {sorted(unknown)}; known: {sorted(MODULES)}")
+    MODULES = {name: MODULES[name] for name in wanted}
 
 extensions = [
-    Extension(f"spoa.{name}", [f"cext/spoa/{name}.pyx"], extra_compile_args=extra_compile_args)
-    for name in MODULES
+    Extension(f"spoa.{pkg}.{name}", [f"cext/spoa/{pkg}/{name}.pyx"], extra_compile_args=extra_compile_args)
+    for name, pkg in MODULES.items()
 ]
 
 setup(

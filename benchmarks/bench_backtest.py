@@ -3,7 +3,7 @@
     python benchmarks/bench_backtest.py [--connections 100000] [--seed 1] [--duration 600]
                                         [--mix default|real-like] [--jobs 2] [--json OUT]
 
-Generates a seeded synthetic trace (spoa.backtest.synthetic, the default mix:
+Generates a seeded synthetic trace (spoa.tools.backtest.synthetic, the default mix:
 heavy-tailed on/off, bulk, keep-alive only, websocket-like chatty, HTTP
 keep-alive), writes it as CSV (not timed), then times the command as an
 operator runs it (a subprocess, every policy with every forecaster, default
@@ -27,8 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from spoa.backtest import synthetic  # noqa: E402
-from spoa.backtest.traces import write_csv  # noqa: E402
+from spoa.tools.backtest import synthetic  # noqa: E402
+from spoa.tools.backtest.traces import write_csv  # noqa: E402
 
 MIXES = {"default": None,
          "real-like": {"http_keepalive": 0.7, "onoff": 0.15, "bulk": 0.1, "chatty": 0.05}}

@@ -3,8 +3,8 @@
 
 Implementations, all timed in the same invocation:
 
-* ``cython``      spoa._codec (cext/spoa/_codec.pyx), in this interpreter;
-* ``python``      spoa._codec_py, the pure-Python twin, in this interpreter;
+* ``cython``      spoa.spop._codec (cext/spoa/spop/_codec.pyx), in this interpreter;
+* ``python``      spoa.spop._codec_py, the pure-Python twin, in this interpreter;
 * ``spoe-forge``  the PyPI ``spoe-forge`` package (pure Python, needs Python
                   >= 3.12), in a worker subprocess run by that interpreter; the
                   twin is timed again in that worker so the interpreter change
@@ -111,8 +111,8 @@ def cpu_busy() -> tuple[int, int]:
 
 def build_notify() -> bytes:
     sys.path.insert(0, str(REPO))
-    from spoa import _codec_py
-    from spoa.frames import write_notify
+    from spoa.spop import _codec_py
+    from spoa.spop.frames import write_notify
 
     w = _codec_py.FrameWriter()
     write_notify(w, STREAM_ID, FRAME_ID, [(MESSAGE, ARGS)])
@@ -236,7 +236,7 @@ def worker_main() -> int:
         hello["errors"]["spoe-forge"] = f"{type(exc).__name__}: {exc}"
     try:
         sys.path.insert(0, str(REPO))
-        from spoa import _codec_py
+        from spoa.spop import _codec_py
 
         fns, values, ack = spoa_funcs(_codec_py, notify)
         hello["checks"]["python"] = {"values": [str(v) for v in values], "ack_identical": ack == expected}
@@ -341,7 +341,7 @@ def git_state() -> dict:
         return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
     return {"commit": git("rev-parse", "--short", "HEAD"),
-            "uncommitted": git("status", "--porcelain", "--", "spoa/_codec_py.py", "cext/spoa").splitlines()}
+            "uncommitted": git("status", "--porcelain", "--", "spoa/spop/_codec_py.py", "cext/spoa").splitlines()}
 
 
 def machine_info() -> dict:
@@ -366,12 +366,12 @@ def main() -> int:
         return worker_main()
 
     sys.path.insert(0, str(REPO))
-    from spoa import _codec_py
+    from spoa.spop import _codec_py
 
     try:
-        from spoa import _codec as _codec_c
+        from spoa.spop import _codec as _codec_c
     except ImportError:
-        sys.exit("spoa._codec is not built: run `python setup.py build_ext --inplace` first")
+        sys.exit("spoa.spop._codec is not built: run `python setup.py build_ext --inplace` first")
 
     notify = build_notify()
     expected_values = [str(v) for _, v in ARGS]

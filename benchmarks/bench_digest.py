@@ -22,7 +22,7 @@ accuracy        relative error of p50 / p99 / p99.9 (value, est/exact - 1) and
 sweep           fastdigest alone, fed in batches of 1000 (as the detector is
                 fed), max_centroids 100 / 300 / 1000: p99 and p99.9 value error
                 at n = 10k, 100k, 200k, 1M, over 5 data sets
-detector        spoa.anomaly.AnomalyDetector: one interval of --det-classes
+detector        spoa.lbnode.anomaly.AnomalyDetector: one interval of --det-classes
                 classes x --det-rates rates (flag + observe each class), and
                 its RSS at --det-classes classes with both digest generations full
 
@@ -264,7 +264,7 @@ def mem_child(name: str, k: int, values: int, mu: float, sigma: float, seed: int
     chunks = [data[i * values : (i + 1) * values].tolist() for i in range(k)]
     del data
     if name.startswith("detector"):
-        from spoa.anomaly import AnomalyDetector
+        from spoa.lbnode.anomaly import AnomalyDetector
 
         compression = int(name.partition(":")[2] or 100)
 
@@ -450,7 +450,7 @@ def sweep_table(sw: dict) -> str:
 
 
 def bench_detector(args, values) -> dict:
-    from spoa.anomaly import AnomalyDetector
+    from spoa.lbnode.anomaly import AnomalyDetector
 
     k, r = args.det_classes, args.det_rates
     rng = np.random.default_rng(args.seed + 3)

@@ -70,7 +70,7 @@ REPO = Path(__file__).resolve().parents[1]
 HERE = REPO / "benchmarks"
 sys.path.insert(0, str(REPO))
 
-from spoa import provision  # noqa: E402
+from spoa.tools import provision  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -94,9 +94,9 @@ def git_state() -> dict:
     changed = [line for line in git("status", "--porcelain", "--untracked-files=all", "--", "spoa", "cext",
                                     "haproxy").splitlines()]
     digest = hashlib.sha256()
-    for path in sorted((REPO / "spoa").glob("*.py")) + sorted((REPO / "spoa").glob("*.so")) + \
+    for path in sorted((REPO / "spoa").rglob("*.py")) + sorted((REPO / "spoa").rglob("*.so")) + \
             sorted((REPO / "haproxy").glob("*")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
     return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted_in_spoa_cext_haproxy": changed,
             "tree_sha256": digest.hexdigest()[:16]}
 
@@ -153,7 +153,7 @@ class Agent:
     def codec(self) -> str:
         """Which codec the running agent really loaded (is the .so mapped?)."""
         maps = Path(f"/proc/{self.proc.pid}/maps").read_text()
-        return "cython" if "spoa/_codec.cpython" in maps else "python"
+        return "cython" if "spoa/spop/_codec.cpython" in maps else "python"
 
     def metrics(self) -> dict[str, float]:
         """Prometheus text -> {"name{labels}": value}."""
@@ -435,7 +435,7 @@ def fmt_row(label: str, r: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--haproxy", default="2.6", help="HAProxy line (spoa.provision): 2.6, 2.8, 3.2")
+    ap.add_argument("--haproxy", default="2.6", help="HAProxy line (spoa.tools.provision): 2.6, 2.8, 3.2")
     ap.add_argument("--duration", type=int, default=5, help="seconds per measured run")
     ap.add_argument("--warmup", type=int, default=1, help="seconds of unmeasured load before each run")
     ap.add_argument("--connections", type=int, default=32, help="connections of the throughput runs")

@@ -40,8 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-from spoa.forecast import ARIMA, SES, TSB, Croston, DampedHolt
-from spoa.lease_policy import ActivityPolicy, LeaseBounds, VolumePolicy
+from spoa.lbnode.forecast import ARIMA, SES, TSB, Croston, DampedHolt
+from spoa.lbnode.lease_policy import ActivityPolicy, LeaseBounds, VolumePolicy
 from _machine import cpu_model  # noqa: E402 - benchmarks/ is the script's folder
 
 BOUNDS = LeaseBounds(min_ms=5_000, max_ms=600_000, standard_ms=30_000)

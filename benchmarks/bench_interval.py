@@ -2,7 +2,7 @@
 
   PYTHONPATH=. python benchmarks/bench_interval.py [--connections 10000,100000] [--rounds 5]
 
-What LbModule.tick() does every interval for N tracked connections, with the
+What LeaseModule.tick() does every interval for N tracked connections, with the
 kernel sample handed in ready-made (a dict of TcpSample, as KernelSampler.sample()
 returns it; the dump and parse themselves are in bench_sampler.py) and the
 datagrams encoded but not sent:
@@ -36,7 +36,7 @@ PHASES = ("apply", "end_interval", "publish", "_due", "begin_interval", "encode"
 
 
 class FixedSampler:
-    """Hands LbModule the sample prepared for the round."""
+    """Hands LeaseModule the sample prepared for the round."""
 
     def __init__(self) -> None:
         self.samples: dict = {}
@@ -49,16 +49,16 @@ class FixedSampler:
 
 
 def run(n: int, rounds: int, idle: bool) -> dict:
-    from spoa.hints import Hint
-    from spoa.lb_module import LbModule, LeaseSettings
-    from spoa.packet import encode_packet
-    from spoa.records import LeaseSource, PacketHeader
-    from spoa.sampler import TcpSample, pack_key
-    from spoa.tracker import SegmentTracker
+    from spoa.servernode.lease_module import LeaseModule, LeaseSettings
+    from spoa.servernode.sampler import TcpSample, pack_key
+    from spoa.servernode.tracker import SegmentTracker
+    from spoa.wire.hints import Hint
+    from spoa.wire.packet import encode_packet
+    from spoa.wire.records import LeaseSource, PacketHeader
 
     tracker = SegmentTracker(max_connections=n + 1, max_total_segments=8 * n + 64)
     sampler = FixedSampler()
-    module = LbModule(tracker, sampler, None, 1000, 1, LeaseSettings())
+    module = LeaseModule(tracker, sampler, None, 1000, 1, LeaseSettings())
     module._ports.add(443)
     now = time.time_ns() // 1_000_000
     keys, ids = [], []

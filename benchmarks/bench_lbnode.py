@@ -18,8 +18,8 @@ ingest   LeaseTable.ingest_batch of those batches: known connections refreshed
 e2e      BatchReceiver.datagram_received per datagram (decode, replay check,
          batch) and a flush into LeaseTable.ingest_batch every DRAIN datagrams,
          as one drain of the UDP socket does; no socket.
-compiled vs pure-Python: the same run with the twins (spoa._packet_py,
-spoa._slotmap_py) on N / 10 connections.
+compiled vs pure-Python: the same run with the twins (spoa.wire._packet_py,
+spoa.lbnode._slotmap_py) on N / 10 connections.
 interval LeaseTable.end_interval for N refreshed connections (SES forecaster,
          volume and activity policies), per connection.
 memory   tracemalloc growth per held connection (table arrays preallocated for
@@ -33,16 +33,17 @@ import time
 import tracemalloc
 from contextlib import contextmanager
 
-from spoa import _packet, _packet_py, _slotmap, _slotmap_py, lbnode, segment_table
-from spoa.forecast import SES
-from spoa.lbnode import LeaseTable
-from spoa.lease_policy import ActivityPolicy, LeaseBounds, VolumePolicy
-from spoa.packet_receiver import BatchReceiver
-from spoa.records import ConnectionRecord, PacketHeader, SegmentRecord
+from spoa.lbnode import _slotmap, _slotmap_py, node, segment_table
+from spoa.lbnode.forecast import SES
+from spoa.lbnode.lease_policy import ActivityPolicy, LeaseBounds, VolumePolicy
+from spoa.lbnode.node import LeaseTable
+from spoa.lbnode.packet_receiver import BatchReceiver
+from spoa.wire import _packet, _packet_py
+from spoa.wire.records import ConnectionRecord, PacketHeader, SegmentRecord
 
 KEY = b"k" * 32
 BOUNDS = LeaseBounds(min_ms=3000, max_ms=3_600_000, standard_ms=30_000)
-DRAIN = 512  # datagrams per batch: spoa.packet_receiver.DRAIN_DATAGRAMS
+DRAIN = 512  # datagrams per batch: spoa.lbnode.packet_receiver.DRAIN_DATAGRAMS
 MTUS = (1400, 65507)
 SEGMENTS = (2, 16)
 PACKET = 10_000  # records per logical packet
@@ -72,7 +73,7 @@ def table(n: int, nseg: int = 2, policy: str = "volume") -> LeaseTable:
 @contextmanager
 def twins(compiled: bool):
     """The compiled modules, or the pure-Python twins, behind the LB node."""
-    modules = (lbnode, segment_table)
+    modules = (node, segment_table)
     saved = [m.SlotMap for m in modules]
     for m in modules:
         m.SlotMap = (_slotmap if compiled else _slotmap_py).SlotMap

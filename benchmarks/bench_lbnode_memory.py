@@ -27,9 +27,9 @@ import yaml
 from benchmarks._results import write_section
 from benchmarks._machine import cpu_model
 from benchmarks.bench_lbnode import KEY, PACKET, records
-from spoa import _packet
-from spoa.records import PacketHeader
 from spoa.testing import free_port, scrape_metrics, wait_port
+from spoa.wire import _packet
+from spoa.wire.records import PacketHeader
 
 
 def rss_mib(pid: int) -> float:

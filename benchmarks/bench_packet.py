@@ -3,8 +3,8 @@
 
 Both implementations are timed in this one process, interleaved round by round
 (every round times each case once, so load from other processes hits all
-cases alike): ``cython`` is spoa._packet (cext/spoa/_packet.pyx), ``python``
-is spoa._packet_py.
+cases alike): ``cython`` is spoa.wire._packet (cext/spoa/wire/_packet.pyx), ``python``
+is spoa.wire._packet_py.
 
 Workload: one server node's logical packet of --records connections (default
 1000), every record with either 1 or 16 segments, an 8-byte frontend name,
@@ -15,7 +15,7 @@ encode  encode_packet(header, records, key, 1400) -> list of datagrams: field
         validation, serialization, splitting, one HMAC-SHA256 per datagram.
 decode  decode_datagram(d, key) for every datagram of that packet: length
         checks, HMAC verification, and building every ConnectionRecord and
-        SegmentRecord (the frozen dataclasses of spoa/records.py).
+        SegmentRecord (the frozen dataclasses of spoa/wire/records.py).
 hmac    the HMAC-SHA256 of the same datagrams alone, computed as both twins do
         (a copy of a keyed hmac object per datagram): the floor they share.
 
@@ -44,8 +44,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from spoa import _packet_py  # noqa: E402
-from spoa.records import ConnectionRecord, PacketHeader, SegmentRecord  # noqa: E402
+from spoa.wire import _packet_py  # noqa: E402
+from spoa.wire.records import ConnectionRecord, PacketHeader, SegmentRecord  # noqa: E402
 from _machine import cpu_model  # noqa: E402 - benchmarks/ is the script's folder
 
 SECTION = "## Publishing packet codec"
@@ -132,11 +132,11 @@ def cases(mods: dict, records_n: int) -> tuple[dict, dict]:
 def run(records_n: int, rounds: int, round_time: float) -> dict:
     mods = {"python": _packet_py}
     try:
-        from spoa import _packet
+        from spoa.wire import _packet
 
         mods = {"cython": _packet, "python": _packet_py}
     except ImportError as exc:
-        print(f"spoa._packet not built ({exc}); timing the twin only", file=sys.stderr)
+        print(f"spoa.wire._packet not built ({exc}); timing the twin only", file=sys.stderr)
     funcs, facts = cases(mods, records_n)
     numbers = {name: calibrate(fn, round_time) for name, (fn, _) in funcs.items()}
     samples: dict = {name: [] for name in funcs}

@@ -10,11 +10,11 @@ raw           KernelSampler.dump_raw(keep=False): both dumps (AF_INET +
               the kernel's cost plus one recv syscall per ~32 KiB datagram.
 raw-nofilter  the same without the bytecode filter (the client ends and every
               other socket on the machine come back too), for the filter's effect.
-parse/cython  spoa._sampler.parse_chunk over the recorded datagrams of one dump
-parse/python  spoa.sampler._parse_chunk_py, the same datagrams
+parse/cython  spoa.servernode._sampler.parse_chunk over the recorded datagrams of one dump
+parse/python  spoa.servernode.sampler._parse_chunk_py, the same datagrams
 parse/cffi    a cffi ABI-mode parser written here (cdata struct access), the
               same datagrams: the third candidate implementation
-(every parser keys each socket by its 36-byte spoa.records.pack_key, built
+(every parser keys each socket by its 36-byte spoa.wire.records.pack_key, built
 from the raw address and port bytes)
 sample/cython KernelSampler.sample(): raw + parse/cython, what callers pay
 sample/python the same with the pure-Python parser
@@ -54,7 +54,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from spoa import sampler as S  # noqa: E402
+from spoa.servernode import sampler as S  # noqa: E402
 
 CLIENT_BYTES = 100  # client -> server on every connection
 SERVER_BYTES = 300  # server -> client
@@ -407,7 +407,7 @@ def main() -> None:
     limit = raise_nofile(2 * WORKER_CAP + 200)
     print(f"kernel {platform.release()}, Python {platform.python_version()}, "
           f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
-          f"spoa.sampler {S.IMPLEMENTATION} (direct slots: {S.DIRECT_SLOTS}), RLIMIT_NOFILE {limit} "
+          f"spoa.servernode.sampler {S.IMPLEMENTATION} (direct slots: {S.DIRECT_SLOTS}), RLIMIT_NOFILE {limit} "
           f"per process, {WORKER_CAP} connections per worker", flush=True)
 
     fleet = Fleet(args.listeners)

@@ -41,8 +41,8 @@ sys.path.insert(0, str(REPO))
 
 from _machine import cpu_model  # noqa: E402 - benchmarks/ is the script's folder
 from _results import write_section  # noqa: E402
-from spoa import provision  # noqa: E402
-from spoa.demo.loadgen import HttpConn, parse_lease  # noqa: E402
+from spoa.tools import provision  # noqa: E402
+from spoa.tools.demo.loadgen import HttpConn, parse_lease  # noqa: E402
 from tests.e2e.harness import AgentProcess, HAProxyProcess, LbNodeProcess, free_port, wait_port  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")

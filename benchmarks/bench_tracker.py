@@ -33,8 +33,8 @@ import tracemalloc
 from array import array
 from pathlib import Path
 
-from spoa import _tracker, _tracker_py
-from spoa.records import DIR_OUT, pack_key
+from spoa.servernode import _tracker, _tracker_py
+from spoa.wire.records import DIR_OUT, pack_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_model  # noqa: E402

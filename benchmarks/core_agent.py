@@ -11,7 +11,7 @@ the same variables as the product, so HAProxy does the same work.
 
 Counters are served as Prometheus-style text on --metrics (only the few that
 bench_e2e.py reads, named as the product's /metrics names them), without
-prometheus_client, so this file depends only on spoa.agent / spoa.server.
+prometheus_client, so this file depends only on spoa.spop.agent / spoa.spop.server.
 
 SPOA_NO_EXTENSIONS=1 selects the pure-Python codec, as for the product.
 
@@ -32,8 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spoa.agent import Agent, AgentSettings  # noqa: E402
-from spoa.server import AgentServer  # noqa: E402
+from spoa.spop.agent import Agent, AgentSettings  # noqa: E402
+from spoa.spop.server import AgentServer  # noqa: E402
 
 SESS, TXN = 1, 2
 COUNTERS = ("connections_total", "hellos", "healthchecks", "frames_in", "frames_out", "bytes_in", "bytes_out",

@@ -15,7 +15,10 @@ NO_EXTENSIONS = os.environ.get("SPOA_NO_EXTENSIONS", "") not in ("", "0")
 
 
 def load(compiled: str, twin: str | None) -> tuple[ModuleType | None, str]:
-    """(module, "cython" | "python") for `spoa.<compiled>`, else `spoa.<twin>` (None: no twin module)."""
+    """(module, "cython" | "python") for `spoa.<compiled>`, else `spoa.<twin>` (None: no twin module).
+
+    Both names are relative to spoa, with their sub-package: load("spop._codec", "spop._codec_py").
+    """
     if not NO_EXTENSIONS:
         try:
             return import_module(f"spoa.{compiled}"), "cython"

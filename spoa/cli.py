@@ -10,10 +10,10 @@ import signal
 import sys
 
 from . import __version__, config as cfg, logs
-from .agent import Agent, AgentSettings
-from .lb_module import LEASE_MESSAGES, LbModule, LeaseSettings
 from .netutil import derived_node_id
-from .server import AgentServer
+from .servernode.lease_module import LEASE_MESSAGES, LeaseModule, LeaseSettings
+from .spop.agent import Agent, AgentSettings
+from .spop.server import AgentServer
 
 log = logging.getLogger("spoa.cli")
 
@@ -30,7 +30,7 @@ def make_sampler(source: str):
     """The kernel sampler, or None where SPOE counters must do."""
     if source == "spoe":
         return None
-    from .sampler import KernelSampler
+    from .servernode.sampler import KernelSampler
 
     if KernelSampler.available():
         return KernelSampler(())
@@ -40,16 +40,16 @@ def make_sampler(source: str):
     return None
 
 
-def build_agent(config: dict) -> tuple[Agent, LbModule]:
+def build_agent(config: dict) -> tuple[Agent, LeaseModule]:
     fields = {f.name for f in dataclasses.fields(AgentSettings)}
     settings = AgentSettings(**{k: v for k, v in config["agent"].items() if k in fields})
     agent = Agent(settings)
-    from .tracker import SegmentTracker
+    from .servernode.tracker import SegmentTracker
 
     publish = config["publish"]
     publisher = None
     if publish["lb_nodes"]:
-        from .publisher import Publisher
+        from .servernode.publisher import Publisher
 
         with cfg.startup_error("publish.lb_nodes"):
             publisher = Publisher(publish["lb_nodes"], cfg.read_key_file(publish["key_file"]), publish["mtu"],
@@ -57,7 +57,7 @@ def build_agent(config: dict) -> tuple[Agent, LbModule]:
     node_id = publish["node_id"]
     if node_id is None:
         node_id = derived_node_id(config["agent"]["listen"][0])
-    module = LbModule(SegmentTracker(**config["tracker"]), make_sampler(config["sampler"]["source"]), publisher,
+    module = LeaseModule(SegmentTracker(**config["tracker"]), make_sampler(config["sampler"]["source"]), publisher,
                       publish["interval_ms"], node_id, lease_settings(config))
     for name in LEASE_MESSAGES:
         agent.registry.register(name, module.on_message)
@@ -92,7 +92,7 @@ async def serve_agent(config: dict, reload=None) -> None:
     # Metrics and publishing first: HAProxy's connections are accepted only
     # once nothing else can fail at start.
     if config["metrics"]["listen"]:
-        from .metrics import serve_metrics
+        from .servernode.metrics import serve_metrics
 
         with cfg.startup_error("metrics.listen"):
             serve_metrics(config["metrics"]["listen"], agent.stats, module)
@@ -140,7 +140,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_lbnode(args: argparse.Namespace) -> int:
-    from .lbnode_service import serve_lbnode
+    from .lbnode.service import serve_lbnode
 
     return _run_daemon(cfg.LBNODE_SCHEMA, args, {"lbnode.listen": args.listen, "lbnode.key_file": args.key_file,
                                                  "metrics.listen": args.metrics, "log.level": args.log_level},
@@ -148,13 +148,13 @@ def cmd_lbnode(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run
+    from .tools.demo import run
 
     return run(args)
 
 
 def cmd_backtest(args: argparse.Namespace) -> int:
-    from .backtest.report import command
+    from .tools.backtest.report import command
 
     return command(args)
 
@@ -214,7 +214,7 @@ def make_parser() -> argparse.ArgumentParser:
         description="Simulate connection publishing on pcap/pcapng or CSV traces under the fixed lease, the "
         "volume policy and the activity policy with every forecaster; print a table, write JSON and plots.",
     )
-    from .backtest import add_arguments  # the package __init__ only: numpy loads in cmd_backtest
+    from .tools.backtest import add_arguments  # the package __init__ only: numpy loads in cmd_backtest
 
     add_arguments(backtest)
     backtest.set_defaults(func=cmd_backtest)

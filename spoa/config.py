@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .server import parse_address
+from .netutil import parse_address
 
 
 class ConfigError(ValueError):
@@ -331,7 +331,7 @@ def _check_segments_fit_mtu(config: dict) -> None:
     """A connection record never spans datagrams: its segments must fit one."""
     t, p = config.get("tracker"), config.get("publish")
     if t and p:
-        from .packet import max_segments
+        from .wire.packet import max_segments
 
         fit = max_segments(p["mtu"], 255)
         if t["max_segments_per_connection"] > fit:

@@ -1,4 +1,10 @@
-"""Helpers both daemons use: node ids, UDP receive buffers and their drop counts."""
+"""Helpers both daemons use: listen addresses, node ids, the wire clock, UDP receive
+buffers and their drop counts, the /metrics listener.
+
+Neutral on purpose: the server node (spoa.servernode, with the SPOP agent) and
+the LB node (spoa.lbnode) both import it, and neither process loads the other
+(tests/test_layout.py).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,31 @@ import hashlib
 import logging
 import os
 import socket
+import time
 
 log = logging.getLogger("spoa.netutil")
+
+
+def parse_address(text: str) -> tuple[str, str | int]:
+    """Parse 'HOST:PORT', '[V6]:PORT' or 'unix:PATH'.
+
+    Returns (host, port) for TCP and ('unix', path) for unix sockets.
+    """
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path:
+            raise ValueError(f"{text!r}: empty unix socket path")
+        return "unix", path
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: expected HOST:PORT, [IPV6]:PORT or unix:PATH")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return host or "0.0.0.0", int(port)
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds: the timestamps in packets, hints and leases."""
+    return time.time_ns() // 1_000_000
 
 
 def derived_node_id(address: str) -> int:
@@ -61,3 +90,15 @@ def udp_drops(sock: socket.socket) -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def start_metrics_server(address: str, registry) -> tuple:
+    """Start the /metrics HTTP server in a thread; returns (server, thread).
+    An OSError names the address (e.g. in use)."""
+    from prometheus_client import start_http_server  # only a daemon that serves /metrics pays for it
+
+    host, port = parse_address(address)
+    try:
+        return start_http_server(int(port), addr=str(host), registry=registry)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, address) from exc

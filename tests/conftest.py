@@ -1,6 +1,6 @@
 """Fixtures that run every codec test against both twins.
 
-The compiled codec (spoa._codec) and its pure-Python twin (spoa._codec_py)
+The compiled codec (spoa.spop._codec) and its pure-Python twin (spoa.spop._codec_py)
 promise identical behaviour, so tests never import either directly: they ask
 for `codec`, which is parametrized over both (ids "cython" and "python", as in
 aio-libs/multidict), or for `encoder_codec` x `decoder_codec` to encode with
@@ -21,7 +21,7 @@ from types import ModuleType
 import pytest
 
 # Fixture id -> module: the ids show up in test names, e.g. test_x[cython].
-TWIN_MODULES = {"cython": "spoa._codec", "python": "spoa._codec_py"}
+TWIN_MODULES = {"cython": "spoa.spop._codec", "python": "spoa.spop._codec_py"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -35,7 +35,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     # --strict-markers is on (pyproject.toml): register the marker we attach.
-    config.addinivalue_line("markers", "c_extension: runs against the compiled codec spoa._codec")
+    config.addinivalue_line("markers", "c_extension: runs against the compiled codec spoa.spop._codec")
 
 
 def compiled_codec_disabled(config: pytest.Config) -> bool:
@@ -53,7 +53,7 @@ def load_twin(config: pytest.Config, twin: str) -> ModuleType:
         try:
             return importlib.import_module(TWIN_MODULES[twin])
         except ImportError as exc:  # test_compiled_codec_loaded reports this as a failure
-            pytest.skip(f"spoa._codec is not built: {exc}")
+            pytest.skip(f"spoa.spop._codec is not built: {exc}")
     return importlib.import_module(TWIN_MODULES[twin])
 
 

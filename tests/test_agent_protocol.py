@@ -28,11 +28,11 @@ from pathlib import Path
 
 import pytest
 
-from spoa.agent import Agent, AgentSettings
-from spoa.codec import FrameWriter
-from spoa.constants import FLAG_ABORT, FLAG_FIN, DataType, FrameType, Scope
-from spoa.handlers import HandlerRegistry
-from spoa.server import AgentServer
+from spoa.spop.agent import Agent, AgentSettings
+from spoa.spop.codec import FrameWriter
+from spoa.spop.constants import FLAG_ABORT, FLAG_FIN, DataType, FrameType, Scope
+from spoa.spop.handlers import HandlerRegistry
+from spoa.spop.server import AgentServer
 from spoa.testing import (
     SpopClient,
     build_frame,

@@ -1,14 +1,14 @@
-"""spoa.anomaly.AnomalyDetector: per-class streaming quantiles of segment rates."""
+"""spoa.lbnode.anomaly.AnomalyDetector: per-class streaming quantiles of segment rates."""
 
 from __future__ import annotations
 
 import pytest
 
-np = pytest.importorskip("numpy", reason="numpy is not installed (a dependency of spoa.anomaly)")
-pytest.importorskip("fastdigest", reason="fastdigest is not installed (a dependency of spoa.anomaly)")
+np = pytest.importorskip("numpy", reason="numpy is not installed (a dependency of spoa.lbnode.anomaly)")
+pytest.importorskip("fastdigest", reason="fastdigest is not installed (a dependency of spoa.lbnode.anomaly)")
 
-from spoa.anomaly import AnomalyDetector, segment_rates, traffic_class  # noqa: E402
-from spoa.records import DIR_IN, DIR_OUT, ConnectionRecord, SegmentRecord  # noqa: E402
+from spoa.lbnode.anomaly import AnomalyDetector, segment_rates, traffic_class  # noqa: E402
+from spoa.wire.records import DIR_IN, DIR_OUT, ConnectionRecord, SegmentRecord  # noqa: E402
 
 # Median e^10 ~ 22 kB per interval. sigma 0.8 puts p99.9 x 4 at 4 e^(3.09 sigma)
 # ~ 47x the median, so 100x the median is outside; at sigma 1.5 it would be

@@ -1,5 +1,5 @@
 """Lease backtest: known answers on synthetic traffic, the same protocol as the
-product's LeaseTable + LbModule, trace readers (pcap/pcapng written here with
+product's LeaseTable + LeaseModule, trace readers (pcap/pcapng written here with
 dpkt, CSV), and the CLI contract."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from spoa import config as cfg
-from spoa.backtest import synthetic
-from spoa.backtest.simulate import DEFAULT_POLICY, SimConfig, passes, simulate, simulate_all
-from spoa.backtest.traces import (
+from spoa.tools.backtest import synthetic
+from spoa.tools.backtest.simulate import DEFAULT_POLICY, SimConfig, passes, simulate, simulate_all
+from spoa.tools.backtest.traces import (
     END_CENSORED,
     END_CLOSE,
     END_VANISH,
@@ -27,8 +27,8 @@ from spoa.backtest.traces import (
     read_pcap,
     write_csv,
 )
-from spoa.hints import decode_hints, encode_hints
-from spoa.records import ConnectionRecord, ConnFlags, SegmentRecord
+from spoa.wire.hints import decode_hints, encode_hints
+from spoa.wire.records import ConnectionRecord, ConnFlags, SegmentRecord
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = b"k" * 32
@@ -131,18 +131,18 @@ def test_forecast_error_scores_idle_and_active_apart():
 
 
 def reference_run(conns: Connections, policy: str, forecaster: str, loss: float, monkeypatch):
-    """The product's own LbModule._due/on_hints and LeaseTable, one record at a time."""
-    from spoa import lb_module
-    from spoa.lb_module import LbModule, LeaseSettings
-    from spoa.lbnode import LeaseTable
-    from spoa.lbnode_service import make_forecaster, make_policy
+    """The product's own LeaseModule._due/on_hints and LeaseTable, one record at a time."""
+    from spoa.lbnode.node import LeaseTable
+    from spoa.lbnode.service import make_forecaster, make_policy
+    from spoa.servernode import lease_module
+    from spoa.servernode.lease_module import LeaseModule, LeaseSettings
 
     lb = cfg.defaults(cfg.LBNODE_SCHEMA)
     cap, phase = len(conns), I // 2
     table = LeaseTable(cap, make_forecaster({**lb["forecast"], "method": forecaster}, cap),
                        make_policy({**lb["lease"], "policy": policy}, I, cap), lb["lease"]["standard_ms"], I)
     clock = {"now": 0}
-    monkeypatch.setattr(lb_module, "now_ms", lambda: clock["now"])
+    monkeypatch.setattr(lease_module, "now_ms", lambda: clock["now"])
 
     class Tracker:
         """The tracker's side of the cadence, over ready-made records: publish(now)
@@ -166,7 +166,7 @@ def reference_run(conns: Connections, policy: str, forecaster: str, loss: float,
             return [rec for rec in records if due(rec)]
 
     tracker = Tracker()
-    module = LbModule(tracker, None, None, I, 1, LeaseSettings())
+    module = LeaseModule(tracker, None, None, I, 1, LeaseSettings())
     ids = [i.to_bytes(15, "big") + b"\x01" for i in range(cap)]
     for i, cid in enumerate(ids):
         module._keys[cid] = ("key", i)
@@ -204,7 +204,7 @@ def reference_run(conns: Connections, policy: str, forecaster: str, loss: float,
 
 @pytest.mark.parametrize("policy,forecaster,loss", [("volume", "ses", 0.0), ("volume", "tsb", 0.05),
                                                     ("activity", "ses", 0.0), ("activity", "croston", 0.05)])
-def test_vectorized_simulation_matches_lease_table_and_lb_module(policy, forecaster, loss, monkeypatch):
+def test_vectorized_simulation_matches_lease_table_and_lease_module(policy, forecaster, loss, monkeypatch):
     conns = synthetic.generate(60, seed=2, duration_s=60, vanish_share=0.3,
                                mix={"onoff": 1, "bulk": 1, "chatty": 1, "http_keepalive": 2})
     keep = conns.end < 400  # keep the reference loop short

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from spoa.constants import FrameType, Scope
+from spoa.spop.constants import FrameType, Scope
 from spoa.testing import SpopClient, build_notify
 
 REPO = Path(__file__).resolve().parent.parent

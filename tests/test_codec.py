@@ -1,7 +1,7 @@
 """Byte-level tests of the SPOP codec, run against both twins.
 
 Every test takes the `codec` fixture (tests/conftest.py), so it runs once on
-the compiled spoa._codec ("cython") and once on spoa._codec_py ("python").
+the compiled spoa.spop._codec ("cython") and once on spoa.spop._codec_py ("python").
 Expected bytes are written out by hand from ../shared/notes/spop.md sections
 1 and 2 (golden frames of section 2.4, varint table of section 2.1), never
 computed with the codec under test, so a bug shared by both twins still fails.
@@ -17,9 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spoa import frames
-from spoa.constants import FLAG_FIN, DataType, FrameType, Scope, Status
-from spoa.errors import (
+from spoa.spop import frames
+from spoa.spop.constants import FLAG_FIN, DataType, FrameType, Scope, Status
+from spoa.spop.errors import (
     E_BAD_ACTION,
     E_FRAME_TOO_BIG,
     E_FRAME_TOO_SHORT,
@@ -281,7 +281,7 @@ def assert_spop_error(excinfo, status: Status, detail: str) -> None:
 
 
 def is_compiled(codec) -> bool:
-    return codec.__name__ == "spoa._codec"
+    return codec.__name__ == "spoa.spop._codec"
 
 
 # -- golden frames: decoding ----------------------------------------------------------

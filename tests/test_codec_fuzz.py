@@ -2,7 +2,7 @@
 
 Random bytes, frames with random payloads and mutated valid frames go, in
 random chunks, through FrameReader and then kv() / messages() / actions() of
-spoa._codec. The only exception allowed out is SpopError: an IndexError,
+spoa.spop._codec. The only exception allowed out is SpopError: an IndexError,
 MemoryError, SystemError or a crash means the C code trusted a length it
 should have checked. The reader's `buffered` must also stay bounded.
 
@@ -34,10 +34,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import spoa
-import spoa._codec_py as reference
-from spoa import frames
-from spoa.constants import LENGTH_PREFIX_SIZE, MIN_FRAME_LENGTH, FrameType, Scope, Status
-from spoa.errors import SpopError
+import spoa.spop._codec_py as reference
+from spoa.spop import frames
+from spoa.spop.constants import LENGTH_PREFIX_SIZE, MIN_FRAME_LENGTH, FrameType, Scope, Status
+from spoa.spop.errors import SpopError
 
 REPO_ROOT = Path(spoa.__file__).resolve().parent.parent
 FUZZ_SECONDS = float(os.environ.get("SPOA_FUZZ_SECONDS", "6"))
@@ -324,7 +324,7 @@ def main() -> int:
     if options.python:
         codec = reference
     else:
-        import spoa._codec as codec
+        import spoa.spop._codec as codec
     count = run_fuzz(codec, options.seconds, seed, options.crash_file)
     print(f"seed={seed} cases {count}")
     return 0

@@ -25,9 +25,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import spoa
-import spoa._codec_py as reference
-from spoa.constants import FLAG_FIN, DataType, FrameType
-from spoa.errors import SpopError
+import spoa.spop._codec_py as reference
+from spoa.spop.constants import FLAG_FIN, DataType, FrameType
+from spoa.spop.errors import SpopError
 
 REPO_ROOT = Path(spoa.__file__).resolve().parent.parent
 U64_MAX = (1 << 64) - 1
@@ -237,16 +237,16 @@ def same_values(left, right) -> bool:
 
 
 def test_compiled_codec_loaded():
-    import spoa.codec
+    import spoa.spop.codec
 
     if os.environ.get("SPOA_NO_EXTENSIONS", "") not in ("", "0"):
-        assert spoa.codec.IMPLEMENTATION == "python"
+        assert spoa.spop.codec.IMPLEMENTATION == "python"
         return
-    import spoa._codec  # noqa: F401 - an ImportError here names the build problem
+    import spoa.spop._codec  # noqa: F401 - an ImportError here names the build problem
 
-    assert spoa.codec.IMPLEMENTATION == "cython", "spoa._codec did not load: run `python setup.py build_ext --inplace`"
-    assert spoa.codec.FrameReader is spoa._codec.FrameReader
-    assert spoa.codec.FrameWriter is spoa._codec.FrameWriter
+    assert spoa.spop.codec.IMPLEMENTATION == "cython", "spoa.spop._codec did not load: run `python setup.py build_ext --inplace`"
+    assert spoa.spop.codec.FrameReader is spoa.spop._codec.FrameReader
+    assert spoa.spop.codec.FrameWriter is spoa.spop._codec.FrameWriter
 
 
 @pytest.mark.parametrize(("env_value", "implementation"), [("1", "python"), ("0", "cython"), ("", "cython")])
@@ -254,13 +254,13 @@ def test_no_extensions_env_selects_the_twin(env_value, implementation, request):
     if implementation == "cython":
         request.getfixturevalue("compiled_codec")  # skips when it is disabled or not built
     env = dict(os.environ, SPOA_NO_EXTENSIONS=env_value, PYTHONPATH=str(REPO_ROOT))
-    module = "spoa._codec" if implementation == "cython" else "spoa._codec_py"
+    module = "spoa.spop._codec" if implementation == "cython" else "spoa.spop._codec_py"
     script = (
-        "import spoa.codec, importlib\n"
+        "import spoa.spop.codec, importlib\n"
         f"twin = importlib.import_module({module!r})\n"
-        "assert spoa.codec.FrameReader is twin.FrameReader, spoa.codec.FrameReader\n"
-        "assert spoa.codec.encode_varint is twin.encode_varint\n"
-        "print(spoa.codec.IMPLEMENTATION)\n"
+        "assert spoa.spop.codec.FrameReader is twin.FrameReader, spoa.spop.codec.FrameReader\n"
+        "assert spoa.spop.codec.encode_varint is twin.encode_varint\n"
+        "print(spoa.spop.codec.IMPLEMENTATION)\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", script], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60

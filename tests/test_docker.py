@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from spoa import config as cfg
-from spoa import provision
-from spoa.demo import stack
+from spoa.tools import provision
+from spoa.tools.demo import stack
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"
@@ -121,7 +121,7 @@ def test_python_commands_exist_and_their_arguments_parse(name, argv):
         from spoa.cli import make_parser
 
         sub = args[:1]
-    elif module in ("spoa.demo.backend", "spoa.demo.loadgen"):
+    elif module in ("spoa.tools.demo.backend", "spoa.tools.demo.loadgen"):
         import importlib
 
         make_parser = importlib.import_module(module).make_parser

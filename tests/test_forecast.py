@@ -1,4 +1,4 @@
-"""Vectorized forecasters (spoa.forecast) against oracles.
+"""Vectorized forecasters (spoa.lbnode.forecast) against oracles.
 
 * SES and damped Holt against statsmodels' Holt-Winters implementations
   (``SimpleExpSmoothing`` / ``Holt(damped_trend=True)``, fixed parameters,
@@ -24,7 +24,7 @@ import pytest
 
 np = pytest.importorskip("numpy")
 
-from spoa.forecast import (  # noqa: E402
+from spoa.lbnode.forecast import (  # noqa: E402
     ARIMA,
     SES,
     TSB,

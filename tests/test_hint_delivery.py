@@ -10,12 +10,12 @@ import asyncio
 import pytest
 
 from spoa import config as cfg
-from spoa.hints import max_hints
-from spoa.lb_module import LbModule, LeaseSettings
-from spoa.lbnode_service import open_lbnode
-from spoa.publisher import Publisher
-from spoa.records import PacketHeader
-from spoa.tracker import SegmentTracker
+from spoa.lbnode.service import open_lbnode
+from spoa.servernode.lease_module import LeaseModule, LeaseSettings
+from spoa.servernode.publisher import Publisher
+from spoa.servernode.tracker import SegmentTracker
+from spoa.wire.hints import max_hints
+from spoa.wire.records import PacketHeader
 
 KEY = b"k" * 32
 
@@ -33,7 +33,7 @@ async def start_lbnode(key_file: str, node_id=None, port: int = 0):
     return await open_lbnode(cfg.load(cfg.LBNODE_SCHEMA, None, overrides))
 
 
-def register(module: LbModule, count: int, first: int = 0) -> None:
+def register(module: LeaseModule, count: int, first: int = 0) -> None:
     """`count` connections as HAProxy's lease-request messages register them."""
     for i in range(first, first + count):
         cid = f"{i:08x}-0000-4000-8000-000000000000"
@@ -57,7 +57,7 @@ class _Actions:
         pass
 
 
-async def exchange(module: LbModule, lbnodes: list, rounds: int = 2) -> None:
+async def exchange(module: LeaseModule, lbnodes: list, rounds: int = 2) -> None:
     """Publish, let the LB nodes ingest and answer, let the hints arrive."""
     for _ in range(rounds):
         module.tick()
@@ -67,14 +67,14 @@ async def exchange(module: LbModule, lbnodes: list, rounds: int = 2) -> None:
         await asyncio.sleep(0.1)
 
 
-async def agent_for(lbnodes: list) -> LbModule:
+async def agent_for(lbnodes: list) -> LeaseModule:
     return await agent_for_address(*(f"127.0.0.1:{n.transport.get_extra_info('sockname')[1]}" for n in lbnodes))
 
 
-async def agent_for_address(*targets: str) -> LbModule:
+async def agent_for_address(*targets: str) -> LeaseModule:
     publisher = Publisher(list(targets), KEY, 1400)
     await publisher.open()
-    return LbModule(SegmentTracker(), None, publisher, 1000, 7, LeaseSettings(min_ms=1000))
+    return LeaseModule(SegmentTracker(), None, publisher, 1000, 7, LeaseSettings(min_ms=1000))
 
 
 @pytest.mark.parametrize("connections", [1000, 3000])
@@ -138,7 +138,7 @@ def test_silent_lb_nodes_are_said_once_and_their_return_too(caplog):
         module = await agent_for_address("127.0.0.1:9")  # nothing answers there
         register(module, 3)
         module._started_ms -= 10_000  # as if started 10 s ago, and no hint since
-        with caplog.at_level("INFO", logger="spoa.lb_module"):
+        with caplog.at_level("INFO", logger="spoa.servernode.lease_module"):
             module.tick()
             module.tick()
             assert module.stats.lbnode_silences == 1

@@ -9,14 +9,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from spoa.forecast import SES
-from spoa.hints import Hint, decode_hints, encode_hints, max_hints
-from spoa.lbnode import LeaseTable
-from spoa.segment_table import SegmentTable
-from spoa.lease_policy import LeaseBounds, VolumePolicy
-from spoa.metrics import LbNodeCollector
-from spoa.packet import PacketError
-from spoa.records import ConnectionRecord, ConnFlags, LeaseSource, SegmentRecord
+from spoa.lbnode.forecast import SES
+from spoa.lbnode.lease_policy import LeaseBounds, VolumePolicy
+from spoa.lbnode.metrics import LbNodeCollector
+from spoa.lbnode.node import LeaseTable
+from spoa.lbnode.segment_table import SegmentTable
+from spoa.wire.hints import Hint, decode_hints, encode_hints, max_hints
+from spoa.wire.packet import PacketError
+from spoa.wire.records import ConnectionRecord, ConnFlags, LeaseSource, SegmentRecord
 
 KEY = b"k" * 32
 BOUNDS = LeaseBounds(min_ms=1000, max_ms=60_000, standard_ms=30_000)
@@ -154,7 +154,7 @@ def test_idle_lb_node_at_the_default_limits_is_small(tmp_path):
     max_connections (1 M) an idle LB node was ~430 MB of preallocated arrays."""
     key = tmp_path / "key"
     key.write_bytes(b"k" * 32)
-    code = ("import sys; from spoa import config; from spoa.lbnode_service import build_lbnode; "
+    code = ("import sys; from spoa import config; from spoa.lbnode.service import build_lbnode; "
             "node = build_lbnode(config.load(config.LBNODE_SCHEMA, overrides={'lbnode.key_file': sys.argv[1]})); "
             "print(node.table.capacity, node.table.max_capacity, "
             "next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS:')))")

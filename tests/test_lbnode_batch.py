@@ -4,7 +4,7 @@
   datagram at a time does (random intervals: new, refreshed, closed, unknown
   closed, repeated reports, lapsed and resumed connections), with either
   SlotMap twin;
-- lbnode.columns() (the object path) gives what ColumnBatch decodes;
+- node.columns() (the object path) gives what ColumnBatch decodes;
 - the segment table follows splits and merges, restarts reused keys fresh,
   releases with the connection, stays within its capacity, keeps a bounded
   history of each segment's bytes per interval;
@@ -19,14 +19,15 @@ import random
 import numpy as np
 import pytest
 
-from spoa import _packet_py, _slotmap_py, lbnode, segment_table
-from spoa.anomaly import AnomalyDetector
-from spoa.forecast import SES
-from spoa.lbnode import LeaseTable
-from spoa.segment_table import SegmentTable
-from spoa.lease_policy import LeaseBounds, VolumePolicy
-from spoa.packet import ColumnBatch, encode_packet
-from spoa.records import DIR_IN, DIR_OUT, ConnectionRecord, ConnFlags, PacketHeader, SegmentRecord
+from spoa.lbnode import _slotmap_py, node, segment_table
+from spoa.lbnode.anomaly import AnomalyDetector
+from spoa.lbnode.forecast import SES
+from spoa.lbnode.lease_policy import LeaseBounds, VolumePolicy
+from spoa.lbnode.node import LeaseTable
+from spoa.lbnode.segment_table import SegmentTable
+from spoa.wire import _packet_py
+from spoa.wire.packet import ColumnBatch, encode_packet
+from spoa.wire.records import DIR_IN, DIR_OUT, ConnectionRecord, ConnFlags, PacketHeader, SegmentRecord
 
 KEY = b"k" * 32
 BOUNDS = LeaseBounds(min_ms=1000, max_ms=60_000, standard_ms=30_000)
@@ -37,7 +38,7 @@ STATE = ("expires", "refreshed_at", "last_total", "volume", "elapsed", "lease", 
 @pytest.fixture(params=["compiled", "python"])
 def twins(request, monkeypatch):
     if request.param == "python":
-        for module in (lbnode, segment_table):
+        for module in (node, segment_table):
             monkeypatch.setattr(module, "SlotMap", _slotmap_py.SlotMap)
     return request.param
 
@@ -80,10 +81,10 @@ def scenario(seed: int) -> list[tuple[int, list[tuple[int, list[ConnectionRecord
     for k in range(12):
         now = 1000 * (k + 1)
         packets = []
-        for node in (1, 2):
+        for node_id in (1, 2):
             recs = []
             for cid in range(rng.randrange(4, 20)):
-                key = (node, cid)
+                key = (node_id, cid)
                 if key in closed or rng.random() < 0.3:  # silent this interval (may lapse)
                     continue
                 totals[key] = totals.get(key, 0) + rng.choice([0, 10, 5000, 100_000])
@@ -98,7 +99,7 @@ def scenario(seed: int) -> list[tuple[int, list[tuple[int, list[ConnectionRecord
                     closed.add(key)
             if rng.random() < 0.3:  # a closed report of a connection never held
                 recs.append(record(999, 5, (), ConnFlags.CLOSED))
-            packets.append((node, recs))
+            packets.append((node_id, recs))
         intervals.append((now, packets))
     return intervals
 
@@ -108,8 +109,8 @@ def test_one_batch_equals_one_datagram_at_a_time(twins, seed):
     one, many = table(), table()
     for now, packets in scenario(seed):
         batch = ColumnBatch()
-        for node, recs in packets:
-            header = PacketHeader(node_id=node, sequence=now, timestamp_ms=now, interval_ms=1000)
+        for node_id, recs in packets:
+            header = PacketHeader(node_id=node_id, sequence=now, timestamp_ms=now, interval_ms=1000)
             for d in encode_packet(header, recs, KEY, 600):
                 single = ColumnBatch()
                 single.append_datagram(d, KEY)
@@ -119,8 +120,8 @@ def test_one_batch_equals_one_datagram_at_a_time(twins, seed):
         assert by_key(one) == by_key(many)
         hints_one, hints_many = one.end_interval(now + 900), many.end_interval(now + 900)
         assert sorted(hints_one) == sorted(hints_many)
-        for node in hints_one:
-            assert sorted(hints_one[node].tolist()) == sorted(hints_many[node].tolist())
+        for node_id in hints_one:
+            assert sorted(hints_one[node_id].tolist()) == sorted(hints_many[node_id].tolist())
         assert one.stats == many.stats
         assert one.recently_expired == many.recently_expired
         assert len(one.segments) == len(many.segments)
@@ -134,7 +135,7 @@ def test_object_path_columns_match_the_decoder():
     batch = _packet_py.ColumnBatch()
     for d in encode_packet(PacketHeader(3, 1, 0, 1000), recs, KEY, 600):
         batch.append_datagram(d, KEY)
-    cols = lbnode.columns(3, recs)
+    cols = node.columns(3, recs)
     for name in ("node_id", "conn_id", "flags", "frontend", "granularity_level", "bytes_in_total",
                  "bytes_out_total", "seg_start", "direction", "level", "start_byte_offset", "byte_count",
                  "bytes_transferred", "timestamp_last_activity_ms"):
@@ -254,7 +255,7 @@ def test_a_table_that_grows_holds_what_a_preallocated_one_does(twins, monkeypatc
     start, and every connection's state, segments and hints stay as if the
     table had been allocated at its bound."""
     grown = table(10_000, segments=20_000)
-    monkeypatch.setattr(lbnode, "INITIAL_CAPACITY", 10_000)
+    monkeypatch.setattr(node, "INITIAL_CAPACITY", 10_000)
     monkeypatch.setattr(segment_table, "INITIAL_SEGMENTS", 20_000)
     preallocated = table(10_000, segments=20_000)
     assert (grown.capacity, preallocated.capacity) == (1024, 10_000)

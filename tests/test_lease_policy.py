@@ -1,4 +1,4 @@
-"""Lease policies (spoa.lease_policy): known answers and bounds.
+"""Lease policies (spoa.lbnode.lease_policy): known answers and bounds.
 
 * VolumePolicy (the specification's formula): volume / threshold, clamped;
   NaN/inf/negative -> FALLBACK with the standard lease;
@@ -18,9 +18,9 @@ np = pytest.importorskip("numpy")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from spoa.forecast import SES, TSB, Croston  # noqa: E402
-from spoa.lease_policy import FALLBACK, PREDICTED, ActivityPolicy, LeaseBounds, VolumePolicy  # noqa: E402
-from spoa.records import LeaseSource  # noqa: E402
+from spoa.lbnode.forecast import SES, TSB, Croston  # noqa: E402
+from spoa.lbnode.lease_policy import FALLBACK, PREDICTED, ActivityPolicy, LeaseBounds, VolumePolicy  # noqa: E402
+from spoa.wire.records import LeaseSource  # noqa: E402
 
 BOUNDS = LeaseBounds(min_ms=5_000, max_ms=600_000, standard_ms=30_000)
 ONE = np.array([0])

@@ -46,8 +46,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if __name__ == "__main__":  # the fuzzer child process
     sys.path.insert(0, str(REPO_ROOT))
 
-import spoa._packet_py as reference  # noqa: E402
-from spoa.records import (  # noqa: E402
+import spoa.wire._packet_py as reference  # noqa: E402
+from spoa.wire.records import (  # noqa: E402
     DIR_IN,
     DIR_OUT,
     ConnectionRecord,
@@ -86,9 +86,9 @@ def _load(config: pytest.Config, twin: str) -> ModuleType:
     if _compiled_disabled(config):
         pytest.skip("compiled codec disabled (SPOA_NO_EXTENSIONS / --no-c-extensions)")
     try:
-        return importlib.import_module("spoa._packet")
+        return importlib.import_module("spoa.wire._packet")
     except ImportError as exc:  # test_compiled_packet_loaded reports this as a failure
-        pytest.skip(f"spoa._packet is not built: {exc}")
+        pytest.skip(f"spoa.wire._packet is not built: {exc}")
 
 
 TWINS = [pytest.param("cython", marks=pytest.mark.c_extension, id="cython"), pytest.param("python", id="python")]
@@ -242,19 +242,19 @@ def raised(fn, *args):
 
 
 def test_compiled_packet_loaded():
-    import spoa.packet
+    import spoa.wire.packet
 
     if os.environ.get("SPOA_NO_EXTENSIONS", "") not in ("", "0"):
-        assert spoa.packet.IMPLEMENTATION == "python"
+        assert spoa.wire.packet.IMPLEMENTATION == "python"
         return
-    import spoa._packet  # noqa: F401 - an ImportError here names the build problem
+    import spoa.wire._packet  # noqa: F401 - an ImportError here names the build problem
 
-    assert spoa.packet.IMPLEMENTATION == "cython", "spoa._packet did not load: run `python setup.py build_ext --inplace`"
-    assert spoa.packet.encode_packet is spoa._packet.encode_packet
-    assert spoa.packet.PacketError is reference.PacketError  # one class for both twins
-    import spoa._records
+    assert spoa.wire.packet.IMPLEMENTATION == "cython", "spoa.wire._packet did not load: run `python setup.py build_ext --inplace`"
+    assert spoa.wire.packet.encode_packet is spoa.wire._packet.encode_packet
+    assert spoa.wire.packet.PacketError is reference.PacketError  # one class for both twins
+    import spoa.wire._records
 
-    assert spoa._records.FAST_RECORDS, "records are built through their constructors: decoding is ~4x slower"
+    assert spoa.wire._records.FAST_RECORDS, "records are built through their constructors: decoding is ~4x slower"
 
 
 @pytest.mark.c_extension
@@ -286,13 +286,13 @@ def test_no_extensions_env_selects_the_twin(env_value, implementation, request):
     if implementation == "cython":
         request.getfixturevalue("compiled")
     env = dict(os.environ, SPOA_NO_EXTENSIONS=env_value, PYTHONPATH=str(REPO_ROOT))
-    module = "spoa._packet" if implementation == "cython" else "spoa._packet_py"
+    module = "spoa.wire._packet" if implementation == "cython" else "spoa.wire._packet_py"
     script = (
-        "import spoa.packet, importlib\n"
+        "import spoa.wire.packet, importlib\n"
         f"twin = importlib.import_module({module!r})\n"
-        "assert spoa.packet.decode_datagram is twin.decode_datagram\n"
-        "assert spoa.packet.ReplayGuard is twin.ReplayGuard\n"
-        "print(spoa.packet.IMPLEMENTATION)\n"
+        "assert spoa.wire.packet.decode_datagram is twin.decode_datagram\n"
+        "assert spoa.wire.packet.ReplayGuard is twin.ReplayGuard\n"
+        "print(spoa.wire.packet.IMPLEMENTATION)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=60)
@@ -760,7 +760,7 @@ def _twins_for_child() -> list[ModuleType]:
     mods = [reference]
     if os.environ.get("SPOA_NO_EXTENSIONS", "") in ("", "0"):
         try:
-            mods.insert(0, importlib.import_module("spoa._packet"))
+            mods.insert(0, importlib.import_module("spoa.wire._packet"))
         except ImportError:
             pass
     return mods
@@ -898,7 +898,7 @@ def test_replay_twins_agree(compiled, window, max_nodes, checks):
 
 
 def test_receiver_over_udp(packet, monkeypatch):
-    import spoa.packet_receiver as receiver_module
+    import spoa.lbnode.packet_receiver as receiver_module
 
     monkeypatch.setattr(receiver_module, "decode_datagram", packet.decode_datagram)
     received = []
@@ -953,7 +953,7 @@ def test_receiver_over_udp(packet, monkeypatch):
 
 
 def test_receiver_never_raises(packet, monkeypatch, caplog):
-    import spoa.packet_receiver as receiver_module
+    import spoa.lbnode.packet_receiver as receiver_module
 
     def broken(data, key):
         raise RuntimeError("codec bug")

@@ -20,9 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import spoa._packet_py as reference
-from spoa import packet as facade
-from spoa.records import ConnectionRecord, PacketHeader, SegmentRecord
+import spoa.wire._packet_py as reference
+from spoa.wire import packet as facade
+from spoa.wire.records import ConnectionRecord, PacketHeader, SegmentRecord
 
 from .test_packet import (  # noqa: F401, F811 - fixtures
     CORPUS,
@@ -81,7 +81,7 @@ def outcome(batch, data: bytes, key: bytes = KEY):
 
 
 def test_facade_exports_the_loaded_twin():
-    loaded = importlib.import_module("spoa._packet" if facade.IMPLEMENTATION == "cython" else "spoa._packet_py")
+    loaded = importlib.import_module("spoa.wire._packet" if facade.IMPLEMENTATION == "cython" else "spoa.wire._packet_py")
     assert facade.ColumnBatch is loaded.ColumnBatch
     header, index, count, batch = facade.decode_datagram_columns(resign(CORPUS[0]), KEY)
     assert (header, index, count) == reference.decode_datagram(resign(CORPUS[0]), KEY)[:3]

@@ -19,9 +19,9 @@ from dataclasses import replace
 
 import pytest
 
-from spoa.lbnode import LbNode
-from spoa.packet_receiver import BatchReceiver, open_batch_receiver
-from spoa.stream_transport import DatagramStream, frame
+from spoa.lbnode.node import LbNode
+from spoa.lbnode.packet_receiver import BatchReceiver, open_batch_receiver
+from spoa.wire.stream_transport import DatagramStream, frame
 
 from .test_lbnode_batch import table
 from .test_packet import HEADER, KEY, MALFORMED, OTHER_KEY, packet, sample_record  # noqa: F401, F811 - fixture

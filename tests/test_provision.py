@@ -1,4 +1,4 @@
-"""spoa.provision: real HAProxy binaries of every supported line."""
+"""spoa.tools.provision: real HAProxy binaries of every supported line."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from spoa import provision
-from spoa.provision import LINES, HAProxyBinary, ProvisionError
+from spoa.tools import provision
+from spoa.tools.provision import LINES, HAProxyBinary, ProvisionError
 
 
 @pytest.fixture(scope="module", params=LINES)

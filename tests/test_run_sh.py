@@ -31,7 +31,7 @@ def _fake_checkout(tmp: Path) -> Path:
 def _installs(tmp: Path) -> int:
     subprocess.run(["bash", str(tmp / "run.sh"), "setup"], check=True, timeout=60, capture_output=True)
     calls = (tmp / "calls").read_text().splitlines()
-    assert calls[-1] == "python -m spoa.provision"  # provisioning runs every time (instant when cached)
+    assert calls[-1] == "python -m spoa.tools.provision"  # provisioning runs every time (instant when cached)
     return sum(line.startswith("pip install") for line in calls)
 
 

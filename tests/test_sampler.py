@@ -1,4 +1,4 @@
-"""spoa.sampler against the real kernel, real sockets on 127.0.0.1 and ::1.
+"""spoa.servernode.sampler against the real kernel, real sockets on 127.0.0.1 and ::1.
 
 - Byte counters: exactly N bytes each way show up as bytes_received /
   bytes_acked of the server-side socket (the one whose LOCAL port is the
@@ -12,7 +12,7 @@
 - Closing: CLOSE_WAIT then gone; an active close disappears (orphaned
   FIN_WAIT2 sockets have no tcp_info and are skipped).
 - ss(8) gives the same counters for the same sockets.
-- Keys: each socket's spoa.records.pack_key, IPv4 and IPv4-mapped IPv6 alike,
+- Keys: each socket's spoa.wire.records.pack_key, IPv4 and IPv4-mapped IPv6 alike,
   from both parser twins; the compiled pack_key twin gives records.pack_key's
   result or error for any input.
 - Multi-datagram dumps, a kernel NLMSG_ERROR (EINVAL) and recovery, EINTR
@@ -46,10 +46,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import spoa
-from spoa import records
-from spoa import sampler as S
-from spoa.records import pack_key, unpack_key
-from spoa.sampler import KernelSampler, SamplerError, TcpSample, TcpState
+from spoa.servernode import sampler as S
+from spoa.servernode.sampler import KernelSampler, SamplerError, TcpSample, TcpState
+from spoa.wire import records
+from spoa.wire.records import pack_key, unpack_key
 
 pytestmark = pytest.mark.skipif(not KernelSampler.available(), reason="NETLINK_SOCK_DIAG unavailable here")
 
@@ -65,7 +65,7 @@ if S._compiled is not None:
 @pytest.fixture(params=["cython", "python"])
 def parser(request):
     if request.param not in PARSERS:
-        pytest.skip("spoa._sampler is not built (or SPOA_NO_EXTENSIONS=1)")
+        pytest.skip("spoa.servernode._sampler is not built (or SPOA_NO_EXTENSIONS=1)")
     return PARSERS[request.param]
 
 
@@ -592,12 +592,12 @@ def test_sample_object():
 
 def test_compiled_sampler_loaded():
     """Once setup.py lists _sampler in MODULES, a missing build is a failure, not a silent fallback."""
-    listed = re.search(r"MODULES\s*=\s*\[[^\]]*[\"']_sampler[\"']", (REPO_ROOT / "setup.py").read_text())
+    listed = re.search(r"MODULES\s*=\s*\{[^}]*[\"']_sampler[\"']", (REPO_ROOT / "setup.py").read_text())
     if os.environ.get("SPOA_NO_EXTENSIONS", "") not in ("", "0"):
         assert S.IMPLEMENTATION == "python"
         return
     if not listed and S._compiled is None:
-        pytest.skip("spoa._sampler not built and not in setup.py MODULES yet")
+        pytest.skip("spoa.servernode._sampler not built and not in setup.py MODULES yet")
     assert S.IMPLEMENTATION == "cython"
     assert S.DIRECT_SLOTS
     assert S.pack_key is S._compiled.pack_key
@@ -830,7 +830,7 @@ def pack_outcome(fn, args):
 def test_pack_key_twins(args):
     """The compiled pack_key gives records.pack_key's bytes or its exception, for any input."""
     if S._compiled is None:
-        pytest.skip("spoa._sampler is not built")
+        pytest.skip("spoa.servernode._sampler is not built")
     want = pack_outcome(records.pack_key, args)
     assert pack_outcome(S._compiled.pack_key, args) == want
     if want[0] == "ok":
@@ -845,7 +845,7 @@ ADDR_TEXT = (st.ip_addresses().map(str) | st.text(alphabet="0123456789abcdef.:%f
 @given(local=ADDR_TEXT, lport=st.integers(-2, 65537), remote=ADDR_TEXT, rport=st.integers(-2, 65537))
 def test_pack_key_twins_fuzz(local, lport, remote, rport):
     if S._compiled is None:
-        pytest.skip("spoa._sampler is not built")
+        pytest.skip("spoa.servernode._sampler is not built")
     args = (local, lport, remote, rport)
     assert pack_outcome(S._compiled.pack_key, args) == pack_outcome(records.pack_key, args)
 
@@ -878,7 +878,7 @@ def test_mutated_real_dump(recorded, seed, flips, cut):
 def test_compiled_generic_setattr_fallback(recorded):
     """The compiled twin without direct slot stores gives the same samples."""
     if S._compiled is None:
-        pytest.skip("spoa._sampler is not built")
+        pytest.skip("spoa.servernode._sampler is not built")
     try:
         assert S._compiled.configure(TcpSample, SamplerError, direct=False) is False
         slow = S.parse_dump(recorded, S._compiled.parse_chunk)

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import spoa._slotmap_py as reference
-from spoa import slotmap as facade
+import spoa.lbnode._slotmap_py as reference
+from spoa.lbnode import slotmap as facade
 
 TWINS = [pytest.param("cython", marks=pytest.mark.c_extension, id="cython"), pytest.param("python", id="python")]
 
@@ -32,9 +32,9 @@ def compiled(request: pytest.FixtureRequest):
     if _compiled_disabled(request.config):
         pytest.skip("compiled modules disabled (SPOA_NO_EXTENSIONS / --no-c-extensions)")
     try:
-        return importlib.import_module("spoa._slotmap")
+        return importlib.import_module("spoa.lbnode._slotmap")
     except ImportError as exc:  # test_compiled_slotmap_loaded reports this as a failure
-        pytest.skip(f"spoa._slotmap is not built: {exc}")
+        pytest.skip(f"spoa.lbnode._slotmap is not built: {exc}")
 
 
 @pytest.fixture(params=TWINS)
@@ -54,7 +54,7 @@ def test_compiled_slotmap_loaded(request):
     if _compiled_disabled(request.config):
         assert facade.IMPLEMENTATION == "python"
         return
-    import spoa._slotmap  # noqa: F401 - an ImportError here names the build problem
+    import spoa.lbnode._slotmap  # noqa: F401 - an ImportError here names the build problem
 
     assert facade.IMPLEMENTATION == "cython", "run `python setup.py build_ext --inplace`"
 

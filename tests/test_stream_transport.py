@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from spoa.stream_transport import MAX_MESSAGE, DatagramListener, DatagramStream, frame
+from spoa.wire.stream_transport import MAX_MESSAGE, DatagramListener, DatagramStream, frame
 
 
 class FakeTransport:

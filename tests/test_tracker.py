@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spoa import _tracker, _tracker_py
-from spoa.records import DIR_IN, DIR_OUT, ConnFlags, pack_key
+from spoa.servernode import _tracker, _tracker_py
+from spoa.wire.records import DIR_IN, DIR_OUT, ConnFlags, pack_key
 
 TWINS = {"cython": _tracker.SegmentTracker, "python": _tracker_py.SegmentTracker}
 KiB = 1024
@@ -270,7 +270,7 @@ def test_share_is_identical_in_both_twins():
 def test_compiled_tracker_loaded():
     import os
 
-    from spoa import tracker
+    from spoa.servernode import tracker
 
     if os.environ.get("SPOA_NO_EXTENSIONS", "") in ("", "0"):
         assert tracker.IMPLEMENTATION == "cython"

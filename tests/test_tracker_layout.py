@@ -15,8 +15,8 @@ from array import array
 
 import pytest
 
-from spoa import _tracker, _tracker_py
-from spoa.records import DIR_IN, DIR_OUT, pack_key
+from spoa.servernode import _tracker, _tracker_py
+from spoa.wire.records import DIR_IN, DIR_OUT, pack_key
 
 TWINS = {"cython": _tracker.SegmentTracker, "python": _tracker_py.SegmentTracker}
 
@@ -274,7 +274,7 @@ def test_a_connection_is_320_bytes_of_slab():
 
 
 def test_both_twins_export_key_max():
-    from spoa import tracker
+    from spoa.servernode import tracker
 
     assert tracker.KEY_MAX == _tracker.KEY_MAX == _tracker_py.KEY_MAX == 40
 

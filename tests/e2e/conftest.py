@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from spoa import provision
+from spoa.tools import provision
 
 from .harness import AgentProcess, AppServer, HAProxyProcess, TcpEchoServer
 

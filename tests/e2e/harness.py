@@ -20,8 +20,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
-from spoa.provision import HAProxyBinary
 from spoa.testing import free_port, http_get, scrape_metrics, wait_port, wait_until  # noqa: F401 - re-exported to the tests
+from spoa.tools.provision import HAProxyBinary
 
 REPO = Path(__file__).resolve().parents[2]
 HAPROXY_DIR = REPO / "haproxy"

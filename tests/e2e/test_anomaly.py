@@ -18,9 +18,9 @@ import socket
 import threading
 import time
 
-from spoa.hints import Hint, encode_hints
-from spoa.packet import PacketError, decode_datagram
-from spoa.records import LeaseSource
+from spoa.wire.hints import Hint, encode_hints
+from spoa.wire.packet import PacketError, decode_datagram
+from spoa.wire.records import LeaseSource
 
 from .conftest import Stack
 from .harness import parse_lease_header, wait_until

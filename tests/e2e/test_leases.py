@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from spoa.packet import encode_packet
-from spoa.records import ConnectionRecord, PacketHeader
+from spoa.wire.packet import encode_packet
+from spoa.wire.records import ConnectionRecord, PacketHeader
 
 from .conftest import Stack
 from .harness import LbNodeProcess, free_port, parse_lease_header, wait_until

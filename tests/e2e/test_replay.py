@@ -1,7 +1,7 @@
 """Live replay of a seeded trace through HAProxy 3.2 vs the offline simulation of the same trace.
 
 HAProxy + agent + LB node run with the lease configuration of test_leases
-(activity policy, 200 ms interval, hint TTL 1 s); ``spoa.backtest.replay``
+(activity policy, 200 ms interval, hint TTL 1 s); ``spoa.tools.backtest.replay``
 drives one real keep-alive connection per trace connection through HAProxy's
 HTTP frontend; the LB node's counters are compared with
 ``simulate(trace, "activity", ...)`` under the same configuration.
@@ -39,10 +39,10 @@ import threading
 import time
 
 from spoa import config as cfg
-from spoa import provision
-from spoa.backtest.replay import aligned_origin, replay, seeded_trace
-from spoa.backtest.simulate import SimConfig, simulate
-from spoa.lb_module import LeaseSettings
+from spoa.servernode.lease_module import LeaseSettings
+from spoa.tools import provision
+from spoa.tools.backtest.replay import aligned_origin, replay, seeded_trace
+from spoa.tools.backtest.simulate import SimConfig, simulate
 
 from .conftest import Stack
 from .harness import LbNodeProcess, wait_until

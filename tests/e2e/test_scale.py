@@ -15,7 +15,7 @@ from collections import Counter
 
 import pytest
 
-from spoa.demo.loadgen import HttpConn, parse_lease
+from spoa.tools.demo.loadgen import HttpConn, parse_lease
 
 from .conftest import Stack
 from .harness import LbNodeProcess, wait_until
@@ -63,7 +63,7 @@ def line(request):
 
 
 def test_thousand_keepalive_clients_get_predicted_leases_from_two_lb_nodes(line, app_server, tmp_path):
-    from spoa import provision
+    from spoa.tools import provision
 
     binary = provision.ensure(line)
     key_file = tmp_path / "lease.key"

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from spoa.packet import decode_datagram
-from spoa.records import DIR_IN, DIR_OUT, ConnFlags, CounterSource
+from spoa.wire.packet import decode_datagram
+from spoa.wire.records import DIR_IN, DIR_OUT, ConnFlags, CounterSource
 
 from .conftest import Stack
 from .harness import http_get, wait_until

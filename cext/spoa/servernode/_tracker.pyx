@@ -1,0 +1,1104 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Segment tracker, compiled. Same API and behaviour as spoa/servernode/_tracker_py.py.
+
+Connections are C structs (Conn) in a slab of 2 MiB chunks on huge pages,
+found by a C open-addressing hash table of their key bytes, and chained in
+registration order, so that one update costs a few cache lines and no Python
+object. docs/tracker.md, "Memory layout and speed", has the byte budget.
+"""
+
+import os
+import sys
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport qsort
+from libc.string cimport memcmp, memcpy, memmove, memset, strlen
+
+from spoa.wire._records cimport new_connection, new_segment
+from spoa.wire.records import DIR_IN, DIR_OUT, ConnFlags, CounterSource, LeaseSource
+
+cdef extern from * nogil:
+    # Packet shares multiply packets by bytes: past 2^64 for big intervals.
+    ctypedef unsigned long long u128 "unsigned __int128"
+    int __builtin_clzll(unsigned long long)
+    void __builtin_prefetch(const void *addr, int rw, int locality)
+
+cdef extern from "<sys/mman.h>":
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
+    int munmap(void *addr, size_t length)
+    int madvise(void *addr, size_t length, int advice)
+    int PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS, MADV_HUGEPAGE
+    void *MAP_FAILED
+
+cdef extern from "<arpa/inet.h>":
+    int AF_INET, AF_INET6
+    int inet_pton(int af, const char *src, void *dst)
+    const char *inet_ntop(int af, const void *src, char *dst, unsigned int size)
+
+cdef extern from "Python.h":
+    const char *PyUnicode_AsUTF8AndSize(object text, Py_ssize_t *size) except NULL
+    object PyUnicode_DecodeASCII(const char *s, Py_ssize_t size, const char *errors)
+
+cdef int FLAG_CLOSED = ConnFlags.CLOSED
+cdef int FLAG_EXPIRED = ConnFlags.EXPIRED
+cdef int FLAG_CLOSING = ConnFlags.CLOSING
+cdef uint8_t SOURCE_NONE = CounterSource.NONE
+cdef uint8_t LEASE_STANDARD = LeaseSource.STANDARD
+
+KEY_MAX = 40  # longest key, bytes (Conn.key); the product key (records.pack_key) is 36
+cdef Py_ssize_t C_KEY_MAX = KEY_MAX
+
+# Slab geometry: a slot id is (chunk << SLOT_BITS) | index in chunk, so an id
+# becomes a pointer with a shift and a mask, no division by sizeof(Conn).
+cdef size_t HUGE_PAGE = 2 << 20
+cdef size_t CHUNK_BYTES = HUGE_PAGE  # one huge page: one TLB entry covers 6,553 connections
+cdef size_t PAGE = 4096
+cdef int32_t SLOTS_PER_CHUNK = CHUNK_BYTES // sizeof(Conn)
+cdef int SLOT_BITS = 64 - __builtin_clzll(SLOTS_PER_CHUNK - 1)
+cdef int32_t SLOT_MASK = (1 << SLOT_BITS) - 1
+cdef Py_ssize_t MAX_CHUNKS = (<Py_ssize_t>1) << (31 - SLOT_BITS)  # slot ids are int32
+cdef uint32_t INITIAL_TABLE = 16
+# What the layout promises (docs/tracker.md): a Conn is 5 whole cache lines, a DirHot one.
+if sizeof(Conn) != 320 or sizeof(DirHot) != 64 or sizeof(Segment) != 48:
+    raise ImportError(f"tracker layout changed: Conn {sizeof(Conn)}, DirHot {sizeof(DirHot)} bytes")
+
+# Group prefetching in update_batch: hash item i + 2W and prefetch its table
+# entry, read the entry of item i + W and prefetch its Conn, update item i.
+# W = 0 turns it off (benchmarks compare both with set_prefetch_window).
+cdef Py_ssize_t RING = 64  # ring of hashes; > 2 * the largest window
+cdef Py_ssize_t prefetch_window = 16
+
+# Key hash: wyhash's multiply-fold ("mum": the 128-bit product's halves
+# xor-ed) over the key's 16-byte blocks, the last one read overlapping the one
+# before (as wyhash does), so a 36-byte key costs 3 + 1 multiplies and only
+# unaligned 8-byte loads (a zero-padded copy stalled on store forwarding).
+# Secrets drawn per process: clients choose their ports, so a fixed hash
+# could be flooded with colliding keys; with unknown secrets they cannot aim.
+cdef uint64_t SECRET0, SECRET1, SECRET2
+SECRET0, SECRET1, SECRET2 = [int.from_bytes(os.urandom(8), "little") | 1 for _ in range(3)]
+
+cdef unsigned char V4_MAPPED[12]
+memset(V4_MAPPED, 0, 10)
+V4_MAPPED[10] = 0xff
+V4_MAPPED[11] = 0xff
+
+
+cdef inline uint64_t mum(uint64_t a, uint64_t b) noexcept nogil:
+    cdef u128 r = <u128>a * b
+    return <uint64_t>r ^ <uint64_t>(r >> 64)
+
+
+cdef inline uint64_t load8(const unsigned char *p) noexcept nogil:
+    cdef uint64_t v
+    memcpy(&v, p, 8)  # one unaligned load
+    return v
+
+
+cdef inline uint64_t load4(const unsigned char *p) noexcept nogil:
+    cdef uint32_t v
+    memcpy(&v, p, 4)
+    return v
+
+
+cdef inline uint64_t key_hash(const unsigned char *p, Py_ssize_t n) noexcept nogil:
+    cdef uint64_t h = SECRET0 ^ <uint64_t>n
+    cdef uint64_t a, b
+    cdef Py_ssize_t i = 0
+    if n > 16:
+        while i + 16 < n:
+            h = mum(load8(p + i) ^ SECRET1, load8(p + i + 8) ^ h)
+            i += 16
+        a = load8(p + n - 16)
+        b = load8(p + n - 8)
+    elif n >= 8:
+        a = load8(p)
+        b = load8(p + n - 8)
+    elif n >= 4:
+        a = load4(p)
+        b = load4(p + n - 4)
+    else:  # 1..3 bytes
+        a = (<uint64_t>p[0] << 16) | (<uint64_t>p[n >> 1] << 8) | p[n - 1]
+        b = 0
+    h = mum(a ^ SECRET1, b ^ h)
+    return mum(h ^ SECRET2, <uint64_t>n ^ SECRET1)
+
+
+cdef inline const unsigned char *key_bytes(object key, Py_ssize_t *n) except NULL:
+    """The key's bytes (and length): TypeError/ValueError as the twin's _check_key."""
+    if not PyBytes_Check(key):
+        raise TypeError(f"key must be bytes, not {type(key).__name__}")
+    n[0] = PyBytes_GET_SIZE(key)
+    if n[0] < 1 or n[0] > C_KEY_MAX:
+        raise ValueError(f"key must be 1 to {KEY_MAX} bytes, got {n[0]}")
+    return <const unsigned char *>PyBytes_AS_STRING(key)
+
+
+cdef int parse_address(object text, unsigned char *out) except -1:
+    """16 packed bytes of IPv4/IPv6 text (IPv4 as IPv4-mapped); errors as the twin's."""
+    cdef const char *s = NULL
+    cdef Py_ssize_t size = 0
+    if not isinstance(text, str):
+        raise TypeError(f"address must be str, not {type(text).__name__}")
+    try:
+        s = PyUnicode_AsUTF8AndSize(text, &size)
+    except UnicodeError:
+        s = NULL
+    if s is not NULL and <size_t>size == strlen(s):  # an embedded NUL would cut the text short
+        if inet_pton(AF_INET, s, out + 12) == 1:
+            memcpy(out, V4_MAPPED, 12)
+            return 0
+        if inet_pton(AF_INET6, s, out) == 1:
+            return 0
+    raise ValueError(f"not an IPv4 or IPv6 address: {text!r}")
+
+
+cdef object address_text(const unsigned char *raw):
+    cdef char buf[48]
+    if memcmp(raw, V4_MAPPED, 12) == 0:
+        inet_ntop(AF_INET, raw + 12, buf, sizeof(buf))
+    else:
+        inet_ntop(AF_INET6, raw, buf, sizeof(buf))
+    return PyUnicode_DecodeASCII(buf, strlen(buf), NULL)
+
+
+cdef int check_port(object port) except -1:
+    if not isinstance(port, int):
+        raise TypeError(f"port must be int, not {type(port).__name__}")
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be 0..65535, got {port}")
+    return 0
+
+
+cdef int check_small(str name, object value) except -1:
+    """flags, sources: stored in one byte each."""
+    if not 0 <= value <= 255:
+        raise ValueError(f"{name} must be 0..255, got {value}")
+    return 0
+
+
+cdef int check_lease(str name, object value) except -1:
+    """lease durations: u32 ms, as the publishing packet carries them."""
+    if not isinstance(value, int):
+        raise TypeError(f"{name} must be int, not {type(value).__name__}")
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise ValueError(f"{name} must be 0..4294967295, got {value}")
+    return 0
+
+
+cdef void *region_alloc(size_t size) except NULL:
+    """size zeroed bytes from mmap; from HUGE_PAGE up, HUGE_PAGE-aligned and madvised
+    for huge pages (tracemalloc does not see it: memory_bytes() counts it)."""
+    cdef char *raw
+    cdef char *p
+    cdef size_t lead
+    if size < HUGE_PAGE:
+        raw = <char *>mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        if <void *>raw == MAP_FAILED:
+            raise MemoryError()
+        return raw
+    # Over-map by one huge page, then unmap the unaligned ends.
+    raw = <char *>mmap(NULL, size + HUGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+    if <void *>raw == MAP_FAILED:
+        raise MemoryError()
+    p = <char *>((<size_t>raw + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1))
+    lead = p - raw
+    if lead:
+        munmap(raw, lead)
+    munmap(p + size, HUGE_PAGE - lead)
+    madvise(p, size, MADV_HUGEPAGE)  # best effort: THP may be off
+    return p
+
+
+cdef inline size_t region_bytes(size_t size) noexcept nogil:
+    return (size + PAGE - 1) & ~(PAGE - 1)
+
+
+cdef inline int bit_length(uint64_t value) noexcept nogil:
+    return 0 if value == 0 else 64 - __builtin_clzll(value)
+
+
+cdef int cmp_u64(const void *a, const void *b) noexcept nogil:
+    cdef uint64_t x = (<const uint64_t *>a)[0]
+    cdef uint64_t y = (<const uint64_t *>b)[0]
+    return (x > y) - (x < y)
+
+
+cdef int share(uint64_t total, uint64_t *weights, uint64_t *parts, Py_ssize_t n) except -1:
+    """Split total by weights: floor shares, then largest remainder (ties: later)."""
+    cdef u128 whole = 0
+    cdef u128 assigned = 0
+    cdef Py_ssize_t i, best
+    cdef u128 rem, best_rem
+    cdef uint64_t rest
+    for i in range(n):
+        whole += weights[i]
+    if whole == 0:
+        for i in range(n):
+            parts[i] = 0
+        return 0
+    for i in range(n):
+        parts[i] = <uint64_t>((<u128>total * weights[i]) / whole)
+        assigned += parts[i]
+    rest = <uint64_t>(total - assigned)
+    # rest < n: pick the largest remainders one by one, marking each taken
+    # by its remainder's +1 share (a taken index is never picked again).
+    cdef uint64_t *taken = <uint64_t *>PyMem_Malloc(n * sizeof(uint64_t)) if rest else NULL
+    if rest and taken is NULL:
+        raise MemoryError()
+    for i in range(n if rest else 0):
+        taken[i] = 0
+    while rest:
+        best = -1
+        best_rem = 0
+        for i in range(n):
+            if taken[i]:
+                continue
+            rem = (<u128>total * weights[i]) % whole
+            if best < 0 or rem >= best_rem:
+                best = i
+                best_rem = rem
+        taken[best] = 1
+        parts[best] += 1
+        rest -= 1
+    PyMem_Free(taken)
+    return 0
+
+
+def share_py(total, weights):
+    """share() for tests: the same split as spoa.servernode._tracker_py.share."""
+    cdef Py_ssize_t n = len(weights)
+    cdef uint64_t *w = <uint64_t *>PyMem_Malloc((2 * n + 1) * sizeof(uint64_t))
+    cdef Py_ssize_t i
+    if w is NULL:
+        raise MemoryError()
+    try:
+        for i in range(n):
+            w[i] = weights[i]
+        share(total, w, w + n, n)
+        return [w[n + i] for i in range(n)]
+    finally:
+        PyMem_Free(w)
+
+
+def set_prefetch_window(Py_ssize_t window):
+    """Items update_batch looks ahead (0: no prefetching); returns the previous value.
+    For benchmarks: the default suits this VM's memory latency."""
+    global prefetch_window
+    if not 0 <= window <= (RING - 1) // 2:
+        raise ValueError(f"window must be 0..{(RING - 1) // 2}")
+    previous = prefetch_window
+    prefetch_window = window
+    return previous
+
+
+cdef inline Conn *conn_at(Conn **chunks, int32_t slot) noexcept nogil:
+    return chunks[slot >> SLOT_BITS] + (slot & SLOT_MASK)
+
+
+# The segments before a direction's tail live in a malloc'd array that starts
+# with its slot count (a header: DirCold needs no field for it).
+cdef inline Py_ssize_t older_slots(DirCold *d) noexcept nogil:
+    return 0 if d.older is NULL else <Py_ssize_t>(<uint64_t *>d.older - 1)[0]
+
+
+cdef inline size_t array_bytes(Py_ssize_t slots) noexcept nogil:
+    return sizeof(uint64_t) + slots * sizeof(Segment)
+
+
+cdef inline size_t free_older(DirCold *d) noexcept:
+    """Drop the array of older segments; the bytes freed."""
+    cdef size_t freed = 0
+    if d.older is not NULL:
+        freed = array_bytes(older_slots(d))
+        PyMem_Free(<uint64_t *>d.older - 1)
+        d.older = NULL
+    d.nolder = 0
+    return freed
+
+
+cdef inline Segment *seg_at(Conn *c, int k, Py_ssize_t i) noexcept nogil:
+    """Segment i (offset order) of direction k: the older ones, then the tail."""
+    return &c.cold[k].older[i] if i < c.cold[k].nolder else &c.hot[k].tail
+
+
+cdef bint quiet(Conn *c) noexcept:
+    """Nothing moved in any of its segments this interval."""
+    cdef int k
+    cdef Py_ssize_t i
+    cdef Segment *s
+    for k in range(2):
+        for i in range(c.cold[k].nolder + 1):
+            s = seg_at(c, k, i)
+            if s.bytes_interval or s.packets_interval:
+                return False
+    return True
+
+
+cdef inline Py_ssize_t segment_count(Conn *c) noexcept nogil:
+    return c.cold[0].nolder + c.cold[1].nolder + 2
+
+
+cdef class SegmentTracker:
+    def __cinit__(self):
+        self._table = <Entry *>region_alloc(INITIAL_TABLE * sizeof(Entry))
+        self._mask = INITIAL_TABLE - 1
+        self._free = self._head = self._tail = -1
+
+    def __init__(self, segment_size=1 << 20, min_segment_size=64 << 10, max_segment_size=64 << 20,
+                 split_bytes=256 << 10, idle_ms=5000, max_segments_per_connection=16,
+                 max_total_segments=4_000_000, max_connections=1_000_000, expire_ms=300_000):
+        if not 1 <= min_segment_size <= segment_size <= max_segment_size:
+            raise ValueError("need 1 <= min_segment_size <= segment_size <= max_segment_size")
+        if max_segments_per_connection < 2 or max_total_segments < 2 * max_segments_per_connection:
+            raise ValueError("need max_segments_per_connection >= 2 and max_total_segments >= 2x that")
+        self.segment_size = segment_size
+        self.min_segment_size = min_segment_size
+        self.max_segment_size = max_segment_size
+        self.split_bytes = split_bytes
+        self.idle_ms = idle_ms
+        self.max_segments_per_connection = max_segments_per_connection
+        self.max_total_segments = max_total_segments
+        self.max_connections = max_connections
+        self.expire_ms = expire_ms
+        self._closed = []
+        self._frontends = []
+        self._frontend_ids = {}
+        self.total_segments = 0
+        self.stats = dict.fromkeys(
+            ("registered", "refused", "closed", "expired", "counter_resets", "splits", "merges", "coarsened",
+             "unknown_updates", "deferred"), 0
+        )
+
+    def __dealloc__(self):
+        cdef int32_t slot = self._head
+        cdef Conn *c
+        cdef Py_ssize_t i
+        while slot >= 0:
+            c = conn_at(self._chunks, slot)
+            free_older(&c.cold[0])
+            free_older(&c.cold[1])
+            slot = c.next
+        for i in range(self._nchunks):
+            munmap(self._chunks[i], CHUNK_BYTES)
+        PyMem_Free(self._chunks)
+        if self._table is not NULL:
+            munmap(self._table, (self._mask + <size_t>1) * sizeof(Entry))
+
+    # -- slab and hash table ----------------------------------------------------------
+    cdef Conn *_new_slot(self, int32_t *slot) except NULL:
+        """A slot for a new connection: a freed one first, else the next never-used one."""
+        cdef Conn **grown
+        cdef Py_ssize_t n
+        cdef Conn *c
+        if self._free >= 0:
+            slot[0] = self._free
+            c = conn_at(self._chunks, self._free)
+            self._free = c.next
+            return c
+        if self._nchunks == 0 or self._fresh == SLOTS_PER_CHUNK:
+            if self._nchunks == MAX_CHUNKS:
+                raise MemoryError("slot ids exhausted")
+            if self._nchunks == self._chunks_allocated:
+                n = self._chunks_allocated * 2 if self._chunks_allocated else 8
+                grown = <Conn **>PyMem_Realloc(self._chunks, n * sizeof(Conn *))
+                if grown is NULL:
+                    raise MemoryError()
+                self._chunks = grown
+                self._chunks_allocated = n
+            self._chunks[self._nchunks] = <Conn *>region_alloc(CHUNK_BYTES)
+            self._nchunks += 1
+            self._fresh = 0
+        slot[0] = <int32_t>((self._nchunks - 1) << SLOT_BITS) | self._fresh
+        self._fresh += 1
+        return conn_at(self._chunks, slot[0])
+
+    cdef int32_t _find(self, const unsigned char *key, Py_ssize_t n, uint64_t h) noexcept:
+        """The live slot holding key (h = key_hash(key)), else -1."""
+        cdef uint32_t tag = <uint32_t>h
+        cdef uint32_t i = tag & self._mask
+        cdef Entry *e
+        cdef Conn *c
+        while True:
+            e = &self._table[i]
+            if e.slot1 == 0:
+                return -1
+            if e.tag == tag:  # the fingerprint spares the slab most mismatches
+                c = conn_at(self._chunks, e.slot1 - 1)
+                if c.key_len == n and memcmp(c.key, key, n) == 0:
+                    return e.slot1 - 1
+            i = (i + 1) & self._mask
+
+    cdef void _table_insert(self, uint32_t tag, int32_t slot) noexcept:
+        """Add an entry for a key known to be absent (there is always room: load <= 1/2)."""
+        cdef uint32_t i = tag & self._mask
+        while self._table[i].slot1:
+            i = (i + 1) & self._mask
+        self._table[i].tag = tag
+        self._table[i].slot1 = slot + 1
+
+    cdef int _grow_table(self) except -1:
+        cdef Entry *old = self._table
+        cdef size_t old_size = self._mask + <size_t>1
+        cdef size_t i
+        if old_size >= (<size_t>1) << 31:
+            raise MemoryError("hash table at its largest")
+        self._table = <Entry *>region_alloc(2 * old_size * sizeof(Entry))
+        self._mask = <uint32_t>(2 * old_size - 1)
+        for i in range(old_size):
+            if old[i].slot1:
+                self._table_insert(old[i].tag, old[i].slot1 - 1)
+        munmap(old, old_size * sizeof(Entry))
+        return 0
+
+    cdef void _table_delete(self, int32_t slot, Conn *c) noexcept:
+        """Remove slot's entry; backward-shift the probe run behind it (no tombstones)."""
+        cdef uint32_t mask = self._mask
+        cdef uint32_t i = <uint32_t>key_hash(c.key, c.key_len) & mask
+        cdef uint32_t j, home
+        while self._table[i].slot1 != <uint32_t>(slot + 1):
+            i = (i + 1) & mask
+        j = i
+        while True:
+            j = (j + 1) & mask
+            if self._table[j].slot1 == 0:
+                break
+            home = self._table[j].tag & mask
+            # The entry at j may fill the hole at i unless its home lies in (i, j].
+            if ((j - home) & mask) >= ((j - i) & mask):
+                self._table[i] = self._table[j]
+                i = j
+        self._table[i].slot1 = 0
+        self._table[i].tag = 0
+
+    cdef void _release(self, int32_t slot, Conn *c) noexcept:
+        """Forget a live connection: table entry, order links, overflow arrays; slot to the free list."""
+        self._table_delete(slot, c)
+        if c.prev >= 0:
+            conn_at(self._chunks, c.prev).next = c.next
+        else:
+            self._head = c.next
+        if c.next >= 0:
+            conn_at(self._chunks, c.next).prev = c.prev
+        else:
+            self._tail = c.prev
+        self._overflow_bytes -= free_older(&c.cold[0]) + free_older(&c.cold[1])
+        c.next = self._free
+        self._free = slot
+        self._count -= 1
+
+    def memory_bytes(self):
+        """Bytes this tracker allocated for its connections: slab chunks, hash table,
+        chunk table, overflow segment arrays, interned frontend names (not the final
+        records waiting for publish())."""
+        return (self._nchunks * CHUNK_BYTES + region_bytes((self._mask + <size_t>1) * sizeof(Entry))
+                + self._chunks_allocated * sizeof(Conn *) + self._overflow_bytes
+                + sys.getsizeof(self._frontends) + sys.getsizeof(self._frontend_ids)
+                + sum([sys.getsizeof(name) for name in self._frontends]))
+
+    # -- sizes and levels ---------------------------------------------------------
+    cdef uint64_t _capacity(self, int level) noexcept:
+        cdef uint64_t size
+        if level >= 0:
+            size = self.segment_size >> level if level < 64 else 0
+        else:
+            size = self.segment_size << (-level) if -level < 64 - bit_length(self.segment_size) else self.max_segment_size
+        if size < self.min_segment_size:
+            size = self.min_segment_size
+        if size > self.max_segment_size:
+            size = self.max_segment_size
+        return size
+
+    cdef int _level_of(self, uint64_t capacity) noexcept:
+        return bit_length(self.segment_size) - bit_length(capacity)
+
+    cdef void _init_direction(self, Conn *c, int k) noexcept:
+        cdef DirHot *h = &c.hot[k]
+        cdef DirCold *d = &c.cold[k]
+        cdef uint64_t base = self._capacity(0)
+        h.bytes_counter = 0
+        h.packets_counter = 0
+        h.tail.count = 0
+        h.tail.capacity = base
+        h.tail.bytes_interval = 0
+        h.tail.packets_interval = 0
+        h.tail.last_activity = 0
+        h.tail.level = <int8_t>self._level_of(base)
+        d.older = NULL
+        d.nolder = 0
+        d.level = 0
+        d.tail_start = 0
+        d.interval_start = 0
+
+    cdef Segment *_push_tail(self, Conn *c, int k, uint64_t capacity) except NULL:
+        """The tail joins the older segments; a new empty tail of capacity follows it."""
+        cdef DirCold *d = &c.cold[k]
+        cdef Segment *t = &c.hot[k].tail
+        cdef Py_ssize_t slots = older_slots(d)
+        cdef Py_ssize_t grown_slots = 2 * slots if slots else 2
+        cdef uint64_t *grown
+        if d.nolder == slots:
+            if slots >= (1 << 30):
+                raise MemoryError("too many segments")
+            grown = <uint64_t *>PyMem_Realloc(<uint64_t *>d.older - 1 if d.older is not NULL else NULL,
+                                              array_bytes(grown_slots))
+            if grown is NULL:
+                raise MemoryError()
+            self._overflow_bytes += array_bytes(grown_slots) - (array_bytes(slots) if slots else 0)
+            grown[0] = grown_slots
+            d.older = <Segment *>(grown + 1)
+        d.older[d.nolder] = t[0]
+        d.nolder += 1
+        d.tail_start += t.count
+        t.count = 0
+        t.capacity = capacity
+        t.bytes_interval = 0
+        t.packets_interval = 0
+        t.last_activity = 0
+        t.level = <int8_t>self._level_of(capacity)
+        self.total_segments += 1
+        return t
+
+    # -- registration and lifecycle ----------------------------------------------------
+    def register(self, key, conn_id, src, src_port, dst, dst_port, frontend, int64_t now_ms):
+        cdef Py_ssize_t n
+        cdef const unsigned char *k = key_bytes(key, &n)
+        cdef unsigned char src_raw[16]
+        cdef unsigned char dst_raw[16]
+        cdef uint64_t h
+        cdef int32_t slot
+        cdef Conn *c
+        if not isinstance(conn_id, bytes):
+            raise TypeError("conn_id must be bytes")
+        if PyBytes_GET_SIZE(conn_id) != 16:
+            raise ValueError("conn_id must be 16 bytes")
+        parse_address(src, src_raw)
+        check_port(src_port)
+        parse_address(dst, dst_raw)
+        check_port(dst_port)
+        if not isinstance(frontend, str):
+            raise TypeError(f"frontend must be str, not {type(frontend).__name__}")
+        h = key_hash(k, n)
+        slot = self._find(k, n, h)
+        if slot >= 0:
+            c = conn_at(self._chunks, slot)
+            if memcmp(c.conn_id, PyBytes_AS_STRING(conn_id), 16) == 0:
+                c.last_seen = now_ms
+                return True
+            self._close_slot(slot, now_ms, FLAG_CLOSED)  # the 4-tuple was reused: the old connection is over
+        if self._count >= self.max_connections:
+            self.stats["refused"] += 1
+            return False
+        index = self._frontend_ids.get(frontend)
+        if index is None:
+            index = self._frontend_ids[frontend] = len(self._frontends)
+            self._frontends.append(frontend)
+        if 2 * (self._count + 1) > self._mask + <Py_ssize_t>1:
+            self._grow_table()
+        c = self._new_slot(&slot)
+        memcpy(c.key, k, n)
+        c.key_len = <uint8_t>n
+        c.flags = 0
+        c.source = SOURCE_NONE
+        c.lease_source = LEASE_STANDARD
+        c.frontend = index
+        c.last_seen = now_ms
+        memcpy(c.conn_id, PyBytes_AS_STRING(conn_id), 16)
+        c.requested_lease = 0
+        c.predicted_lease = 0
+        c.publish_after = 0
+        self._init_direction(c, 0)
+        self._init_direction(c, 1)
+        memcpy(c.cold[0].addr, src_raw, 16)
+        memcpy(c.cold[1].addr, dst_raw, 16)
+        c.cold[0].port = src_port
+        c.cold[1].port = dst_port
+        self.total_segments += 2
+        self._table_insert(<uint32_t>h, slot)
+        c.next = -1
+        c.prev = self._tail
+        if self._tail >= 0:
+            conn_at(self._chunks, self._tail).next = slot
+        else:
+            self._head = slot
+        self._tail = slot
+        self._count += 1
+        self.stats["registered"] += 1
+        return True
+
+    cdef Conn *_lookup(self, object key) except? NULL:
+        """The live connection of key, NULL if none (TypeError/ValueError for a bad key)."""
+        cdef Py_ssize_t n
+        cdef const unsigned char *k = key_bytes(key, &n)
+        cdef int32_t slot = self._find(k, n, key_hash(k, n))
+        return NULL if slot < 0 else conn_at(self._chunks, slot)
+
+    def set_closing(self, key):
+        cdef Conn *c = self._lookup(key)
+        if c is not NULL:
+            c.flags |= FLAG_CLOSING
+
+    def set_lease(self, key, requested_ms, predicted_ms, int lease_source):
+        cdef Conn *c = self._lookup(key)
+        check_lease("requested_ms", requested_ms)
+        check_lease("predicted_ms", predicted_ms)
+        check_small("lease_source", lease_source)
+        if c is not NULL:
+            c.requested_lease = requested_ms
+            c.predicted_lease = predicted_ms
+            c.lease_source = <uint8_t>lease_source
+
+    def set_publish_after(self, key, int64_t after_ms):
+        """publish(now_ms) leaves the connection out while it is quiet (nothing
+        moved in the interval) and now_ms < after_ms; 0: never left out."""
+        cdef Conn *c = self._lookup(key)
+        if c is not NULL:
+            c.publish_after = after_ms
+
+    def close(self, key, int64_t now_ms, int flags=FLAG_CLOSED):
+        """Final report for this connection goes out with the next publish()."""
+        cdef Py_ssize_t n
+        cdef const unsigned char *k = key_bytes(key, &n)
+        cdef int32_t slot
+        check_small("flags", flags)
+        slot = self._find(k, n, key_hash(k, n))
+        if slot < 0:
+            return False
+        self._close_slot(slot, now_ms, flags)
+        return True
+
+    cdef object _close_slot(self, int32_t slot, int64_t now_ms, int flags):
+        cdef Conn *c = conn_at(self._chunks, slot)
+        c.flags |= flags
+        self.total_segments -= segment_count(c)
+        self._closed.append(self._record(c))
+        self.stats["expired" if flags & FLAG_EXPIRED else "closed"] += 1
+        self._release(slot, c)
+
+    # -- counters ----------------------------------------------------------------------------
+    def update(self, key, int direction, uint64_t bytes_total, uint64_t packets_total,
+               int64_t last_activity_ms, int source):
+        cdef Conn *c = self._lookup(key)
+        if c is NULL:
+            self.stats["unknown_updates"] += 1
+            return False
+        if direction != DIR_IN and direction != DIR_OUT:
+            raise ValueError("direction must be DIR_IN or DIR_OUT")
+        check_small("source", source)
+        if self._count_update(c, direction, bytes_total, packets_total, last_activity_ms, <uint8_t>source):
+            self.stats["counter_resets"] += 1
+        return True
+
+    def update_batch(self, keys, int direction, const uint64_t[:] bytes_totals,
+                     const uint64_t[:] packets_totals, const int64_t[:] last_activity_ms, int source):
+        """update() for many connections of one direction at once (e.g. a kernel sample).
+
+        keys: a list of bytes keys (any sequence is copied to a list first). The
+        counter arguments are uint64/int64 buffers (array.array("Q"/"q"), numpy
+        arrays) aligned with `keys`. Every key is checked before any update.
+        Returns how many keys were known.
+        """
+        cdef Py_ssize_t n, i, a, b, w = prefetch_window
+        cdef Py_ssize_t known = 0, unknown = 0, resets = 0
+        cdef Py_ssize_t klen
+        cdef const unsigned char *k
+        cdef uint64_t hashes[64]  # RING
+        cdef uint64_t h
+        cdef uint32_t tag, e
+        cdef Entry *table = self._table
+        cdef uint32_t mask = self._mask
+        cdef Conn **chunks = self._chunks
+        cdef Conn *c
+        cdef int32_t slot
+        if not isinstance(keys, list):
+            keys = list(keys)
+        n = PyList_GET_SIZE(keys)
+        if not n == bytes_totals.shape[0] == packets_totals.shape[0] == last_activity_ms.shape[0]:
+            raise ValueError("keys and counters must have the same length")
+        if direction != DIR_IN and direction != DIR_OUT:
+            raise ValueError("direction must be DIR_IN or DIR_OUT")
+        check_small("source", source)
+        for i in range(n):  # all checked first, as the twin does
+            item = <object>PyList_GET_ITEM(keys, i)
+            if not PyBytes_Check(item) or not 1 <= PyBytes_GET_SIZE(item) <= C_KEY_MAX:
+                key_bytes(item, &klen)  # raises
+        try:
+            for i in range(-2 * w, n):
+                # stage 1, item i + 2w: hash, prefetch its table entry
+                a = i + 2 * w
+                if a < n:
+                    k = <const unsigned char *>PyBytes_AS_STRING(<object>PyList_GET_ITEM(keys, a))
+                    h = key_hash(k, PyBytes_GET_SIZE(<object>PyList_GET_ITEM(keys, a)))
+                    hashes[a & (RING - 1)] = h
+                    __builtin_prefetch(&table[<uint32_t>h & mask], 0, 3)
+                # stage 2, item i + w: its entry is in cache: prefetch the Conn it
+                # points to (line 0 for the key, the direction's DirHot line)
+                b = i + w
+                if w and 0 <= b < n:
+                    tag = <uint32_t>hashes[b & (RING - 1)]
+                    e = tag & mask
+                    while table[e].slot1:
+                        if table[e].tag == tag:
+                            c = conn_at(chunks, table[e].slot1 - 1)
+                            __builtin_prefetch(c, 1, 3)
+                            __builtin_prefetch(&c.hot[direction], 1, 3)
+                            break
+                        e = (e + 1) & mask
+                # stage 3, item i: look up and update
+                if i < 0:
+                    continue
+                k = <const unsigned char *>PyBytes_AS_STRING(<object>PyList_GET_ITEM(keys, i))
+                slot = self._find(k, PyBytes_GET_SIZE(<object>PyList_GET_ITEM(keys, i)), hashes[i & (RING - 1)])
+                if slot < 0:
+                    unknown += 1
+                    continue
+                known += 1
+                c = conn_at(chunks, slot)
+                resets += self._count_update(c, direction, bytes_totals[i], packets_totals[i],
+                                             last_activity_ms[i], <uint8_t>source)
+        finally:
+            if unknown:
+                self.stats["unknown_updates"] += unknown
+            if resets:
+                self.stats["counter_resets"] += resets
+        return known
+
+    def touch(self, key, int64_t now_ms):
+        """The connection is known alive (e.g. seen in the kernel dump)."""
+        cdef Conn *c = self._lookup(key)
+        if c is not NULL and now_ms > c.last_seen:
+            c.last_seen = now_ms
+
+    cdef int _count_update(self, Conn *c, int k, uint64_t bytes_total, uint64_t packets_total,
+                           int64_t last_activity_ms, uint8_t source) except -1:
+        """Apply one cumulative counter pair; 1 when it went backwards (a reset), else 0."""
+        cdef DirHot *h = &c.hot[k]
+        cdef uint64_t delta_bytes, delta_packets
+        c.source = source
+        if last_activity_ms > c.last_seen:
+            c.last_seen = last_activity_ms
+        if bytes_total < h.bytes_counter or packets_total < h.packets_counter:
+            h.bytes_counter = bytes_total
+            h.packets_counter = packets_total
+            return 1
+        delta_bytes = bytes_total - h.bytes_counter
+        delta_packets = packets_total - h.packets_counter
+        h.bytes_counter = bytes_total
+        h.packets_counter = packets_total
+        if delta_bytes == 0:  # packets with no bytes (pure ACKs, keep-alives): the tail's
+            h.tail.packets_interval += delta_packets
+        elif delta_bytes <= h.tail.capacity - h.tail.count:  # the common case: it all fits in the tail
+            h.tail.count += delta_bytes
+            h.tail.bytes_interval += delta_bytes
+            h.tail.last_activity = last_activity_ms
+            h.tail.packets_interval += delta_packets
+        else:
+            self._attribute(c, k, delta_bytes, delta_packets, last_activity_ms)
+        return 0
+
+    cdef int _attribute(self, Conn *c, int k, uint64_t delta_bytes, uint64_t delta_packets,
+                        int64_t stamp) except -1:
+        """Bytes that overflow the tail: fill it, open new tails, share the packets."""
+        cdef DirCold *d = &c.cold[k]
+        cdef Segment *tail = &c.hot[k].tail
+        cdef uint64_t remaining = delta_bytes
+        cdef uint64_t room, take
+        cdef Py_ssize_t first = d.nolder, n, i
+        cdef uint64_t *pieces
+        cdef uint64_t *parts
+        while remaining:
+            room = tail.capacity - tail.count
+            if room == 0:
+                tail = self._push_tail(c, k, self._capacity(d.level))
+                room = tail.capacity
+            take = room if room < remaining else remaining
+            tail.count += take
+            tail.bytes_interval += take
+            tail.last_activity = stamp
+            remaining -= take
+        # Segments first .. the tail received bytes: the first may have been
+        # only topped up, the others filled from their start.
+        n = d.nolder + 1 - first
+        if n == 1:
+            tail.packets_interval += delta_packets
+        elif delta_packets:
+            pieces = <uint64_t *>PyMem_Malloc(2 * n * sizeof(uint64_t))
+            if pieces is NULL:
+                raise MemoryError()
+            parts = pieces + n
+            remaining = delta_bytes
+            for i in range(n - 1, -1, -1):
+                # bytes of this update in segment first+i: all of it for every
+                # segment but the first, whose older bytes predate the update
+                take = seg_at(c, k, first + i).count
+                if take > remaining:
+                    take = remaining
+                pieces[i] = take
+                remaining -= take
+            try:
+                share(delta_packets, pieces, parts, n)
+                for i in range(n):
+                    seg_at(c, k, first + i).packets_interval += parts[i]
+            finally:
+                PyMem_Free(pieces)
+        self._enforce_connection_bound(c)
+        return 0
+
+    # -- intervals --------------------------------------------------------------------------------
+    def begin_interval(self, int64_t now_ms):
+        cdef int32_t slot = self._head
+        cdef Conn *c
+        cdef DirCold *d
+        cdef Py_ssize_t i
+        cdef int k
+        while slot >= 0:
+            c = conn_at(self._chunks, slot)
+            for k in range(2):
+                d = &c.cold[k]
+                d.interval_start = d.tail_start + c.hot[k].tail.count
+                for i in range(d.nolder):
+                    d.older[i].bytes_interval = 0
+                    d.older[i].packets_interval = 0
+                c.hot[k].tail.bytes_interval = 0
+                c.hot[k].tail.packets_interval = 0
+            slot = c.next
+
+    def end_interval(self, int64_t now_ms):
+        cdef int32_t slot = self._head
+        cdef Conn *c
+        cdef list expired = []
+        while slot >= 0:
+            c = conn_at(self._chunks, slot)
+            self._adapt(c, 0, now_ms)
+            self._adapt(c, 1, now_ms)
+            self._enforce_connection_bound(c)
+            if now_ms - c.last_seen >= self.expire_ms:
+                expired.append(slot)
+            slot = c.next
+        for slot in expired:
+            self._close_slot(slot, now_ms, FLAG_EXPIRED)
+        self._enforce_total_bound()
+
+    cdef int _adapt(self, Conn *c, int k, int64_t now_ms) except -1:
+        cdef DirCold *d = &c.cold[k]
+        cdef Segment *tail = &c.hot[k].tail
+        cdef Segment *a
+        cdef Segment *b
+        cdef Py_ssize_t i
+        if tail.bytes_interval >= self.split_bytes and tail.bytes_interval > 0:
+            if self._capacity(d.level + 1) < self._capacity(d.level):
+                d.level += 1
+            if tail.capacity >= 2 * self.min_segment_size:
+                self._split_tail(c, k)
+        elif tail.bytes_interval == 0 and now_ms - tail.last_activity >= self.idle_ms:
+            if self._capacity(d.level - 1) > self._capacity(d.level):
+                d.level -= 1
+        i = 0
+        while i < d.nolder:  # while segment i has a successor
+            a = seg_at(c, k, i)
+            b = seg_at(c, k, i + 1)
+            if self._idle(a, now_ms) and self._idle(b, now_ms) and a.capacity + b.capacity <= self.max_segment_size:
+                self._merge_pair(c, k, i)
+                self.stats["merges"] += 1
+            else:
+                i += 1
+        return 0
+
+    cdef int _split_tail(self, Conn *c, int k) except -1:
+        """The tail's first half joins the older segments, its second half is the new tail."""
+        cdef DirCold *d = &c.cold[k]
+        cdef Segment *tail = &c.hot[k].tail
+        cdef uint64_t half = tail.capacity // 2
+        cdef uint64_t second_capacity = tail.capacity - half
+        cdef uint64_t second_count
+        cdef uint64_t tail_start = d.tail_start
+        cdef uint64_t lo = d.interval_start
+        cdef uint64_t hi = d.tail_start + tail.count
+        cdef uint64_t first_end, first_begin, first_bytes, second_bytes
+        cdef uint64_t weights[2]
+        cdef uint64_t parts[2]
+        cdef uint64_t packets = tail.packets_interval
+        cdef uint64_t interval_bytes = tail.bytes_interval
+        cdef int64_t stamp = tail.last_activity
+        cdef Segment *second
+        self.stats["splits"] += 1
+        if tail.count <= half:
+            # Nothing lies past the half yet: narrowing the tail is the split.
+            tail.capacity = half
+            tail.level = <int8_t>self._level_of(half)
+            return 0
+        second_count = tail.count - half
+        first_end = tail_start + half
+        if hi < first_end:
+            first_end = hi
+        first_begin = lo if lo > tail_start else tail_start
+        first_bytes = first_end - first_begin if first_end > first_begin else 0
+        second_bytes = interval_bytes - first_bytes
+        weights[0] = first_bytes
+        weights[1] = second_bytes
+        share(packets, weights, parts, 2)
+        tail.count = half
+        tail.capacity = half
+        tail.level = <int8_t>self._level_of(half)
+        tail.bytes_interval = first_bytes
+        tail.packets_interval = parts[0]
+        second = self._push_tail(c, k, second_capacity)
+        second.count = second_count
+        second.bytes_interval = second_bytes
+        second.packets_interval = parts[1]
+        second.last_activity = stamp
+        return 0
+
+    cdef bint _idle(self, Segment *s, int64_t now_ms) noexcept:
+        return (s.count == s.capacity and s.bytes_interval == 0 and s.packets_interval == 0
+                and now_ms - s.last_activity >= self.idle_ms)
+
+    cdef void _merge_pair(self, Conn *c, int k, Py_ssize_t i) noexcept:
+        """Segments i and i + 1 of direction k become one (the tail, if i + 1 was)."""
+        cdef DirCold *d = &c.cold[k]
+        cdef Segment *a = &d.older[i]
+        cdef Segment *b = seg_at(c, k, i + 1)
+        b.count += a.count
+        b.capacity += a.capacity
+        b.bytes_interval += a.bytes_interval
+        b.packets_interval += a.packets_interval
+        if a.last_activity > b.last_activity:
+            b.last_activity = a.last_activity
+        b.level = <int8_t>self._level_of(b.capacity)
+        if b == &c.hot[k].tail:
+            d.tail_start -= a.count
+        # a's slot goes: the older ones after it (b, if older) move down one
+        memmove(a, a + 1, (d.nolder - i - 1) * sizeof(Segment))
+        d.nolder -= 1
+        self.total_segments -= 1
+        if d.nolder == 0:  # the tail alone again: inline only
+            self._overflow_bytes -= free_older(d)
+
+    cdef int _coarsen_once(self, Conn *c) except -1:
+        """Merge the connection's adjacent pair with the smallest combined byte_count; 0 if none."""
+        cdef int k, best_dir = -1
+        cdef Py_ssize_t i, best_i = 0
+        cdef uint64_t size, best_size = 0
+        for k in range(2):
+            for i in range(c.cold[k].nolder):
+                size = seg_at(c, k, i).count + seg_at(c, k, i + 1).count
+                if best_dir < 0 or size < best_size:
+                    best_dir, best_i, best_size = k, i, size
+        if best_dir < 0:
+            return 0
+        self._merge_pair(c, best_dir, best_i)
+        self.stats["merges"] += 1
+        self.stats["coarsened"] += 1
+        return 1
+
+    cdef int _enforce_connection_bound(self, Conn *c) except -1:
+        while segment_count(c) > self.max_segments_per_connection:
+            if not self._coarsen_once(c):
+                break
+        return 0
+
+    cdef int _enforce_total_bound(self) except -1:
+        """Coarsen the connections with the most segments first (ties: registration order)."""
+        cdef Py_ssize_t n = self._count, i
+        cdef uint64_t *order
+        cdef int32_t *slots
+        cdef int32_t slot
+        cdef Conn *c
+        cdef uint64_t count
+        if self.total_segments <= self.max_total_segments:
+            return 0
+        order = <uint64_t *>PyMem_Malloc(n * (sizeof(uint64_t) + sizeof(int32_t)) + 1)
+        if order is NULL:
+            raise MemoryError()
+        slots = <int32_t *>(order + n)
+        try:
+            # sort key: segment count descending, then registration order (the
+            # twin's stable sort); counts above 2^32 - 1 cannot fit in memory
+            slot = self._head
+            for i in range(n):
+                c = conn_at(self._chunks, slot)
+                slots[i] = slot
+                count = segment_count(c)
+                order[i] = ((0xFFFFFFFF - count) << 32) | <uint64_t>i
+                slot = c.next
+            qsort(order, n, sizeof(uint64_t), cmp_u64)
+            for i in range(n):
+                c = conn_at(self._chunks, slots[order[i] & 0xFFFFFFFF])
+                while self.total_segments > self.max_total_segments and self._coarsen_once(c):
+                    pass
+                if self.total_segments <= self.max_total_segments:
+                    break
+        finally:
+            PyMem_Free(order)
+        return 0
+
+
+    # -- output ----------------------------------------------------------------------------------
+    cdef object _record(self, Conn *c):
+        cdef list segments = []
+        cdef Segment *s
+        cdef Py_ssize_t i
+        cdef uint64_t start
+        cdef int k
+        for k in range(2):
+            start = 0
+            for i in range(c.cold[k].nolder + 1):
+                s = seg_at(c, k, i)
+                segments.append(new_segment(k, start, s.count, s.bytes_interval, s.packets_interval,
+                                            s.last_activity, s.level))
+                start += s.count
+        return new_connection((
+            PyBytes_FromStringAndSize(<char *>c.conn_id, 16), address_text(c.cold[0].addr), c.cold[0].port,
+            address_text(c.cold[1].addr), c.cold[1].port, self._frontends[c.frontend], c.flags, c.source,
+            max(c.cold[0].level, c.cold[1].level), c.requested_lease, c.predicted_lease, c.lease_source,
+            c.cold[0].tail_start + c.hot[0].tail.count, c.cold[1].tail_start + c.hot[1].tail.count,
+            tuple(segments),
+        ))
+
+    def snapshot(self, key):
+        cdef Conn *c = self._lookup(key)
+        return None if c is NULL else self._record(c)
+
+    def publish(self, now_ms=None):
+        """Records of every live connection, then the final ones closed since last time.
+
+        With now_ms, a live connection that was quiet this interval and whose
+        set_publish_after() time is still ahead is left out (counted `deferred`):
+        its record is not even built."""
+        cdef list out = []
+        cdef int32_t slot = self._head
+        cdef Conn *c
+        cdef bint filtering = now_ms is not None
+        cdef int64_t now = now_ms if filtering else 0
+        cdef Py_ssize_t deferred = 0
+        while slot >= 0:
+            c = conn_at(self._chunks, slot)
+            if filtering and c.publish_after > now and quiet(c):
+                deferred += 1
+            else:
+                out.append(self._record(c))
+            slot = c.next
+        if deferred:
+            self.stats["deferred"] += deferred
+        out.extend(self._closed)
+        self._closed = []
+        return out
+
+    def keys(self):
+        """Live keys in registration order (the twin's dict order)."""
+        cdef list out = []
+        cdef int32_t slot = self._head
+        cdef Conn *c
+        while slot >= 0:
+            c = conn_at(self._chunks, slot)
+            out.append(PyBytes_FromStringAndSize(<char *>c.key, c.key_len))
+            slot = c.next
+        return out
+
+    def __len__(self):
+        return self._count
+
+    def __contains__(self, key):
+        return self._lookup(key) is not NULL

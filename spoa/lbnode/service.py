@@ -1,0 +1,150 @@
+"""`python -m spoa lbnode`: the LB node process built from its configuration."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import numpy as np
+
+from .. import __version__
+from ..config import ConfigError, read_key_file, startup_error
+from ..netutil import derived_node_id, set_receive_buffer
+from ..netutil import parse_address
+from ..wire.stream_transport import DatagramListener
+from .forecast import ARIMA, SES, TSB, Croston, DampedHolt, History
+from .node import INITIAL_CAPACITY, LbNode, LeaseTable
+from .packet_receiver import BatchReceiver, open_batch_receiver
+from .segment_table import SegmentTable
+
+log = logging.getLogger("spoa.lbnode")
+
+# Most recently refreshed connections handed to an ARIMA refit (per class it
+# fits a few of the longest; handing it all would copy every history).
+ARIMA_REFIT_SAMPLE = 256
+
+
+def make_forecaster(f: dict, capacity: int):
+    method = f["method"]
+    if method == "ses":
+        return SES(capacity, alpha=f["alpha"])
+    if method == "damped_holt":
+        return DampedHolt(capacity, alpha=f["alpha"], beta=f["beta"], phi=f["phi"])
+    if method == "croston":
+        return Croston(capacity, alpha=f["alpha"])
+    if method == "tsb":
+        return TSB(capacity, alpha=f["alpha"], beta=f["beta"])
+    try:
+        import statsmodels  # noqa: F401 - fitting needs it; say so at start, not at the first refit
+    except ImportError:
+        raise ConfigError("forecast.method: arima needs statsmodels (pip install 'spoa-lease[arima]')") from None
+    return ARIMA(capacity, order=tuple(f["arima_order"]))
+
+
+def make_policy(lease: dict, interval_ms: int, capacity: int):
+    from .lease_policy import ActivityPolicy, LeaseBounds, VolumePolicy
+
+    bounds = LeaseBounds(min_ms=lease["min_ms"], max_ms=lease["max_ms"], standard_ms=lease["standard_ms"])
+    if lease["policy"] == "activity":
+        return ActivityPolicy(bounds, quantile=lease["quantile"], safety=lease["safety"], interval_ms=interval_ms,
+                              capacity=capacity)
+    return VolumePolicy(bounds, lease["resource_utilization_threshold"])
+
+
+def build_lbnode(config: dict) -> LbNode:
+    node = config["lbnode"]
+    capacity = node["max_connections"]
+    # Its parts start at the table's first size and grow with it.
+    start = min(capacity, INITIAL_CAPACITY)
+    anomaly = None
+    if config["anomaly"]["enabled"]:
+        from .anomaly import AnomalyDetector
+
+        a = config["anomaly"]
+        anomaly = AnomalyDetector(q_high=a["quantile"], factor=a["factor"], min_samples=a["min_samples"])
+    forecaster = make_forecaster(config["forecast"], start)
+    # The rolling per-connection history (bounded ring): ARIMA refits read it,
+    # and it is what one inspects a connection's recent volumes by. float32:
+    # it costs 4 B x forecast.history per connection slot.
+    history = History(start, config["forecast"]["history"], np.float32)
+    segments = SegmentTable(node["max_segments"], history=node["segment_history"])
+    table = LeaseTable(capacity, forecaster, make_policy(config["lease"], node["interval_ms"], start),
+                       config["lease"]["standard_ms"], node["interval_ms"], node["remember_expired"], anomaly,
+                       history, segments)
+    return LbNode(table, read_key_file(node["key_file"]), node["node_id"], node["interval_ms"], node["mtu"])
+
+
+async def open_lbnode(config: dict) -> LbNode:
+    """The LB node built from `config`, its UDP socket bound and drained into its table.
+
+    Without `lbnode.node_id` the id is derived from the bound address (so
+    port 0 gives every instance its own).
+    """
+    lbnode = build_lbnode(config)
+    host, port = parse_address(config["lbnode"]["listen"])
+    receiver = BatchReceiver(lbnode.key, lbnode.on_batch, lbnode.on_datagram)
+    lbnode.receiver = receiver
+    lbnode.transport = await open_batch_receiver(host, port, receiver)
+    set_receive_buffer(lbnode.transport.sock, config["lbnode"]["receive_buffer"])
+    if lbnode.lbnode_id is None:
+        bound = lbnode.transport.get_extra_info("sockname")
+        lbnode.lbnode_id = derived_node_id(f"{bound[0]}:{bound[1]}")
+    return lbnode
+
+
+async def _interval_loop(lbnode: LbNode, refit_every: int) -> None:
+    loop = asyncio.get_running_loop()
+    table = lbnode.table
+    next_at = loop.time()
+    ticks = 0
+    refit: asyncio.Future | None = None
+    while True:
+        next_at += lbnode.interval_ms / 1000
+        await asyncio.sleep(max(0.0, next_at - loop.time()))
+        try:
+            lbnode.tick()
+        except Exception:
+            log.exception("interval failed")
+        ticks += 1
+        if isinstance(table.forecaster, ARIMA) and ticks % refit_every == 0 and (refit is None or refit.done()):
+            histories = {slot: table.history.series(slot) for slot in table.newest(ARIMA_REFIT_SAMPLE).tolist()}
+            refit = loop.run_in_executor(None, table.forecaster.refit, histories)
+
+
+async def serve_lbnode(config: dict, reload=None) -> None:
+    with startup_error("lbnode.listen"):
+        lbnode = await open_lbnode(config)
+    receiver, transport = lbnode.receiver, lbnode.transport
+    loop = asyncio.get_running_loop()
+    tcp_server = None
+    node = config["lbnode"]
+    if node["tcp_listen"]:
+        # The TCP option: the same datagrams, length-prefixed, through the same receiver.
+        tcp_host, tcp_port = parse_address(node["tcp_listen"])
+        tcp_server = DatagramListener(receiver.datagram_received, node["tcp_idle_timeout"],
+                                      node["tcp_message_timeout"], node["tcp_max_buffered_bytes"])
+        with startup_error("lbnode.tcp_listen"):
+            await tcp_server.start(tcp_host, tcp_port)
+    if config["metrics"]["listen"]:
+        from .metrics import serve_lbnode_metrics
+
+        with startup_error("metrics.listen"):
+            serve_lbnode_metrics(config["metrics"]["listen"], lbnode, receiver, tcp_server)
+    ticker = loop.create_task(_interval_loop(lbnode, config["forecast"]["arima_refit_intervals"]))
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if reload is not None:
+        # Leases, policy and forecaster hold per-connection state built from
+        # the old values: only logging changes live; the rest is named.
+        loop.add_signal_handler(signal.SIGHUP, reload, lambda new: {"log"})
+    log.info("spoa-lease lbnode %s ready on udp %s (policy %s, forecaster %s)", __version__,
+             config["lbnode"]["listen"], config["lease"]["policy"], config["forecast"]["method"])
+    await stop.wait()
+    ticker.cancel()
+    transport.close()
+    if tcp_server is not None:
+        tcp_server.close()
+    log.info("stopped: %d connections held, %d premature expiries", len(lbnode.table),
+             lbnode.table.stats.premature_expiries)

@@ -1,0 +1,552 @@
+"""Segment tracker, pure Python: the reference twin of cext/spoa/servernode/_tracker.pyx.
+
+Per connection and direction (in: client -> HAProxy, out: HAProxy -> client)
+the byte stream [0, total) is tiled by segments: each covers
+[start_byte_offset, start_byte_offset + byte_count) and has a capacity (its
+nominal size); new bytes fill the last segment (the tail) up to its capacity,
+then open new segments sized by the direction's granularity level
+(segment_size >> level, within [min_segment_size, max_segment_size]).
+
+Rules (docs/tracker.md explains them; both twins implement exactly these):
+- Counters are cumulative (the kernel's); an update attributes the delta since
+  the previous one. A counter that goes backwards is counted
+  (counter_resets) and re-based, never subtracted.
+- Bytes land exactly: the update's byte range [T, T + delta) is cut along
+  segment boundaries. Packets are shared in proportion to those bytes:
+  floor(P * b_i / B) each, the rest one by one by largest remainder (ties go
+  to the later segment); packets with no bytes (pure ACKs, keep-alives) go to
+  the tail.
+- Every segment that received bytes in an update gets the update's
+  last-activity timestamp.
+- end_interval: a tail that received >= split_bytes in the interval is hot:
+  the direction's level rises by one (finer) and the tail is split in two
+  halves of its capacity, its interval bytes re-cut exactly by the interval's
+  byte range and its packets shared as above (a tail holding no more than
+  half its capacity is only narrowed to that half). A tail idle for >= idle_ms
+  lowers the level by one (coarser). Adjacent segments that are full and idle
+  (nothing in the interval, last activity >= idle_ms ago) merge while the
+  merged capacity stays <= max_segment_size.
+- Bounds: a connection over max_segments_per_connection, or the tracker over
+  max_total_segments, merges its adjacent pair with the smallest combined
+  byte_count (ties: the lowest offset) until back under: coarser, never lost.
+- level of a segment = bit_length(segment_size) - bit_length(capacity).
+
+Keys are bytes of 1..KEY_MAX (the product's: records.pack_key, 36 bytes);
+addresses come back as inet_ntop text of their packed form (IPv4-mapped as
+dotted IPv4), as the compiled twin stores them. Bad keys, addresses, ports and
+one-byte fields raise the same errors in both twins. Connections are kept in
+registration order (the dict's), which the compiled twin reproduces.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from ..wire.records import (
+    DIR_IN,
+    DIR_OUT,
+    ConnectionRecord,
+    ConnFlags,
+    CounterSource,
+    LeaseSource,
+    SegmentRecord,
+    pack_address,
+    unpack_address,
+)
+
+KEY_MAX = 40  # longest key, bytes (the compiled twin stores keys inline); records.pack_key gives 36
+
+
+def _check_key(key: object) -> None:
+    """Keys are bytes of 1..KEY_MAX (the product's: records.pack_key)."""
+    if not isinstance(key, bytes):
+        raise TypeError(f"key must be bytes, not {type(key).__name__}")
+    if not 1 <= len(key) <= KEY_MAX:
+        raise ValueError(f"key must be 1 to {KEY_MAX} bytes, got {len(key)}")
+
+
+def _address(text: object) -> str:
+    """IPv4/IPv6 text as the compiled twin gives it back: packed (IPv4 as
+    IPv4-mapped), then inet_ntop, IPv4-mapped as dotted IPv4."""
+    if not isinstance(text, str):
+        raise TypeError(f"address must be str, not {type(text).__name__}")
+    try:
+        return unpack_address(pack_address(text))
+    except (OSError, ValueError):  # UnicodeError is a ValueError
+        raise ValueError(f"not an IPv4 or IPv6 address: {text!r}") from None
+
+
+def _check_port(port: object) -> None:
+    if not isinstance(port, int):
+        raise TypeError(f"port must be int, not {type(port).__name__}")
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be 0..65535, got {port}")
+
+
+def _check_lease(name: str, value: object) -> None:
+    """lease durations: u32 ms, as the publishing packet carries them."""
+    if not isinstance(value, int):
+        raise TypeError(f"{name} must be int, not {type(value).__name__}")
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise ValueError(f"{name} must be 0..4294967295, got {value}")
+
+
+def _quiet(conn: _Connection) -> bool:
+    """Nothing moved in any of its segments this interval."""
+    return not any(seg.bytes_interval or seg.packets_interval for d in conn.dirs for seg in d.segments)
+
+
+def _check_small(name: str, value: int) -> None:
+    """flags and sources: one byte each in the compiled twin."""
+    if not 0 <= value <= 255:
+        raise ValueError(f"{name} must be 0..255, got {value}")
+
+
+def share(total: int, weights: list[int]) -> list[int]:
+    """Split `total` in proportion to `weights` (largest remainder, ties to the later one)."""
+    whole = sum(weights)
+    if whole == 0:
+        return [0] * len(weights)
+    parts = [total * w // whole for w in weights]
+    rest = total - sum(parts)
+    if rest:
+        # remainder numerator total*w % whole; later index wins ties
+        order = sorted(range(len(weights)), key=lambda i: (total * weights[i] % whole, i), reverse=True)
+        for i in order[:rest]:
+            parts[i] += 1
+    return parts
+
+
+class _Segment:
+    __slots__ = ("start", "count", "capacity", "bytes_interval", "packets_interval", "last_activity", "level")
+
+    def __init__(self, start: int, capacity: int, level: int) -> None:
+        self.start = start
+        self.count = 0
+        self.capacity = capacity
+        self.bytes_interval = 0
+        self.packets_interval = 0
+        self.last_activity = 0
+        self.level = level
+
+
+class _Direction:
+    __slots__ = ("segments", "total", "bytes_counter", "packets_counter", "interval_start", "level")
+
+    def __init__(self, capacity: int, segment_level: int) -> None:
+        self.segments = [_Segment(0, capacity, segment_level)]
+        self.total = 0  # bytes attributed so far == sum of byte_count
+        self.bytes_counter = 0  # last cumulative counter seen
+        self.packets_counter = 0
+        self.interval_start = 0  # total at the start of the interval
+        self.level = 0
+
+
+class _Connection:
+    __slots__ = (
+        "key", "conn_id", "src", "src_port", "dst", "dst_port", "frontend", "flags", "source",
+        "last_seen", "requested_lease", "predicted_lease", "publish_after", "lease_source", "dirs",
+    )
+
+
+class SegmentTracker:
+    def __init__(
+        self,
+        segment_size: int = 1 << 20,
+        min_segment_size: int = 64 << 10,
+        max_segment_size: int = 64 << 20,
+        split_bytes: int = 256 << 10,
+        idle_ms: int = 5000,
+        max_segments_per_connection: int = 16,
+        max_total_segments: int = 4_000_000,
+        max_connections: int = 1_000_000,
+        expire_ms: int = 300_000,
+    ) -> None:
+        if not 1 <= min_segment_size <= segment_size <= max_segment_size:
+            raise ValueError("need 1 <= min_segment_size <= segment_size <= max_segment_size")
+        if max_segments_per_connection < 2 or max_total_segments < 2 * max_segments_per_connection:
+            raise ValueError("need max_segments_per_connection >= 2 and max_total_segments >= 2x that")
+        self.segment_size = segment_size
+        self.min_segment_size = min_segment_size
+        self.max_segment_size = max_segment_size
+        self.split_bytes = split_bytes
+        self.idle_ms = idle_ms
+        self.max_segments_per_connection = max_segments_per_connection
+        self.max_total_segments = max_total_segments
+        self.max_connections = max_connections
+        self.expire_ms = expire_ms
+        self._conns: dict[bytes, _Connection] = {}  # insertion order is the registration order
+        self._closed: list[ConnectionRecord] = []
+        self.total_segments = 0
+        self.stats = dict.fromkeys(
+            ("registered", "refused", "closed", "expired", "counter_resets", "splits", "merges", "coarsened",
+             "unknown_updates", "deferred"), 0
+        )
+
+    # -- sizes and levels ---------------------------------------------------------
+    def _capacity(self, level: int) -> int:
+        size = self.segment_size >> level if level >= 0 else self.segment_size << -level
+        return min(max(size, self.min_segment_size), self.max_segment_size)
+
+    def _level_of(self, capacity: int) -> int:
+        return self.segment_size.bit_length() - capacity.bit_length()
+
+    # -- registration and lifecycle ----------------------------------------------------
+    def register(self, key: bytes, conn_id: bytes, src: str, src_port: int, dst: str, dst_port: int,
+                 frontend: str, now_ms: int) -> bool:
+        _check_key(key)
+        if not isinstance(conn_id, bytes):
+            raise TypeError("conn_id must be bytes")
+        if len(conn_id) != 16:
+            raise ValueError("conn_id must be 16 bytes")
+        src = _address(src)
+        _check_port(src_port)
+        dst = _address(dst)
+        _check_port(dst_port)
+        if not isinstance(frontend, str):
+            raise TypeError(f"frontend must be str, not {type(frontend).__name__}")
+        conn = self._conns.get(key)
+        if conn is not None:
+            if conn.conn_id == conn_id:
+                conn.last_seen = now_ms
+                return True
+            self.close(key, now_ms)  # the 4-tuple was reused: the old connection is over
+        if len(self._conns) >= self.max_connections:
+            self.stats["refused"] += 1
+            return False
+        conn = _Connection()
+        conn.key = key
+        conn.conn_id = conn_id
+        conn.src, conn.src_port, conn.dst, conn.dst_port = src, src_port, dst, dst_port
+        conn.frontend = frontend
+        conn.flags = 0
+        conn.source = int(CounterSource.NONE)
+        conn.last_seen = now_ms
+        conn.requested_lease = conn.predicted_lease = 0
+        conn.publish_after = 0
+        conn.lease_source = int(LeaseSource.STANDARD)
+        base = self._capacity(0)
+        conn.dirs = (_Direction(base, self._level_of(base)), _Direction(base, self._level_of(base)))
+        self._conns[key] = conn
+        self.total_segments += 2
+        self.stats["registered"] += 1
+        return True
+
+    def set_closing(self, key: bytes) -> None:
+        _check_key(key)
+        conn = self._conns.get(key)
+        if conn is not None:
+            conn.flags |= ConnFlags.CLOSING
+
+    def set_lease(self, key: bytes, requested_ms: int, predicted_ms: int, lease_source: int) -> None:
+        _check_key(key)
+        _check_lease("requested_ms", requested_ms)
+        _check_lease("predicted_ms", predicted_ms)
+        _check_small("lease_source", lease_source)
+        conn = self._conns.get(key)
+        if conn is not None:
+            conn.requested_lease, conn.predicted_lease, conn.lease_source = requested_ms, predicted_ms, lease_source
+
+    def set_publish_after(self, key: bytes, after_ms: int) -> None:
+        """publish(now_ms) leaves the connection out while it is quiet (nothing
+        moved in the interval) and now_ms < after_ms; 0: never left out."""
+        _check_key(key)
+        conn = self._conns.get(key)
+        if conn is not None:
+            conn.publish_after = after_ms
+
+    def close(self, key: bytes, now_ms: int, flags: int = ConnFlags.CLOSED) -> bool:
+        """Final report for this connection goes out with the next publish()."""
+        _check_key(key)
+        _check_small("flags", flags)
+        conn = self._conns.pop(key, None)
+        if conn is None:
+            return False
+        conn.flags |= flags
+        self.total_segments -= len(conn.dirs[0].segments) + len(conn.dirs[1].segments)
+        self._closed.append(self._record(conn))
+        self.stats["expired" if flags & ConnFlags.EXPIRED else "closed"] += 1
+        return True
+
+    # -- counters ----------------------------------------------------------------------------
+    def update(self, key: bytes, direction: int, bytes_total: int, packets_total: int,
+               last_activity_ms: int, source: int) -> bool:
+        _check_key(key)
+        conn = self._conns.get(key)
+        if conn is None:
+            self.stats["unknown_updates"] += 1
+            return False
+        if direction != DIR_IN and direction != DIR_OUT:
+            raise ValueError("direction must be DIR_IN or DIR_OUT")
+        _check_small("source", source)
+        if bytes_total < 0 or packets_total < 0:
+            raise OverflowError("counters are unsigned")
+        conn.source = source
+        if last_activity_ms > conn.last_seen:
+            conn.last_seen = last_activity_ms
+        d = conn.dirs[direction]
+        if bytes_total < d.bytes_counter or packets_total < d.packets_counter:
+            self.stats["counter_resets"] += 1
+            d.bytes_counter, d.packets_counter = bytes_total, packets_total
+            return True
+        delta_bytes = bytes_total - d.bytes_counter
+        delta_packets = packets_total - d.packets_counter
+        d.bytes_counter, d.packets_counter = bytes_total, packets_total
+        if delta_bytes or delta_packets:
+            self._attribute(conn, d, delta_bytes, delta_packets, last_activity_ms)
+        return True
+
+    def update_batch(self, keys: list, direction: int, bytes_totals: Any, packets_totals: Any,
+                     last_activity_ms: Any, source: int) -> int:
+        """update() for many connections of one direction at once (e.g. a kernel sample).
+
+        The counter arguments are sequences (array.array, numpy arrays, lists)
+        aligned with `keys`. Every key is checked before any update. Returns
+        how many keys were known.
+        """
+        keys = list(keys)
+        if not len(keys) == len(bytes_totals) == len(packets_totals) == len(last_activity_ms):
+            raise ValueError("keys and counters must have the same length")
+        if direction != DIR_IN and direction != DIR_OUT:
+            raise ValueError("direction must be DIR_IN or DIR_OUT")
+        _check_small("source", source)
+        for key in keys:
+            _check_key(key)
+        known = 0
+        for i, key in enumerate(keys):
+            known += self.update(key, direction, int(bytes_totals[i]), int(packets_totals[i]),
+                                 int(last_activity_ms[i]), source)
+        return known
+
+    def touch(self, key: bytes, now_ms: int) -> None:
+        """The connection is known alive (e.g. seen in the kernel dump)."""
+        _check_key(key)
+        conn = self._conns.get(key)
+        if conn is not None and now_ms > conn.last_seen:
+            conn.last_seen = now_ms
+
+    def _attribute(self, conn: _Connection, d: _Direction, delta_bytes: int, delta_packets: int,
+                   stamp: int) -> None:
+        segs = d.segments
+        if delta_bytes == 0:
+            tail = segs[-1]
+            tail.packets_interval += delta_packets
+            return
+        remaining = delta_bytes
+        touched: list[_Segment] = []
+        pieces: list[int] = []
+        while remaining:
+            tail = segs[-1]
+            room = tail.capacity - tail.count
+            if room == 0:
+                cap = self._capacity(d.level)
+                tail = _Segment(tail.start + tail.count, cap, self._level_of(cap))
+                segs.append(tail)
+                self.total_segments += 1
+                room = cap
+            take = min(room, remaining)
+            tail.count += take
+            tail.bytes_interval += take
+            tail.last_activity = stamp
+            remaining -= take
+            touched.append(tail)
+            pieces.append(take)
+        d.total += delta_bytes
+        for seg, packets in zip(touched, share(delta_packets, pieces)):
+            seg.packets_interval += packets
+        self._enforce_connection_bound(conn)
+
+    # -- intervals --------------------------------------------------------------------------------
+    def begin_interval(self, now_ms: int) -> None:
+        for conn in self._conns.values():
+            for d in conn.dirs:
+                d.interval_start = d.total
+                for seg in d.segments:
+                    seg.bytes_interval = 0
+                    seg.packets_interval = 0
+
+    def end_interval(self, now_ms: int) -> None:
+        expired = []
+        for key, conn in self._conns.items():
+            for d in conn.dirs:
+                self._adapt(d, now_ms)
+            self._enforce_connection_bound(conn)
+            if now_ms - conn.last_seen >= self.expire_ms:
+                expired.append(key)
+        for key in expired:
+            self.close(key, now_ms, ConnFlags.EXPIRED)
+        self._enforce_total_bound()
+
+    def _adapt(self, d: _Direction, now_ms: int) -> None:
+        segs = d.segments
+        tail = segs[-1]
+        if tail.bytes_interval >= self.split_bytes and tail.bytes_interval > 0:
+            if self._capacity(d.level + 1) < self._capacity(d.level):
+                d.level += 1
+            if tail.capacity >= 2 * self.min_segment_size:
+                self._split_tail(d)
+        elif tail.bytes_interval == 0 and now_ms - tail.last_activity >= self.idle_ms:
+            if self._capacity(d.level - 1) > self._capacity(d.level):
+                d.level -= 1
+        self._merge_idle(d, now_ms)
+
+    def _split_tail(self, d: _Direction) -> None:
+        segs = d.segments
+        tail = segs[-1]
+        half = tail.capacity // 2
+        self.stats["splits"] += 1
+        if tail.count <= half:
+            # Nothing lies past the half yet: narrowing the tail is the split.
+            tail.capacity = half
+            tail.level = self._level_of(half)
+            return
+        second = _Segment(tail.start + half, tail.capacity - half, self._level_of(tail.capacity - half))
+        second.count = tail.count - half
+        tail.count = half
+        tail.capacity = half
+        tail.level = self._level_of(half)
+        lo, hi = d.interval_start, d.total
+        first_bytes = max(0, min(hi, tail.start + tail.count) - max(lo, tail.start))
+        second_bytes = tail.bytes_interval - first_bytes
+        first_packets, second_packets = share(tail.packets_interval, [first_bytes, second_bytes])
+        tail.bytes_interval, second.bytes_interval = first_bytes, second_bytes
+        tail.packets_interval, second.packets_interval = first_packets, second_packets
+        second.last_activity = tail.last_activity
+        segs.append(second)
+        self.total_segments += 1
+
+    def _idle(self, seg: _Segment, now_ms: int) -> bool:
+        return (seg.count == seg.capacity and seg.bytes_interval == 0 and seg.packets_interval == 0
+                and now_ms - seg.last_activity >= self.idle_ms)
+
+    def _merge_idle(self, d: _Direction, now_ms: int) -> None:
+        segs = d.segments
+        i = 0
+        while i + 1 < len(segs):
+            a, b = segs[i], segs[i + 1]
+            if self._idle(a, now_ms) and self._idle(b, now_ms) and a.capacity + b.capacity <= self.max_segment_size:
+                self._merge_pair(segs, i)
+            else:
+                i += 1
+
+    def _merge_pair(self, segs: list[_Segment], i: int) -> None:
+        a, b = segs[i], segs[i + 1]
+        a.count += b.count
+        a.capacity += b.capacity
+        a.bytes_interval += b.bytes_interval
+        a.packets_interval += b.packets_interval
+        a.last_activity = max(a.last_activity, b.last_activity)
+        a.level = self._level_of(a.capacity)
+        del segs[i + 1]
+        self.total_segments -= 1
+        self.stats["merges"] += 1
+
+    def _coarsen_once(self, conn: _Connection) -> bool:
+        """Merge the connection's adjacent pair with the smallest combined byte_count."""
+        best = None
+        for direction, d in enumerate(conn.dirs):
+            segs = d.segments
+            for i in range(len(segs) - 1):
+                size = segs[i].count + segs[i + 1].count
+                if best is None or size < best[0]:  # scan order: ties keep the lowest offset
+                    best = (size, direction, i)
+        if best is None:
+            return False
+        self._merge_pair(conn.dirs[best[1]].segments, best[2])
+        self.stats["coarsened"] += 1
+        return True
+
+    def _enforce_connection_bound(self, conn: _Connection) -> None:
+        while len(conn.dirs[0].segments) + len(conn.dirs[1].segments) > self.max_segments_per_connection:
+            if not self._coarsen_once(conn):
+                break
+
+    def _enforce_total_bound(self) -> None:
+        if self.total_segments <= self.max_total_segments:
+            return
+        by_size = sorted(self._conns.values(),
+                         key=lambda c: len(c.dirs[0].segments) + len(c.dirs[1].segments), reverse=True)
+        for conn in by_size:
+            while self.total_segments > self.max_total_segments and self._coarsen_once(conn):
+                pass
+            if self.total_segments <= self.max_total_segments:
+                return
+
+    # -- output ----------------------------------------------------------------------------------
+    @staticmethod
+    def _segment_records(conn: _Connection) -> tuple[SegmentRecord, ...]:
+        return tuple(
+            SegmentRecord(direction, s.start, s.count, s.bytes_interval, s.packets_interval, s.last_activity, s.level)
+            for direction, d in enumerate(conn.dirs)
+            for s in d.segments
+        )
+
+    def _record(self, conn: _Connection) -> ConnectionRecord:
+        return ConnectionRecord(
+            conn_id=conn.conn_id, src=conn.src, src_port=conn.src_port, dst=conn.dst, dst_port=conn.dst_port,
+            frontend=conn.frontend, flags=int(conn.flags), counter_source=conn.source,
+            granularity_level=max(conn.dirs[0].level, conn.dirs[1].level),
+            requested_lease_ms=conn.requested_lease, predicted_lease_ms=conn.predicted_lease,
+            lease_source=conn.lease_source, bytes_in_total=conn.dirs[0].total,
+            bytes_out_total=conn.dirs[1].total, segments=self._segment_records(conn),
+        )
+
+    def snapshot(self, key: bytes) -> ConnectionRecord | None:
+        _check_key(key)
+        conn = self._conns.get(key)
+        return None if conn is None else self._record(conn)
+
+    def publish(self, now_ms: int | None = None) -> list[ConnectionRecord]:
+        """Records of every live connection, then the final ones closed since last time.
+
+        With now_ms, a live connection that was quiet this interval and whose
+        set_publish_after() time is still ahead is left out (counted `deferred`):
+        its record is not even built."""
+        out = []
+        deferred = 0
+        for conn in self._conns.values():
+            if now_ms is not None and conn.publish_after > now_ms and _quiet(conn):
+                deferred += 1
+            else:
+                out.append(self._record(conn))
+        if deferred:
+            self.stats["deferred"] += deferred
+        out.extend(self._closed)
+        self._closed = []
+        return out
+
+    def keys(self) -> list[bytes]:
+        """Live keys in registration order."""
+        return list(self._conns)
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def __contains__(self, key: object) -> bool:
+        _check_key(key)
+        return key in self._conns
+
+    def memory_bytes(self) -> int:
+        """An estimate of the bytes this tracker holds for its connections:
+        sys.getsizeof of the dict and of every object a connection reaches
+        (key, connection, directions, segment lists, segments, their ints and
+        strings), each object counted once. Allocator overhead and the final
+        records waiting for publish() are not counted (as in the compiled twin)."""
+        seen: set[int] = set()
+
+        def size(obj: object) -> int:
+            if id(obj) in seen:
+                return 0
+            seen.add(id(obj))
+            return sys.getsizeof(obj)
+
+        total = size(self._conns)
+        for key, conn in self._conns.items():
+            total += size(key) + size(conn) + size(conn.dirs)
+            total += sum(size(getattr(conn, name)) for name in _Connection.__slots__ if name != "dirs")
+            for d in conn.dirs:
+                total += size(d) + size(d.segments) + sum(size(getattr(d, name)) for name in _Direction.__slots__)
+                for seg in d.segments:
+                    total += size(seg) + sum(size(getattr(seg, name)) for name in _Segment.__slots__)
+        return total

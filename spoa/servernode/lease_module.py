@@ -1,0 +1,375 @@
+"""The server node's lease module: SPOE events in, publishing packets out.
+
+SPOE messages register connections (identity: HAProxy's sess.cid and the
+4-tuple). Every interval the module reads the kernel's tcp_info for HAProxy's
+client sockets (one sock_diag dump filtered by the frontend ports seen in the
+registrations), feeds the cumulative counters to the segment tracker, closes
+the connections whose socket left the dump, and publishes the tracker's
+records to the LB nodes as connection publishing packets. Tracker, sample and
+registrations share one key, spoa.wire.records.pack_key of HAProxy's socket.
+
+Where the kernel dump is unavailable (another network namespace, no
+sock_diag), counters HAProxy sends in the messages (bytes_in / bytes_out,
+3.0+) are used instead and the packet says so (counter_source).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import struct
+import time
+from array import array
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any
+
+from ..netutil import now_ms
+from ..spop.constants import Scope
+from ..wire.records import DIR_IN, DIR_OUT, ConnFlags, CounterSource, LeaseSource, PacketHeader
+from .sampler import pack_key
+from .tracker import SegmentTracker
+
+log = logging.getLogger("spoa.servernode.lease_module")
+
+# The SPOE messages of haproxy/spoe-lease.conf.
+LEASE_MESSAGES = ("lease-session", "lease-request")
+# TCP states (include/net/tcp_states.h) in which the socket is closing.
+_CLOSING_STATES = frozenset((4, 5, 8, 9, 11))  # FIN_WAIT1/2, CLOSE_WAIT, LAST_ACK, CLOSING
+# A plain int: IntFlag operators cost ~1 µs, paid per connection per interval.
+_FINAL = int(ConnFlags.CLOSED | ConnFlags.EXPIRED)
+
+
+
+def connection_id(cid: Any) -> bytes:
+    """16 bytes for HAProxy's sess.cid: the UUID itself, or a hash of any other text."""
+    if isinstance(cid, bytes):
+        cid = cid.decode("utf-8", "surrogateescape")
+    text = str(cid)
+    if len(text) == 36:
+        # HAProxy's uuid: 8-4-4-4-12 hex digits (10x cheaper than uuid.UUID)
+        try:
+            return bytes.fromhex(text.replace("-", ""))
+        except ValueError:
+            pass
+    return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=16).digest()
+
+
+@dataclass(frozen=True)
+class LeaseSettings:
+    """What this server node accepts from the LB nodes (the spec's "pre-defined bounds")."""
+
+    standard_ms: int = 30000  # used without a hint, or when a hint is refused
+    min_ms: int = 1000  # a hint below this is refused (fallback)
+    max_ms: int = 3_600_000  # a hint above this is refused (fallback)
+    hint_ttl_ms: int = 5000  # a hint older than this is stale: the LB node went quiet
+    refresh_fraction: float = 0.34  # publish a connection every lease * this (>= every interval)
+    # sess.lease.class: "short" up to the first bound, "medium" up to the
+    # second, "long" above: what TCP-mode frontends route on (no set-timeout there).
+    class_bounds_ms: tuple[int, int] = (60_000, 600_000)
+
+    def lease_class(self, lease_ms: int) -> str:
+        short, medium = self.class_bounds_ms
+        return "short" if lease_ms <= short else "medium" if lease_ms <= medium else "long"
+
+
+LEASE_SOURCE_NAMES = {LeaseSource.STANDARD: "standard", LeaseSource.PREDICTED: "predicted",
+                      LeaseSource.FALLBACK: "fallback"}
+LEASE_SOURCE_IDS = {name: int(source) for source, name in LEASE_SOURCE_NAMES.items()}
+
+
+@dataclass
+class ModuleStats:
+    registrations: int = 0
+    registrations_bad: int = 0  # messages missing the identity arguments
+    samples: int = 0
+    sample_errors: int = 0
+    sample_seconds: float = 0.0
+    packets_sent: int = 0
+    records_published: int = 0
+    records_deferred: int = 0  # not republished this interval: their lease is long enough
+    connections_closed: int = 0
+    hints_applied: int = 0  # taken for a tracked connection
+    # hints not taken, by reason: unknown_connection (not tracked here, e.g.
+    # closed meanwhile), out_of_bounds (outside [lease.min_ms, lease.max_ms]:
+    # the standard lease applies, source fallback)
+    hints_refused: dict = field(default_factory=lambda: {"unknown_connection": 0, "out_of_bounds": 0})
+    lbnode_silences: int = 0  # times no hint came for longer than a hint stays fresh
+    leases: dict = field(default_factory=lambda: {"standard": 0, "predicted": 0, "fallback": 0})
+    sources: dict = field(default_factory=lambda: {"kernel": 0, "spoe": 0})
+
+
+class LeaseModule:
+    def __init__(self, tracker: SegmentTracker, sampler: Any, publisher: Any, interval_ms: int, node_id: int,
+                 lease: LeaseSettings) -> None:
+        self.tracker = tracker
+        self.sampler = sampler  # KernelSampler or None
+        self.publisher = publisher  # Publisher or None
+        if publisher is not None:
+            publisher.on_hints = self.on_hints
+        self.interval_ms = interval_ms
+        self.node_id = node_id
+        self.lease = lease
+        self.stats = ModuleStats()
+        self._keys: dict[bytes, bytes] = {}  # conn_id -> tracker key (pack_key)
+        # conn_id -> (Hint, received unix ms): the last hint taken for the
+        # connection, its lease, granularity level and anomaly flag
+        self._hints: dict[bytes, tuple] = {}
+        self._last_published: dict[bytes, int] = {}  # conn_id -> unix ms
+        self._ports: set[int] = set()
+        self._ports_changed = False
+        # Set once the kernel dump has shown a registered connection: we share
+        # HAProxy's network namespace, so a registered socket missing from the
+        # dump has closed. Until then, absence proves nothing (the agent may
+        # run elsewhere) and connections end by expiry or SPOE counters.
+        self._kernel_sees_haproxy = False
+        self._answers = count(1)
+        # Packet sequences start at the clock, so that after a restart they
+        # still run ahead of what the LB nodes' replay guards last saw.
+        self._sequence = now_ms()
+        self._task: asyncio.Task | None = None
+        # Unix ms since which hints are overdue (None: they arrive). An LB node
+        # that is down answers nothing (UDP has no error to see here), so
+        # silence while publishing is the sign, said once per outage.
+        self._silent_since: int | None = None
+        self._started_ms = now_ms()
+
+    # -- SPOE side ------------------------------------------------------------------
+    def on_message(self, message: Any, actions: Any) -> None:
+        """Handler for the lease-* messages: register, answer with the lease in force."""
+        src, src_port = message.get_address("src"), message.get("src_port")
+        dst, dst_port = message.get_address("dst"), message.get("dst_port")
+        cid = message.get("cid")
+        conn_id = None
+        try:
+            if not 0 < dst_port < 65536:  # HAProxy's listening port: 0 is no socket's
+                raise ValueError(dst_port)
+            key = pack_key(dst, dst_port, src, src_port)  # HAProxy's socket: local, remote
+        except (TypeError, ValueError, OSError, struct.error):  # missing, or not an address / port
+            self.stats.registrations_bad += 1
+        else:
+            now = now_ms()
+            # Without a cid, a hash of the 4-tuple: the same id for every message of the connection.
+            conn_id = connection_id(cid) if cid is not None else hashlib.blake2b(key, digest_size=16).digest()
+            if self.tracker.register(key, conn_id, src, src_port, dst, dst_port,
+                                     str(message.get("frontend") or ""), now):
+                self._keys[conn_id] = key
+                self.stats.registrations += 1
+                if dst_port not in self._ports:
+                    # The sampler's filter is rebuilt once per interval, not per new port.
+                    self._ports.add(dst_port)
+                    self._ports_changed = True
+                self._spoe_counters(key, message, now)
+        lease_ms, source, level, anomaly = self.lease_for(conn_id, now_ms())
+        self.stats.leases[source] += 1
+        actions.set_var(Scope.SESS, "duration_ms", lease_ms)
+        actions.set_var(Scope.SESS, "source", source)
+        actions.set_var(Scope.SESS, "class", self.lease.lease_class(lease_ms))
+        if level is not None:
+            actions.set_var(Scope.SESS, "granularity", level)
+            # Always 0 or 1 once hints flow, never only-when-1: a sess variable
+            # outlives the request, so a flag that clears must be overwritten.
+            actions.set_var(Scope.SESS, "anomaly", anomaly)
+        # A fresh number per answer: shows in HAProxy that the value is live.
+        actions.set_var(Scope.TXN, "seq", next(self._answers))
+
+    # -- hints from the LB nodes ------------------------------------------------------
+    def on_hints(self, header: Any, hints: list) -> None:
+        now = now_ms()
+        if self._silent_since is not None:
+            log.info("lease hints arrive again (LB node %s), after %.1f s without", header.node_id,
+                     (now - self._silent_since) / 1000)
+            self._silent_since = None
+        stats, lease = self.stats, self.lease
+        for hint in hints:
+            key = self._keys.get(hint.conn_id)
+            if key is None:
+                stats.hints_refused["unknown_connection"] += 1
+                continue
+            self._hints[hint.conn_id] = (hint, now)
+            if lease.min_ms <= hint.lease_ms <= lease.max_ms:
+                stats.hints_applied += 1
+            else:
+                stats.hints_refused["out_of_bounds"] += 1
+            lease_ms, source, _, _ = self.lease_for(hint.conn_id, now)
+            self.tracker.set_lease(key, lease_ms, hint.lease_ms, LEASE_SOURCE_IDS[source])
+            self.tracker.set_publish_after(key, self._publish_after(hint.conn_id, lease_ms, source))
+
+    def lease_for(self, conn_id: bytes | None, now: int) -> tuple[int, str, int | None, int | None]:
+        """(lease ms, source name, granularity level or None, anomaly 0/1 or None) for a connection.
+
+        A hint is honoured only inside [min_ms, max_ms] and while fresh; any
+        other case is the standard lease ("fallback" when a hint was refused
+        or went stale, "standard" when there never was one). The anomaly flag
+        is the last hint's (whatever its lease's bounds: the flag is about the
+        traffic, not the lease) while that hint is fresh, 0 once it is stale:
+        a quiet LB node's old judgement must not hold a connection flagged.
+        None, like the level, until a hint came.
+        """
+        entry = self._hints.get(conn_id) if conn_id is not None else None
+        if entry is None:
+            return self.lease.standard_ms, "standard", None, None
+        hint, received = entry
+        fresh = now - received <= self.lease.hint_ttl_ms
+        anomaly = 1 if fresh and hint.anomaly else 0
+        if fresh and hint.source == LeaseSource.PREDICTED and self.lease.min_ms <= hint.lease_ms <= self.lease.max_ms:
+            return hint.lease_ms, "predicted", hint.granularity_level, anomaly
+        return self.lease.standard_ms, "fallback", hint.granularity_level, anomaly
+
+    def _spoe_counters(self, key: bytes, message: Any, now: int) -> None:
+        """3.0+ sends bytes_in/bytes_out: the fallback when the kernel cannot be read."""
+        if self.sampler is not None:
+            return
+        bytes_in, bytes_out = message.get("bytes_in"), message.get("bytes_out")
+        if isinstance(bytes_in, int) and isinstance(bytes_out, int) and bytes_in >= 0 and bytes_out >= 0:
+            self.tracker.update(key, DIR_IN, bytes_in, 0, now, CounterSource.SPOE)
+            self.tracker.update(key, DIR_OUT, bytes_out, 0, now, CounterSource.SPOE)
+            self.stats.sources["spoe"] += 1
+
+    # -- interval loop ------------------------------------------------------------------
+    def start(self) -> None:
+        self.tracker.begin_interval(now_ms())
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        # Last word: publish what is known, so nothing tracked is silently dropped.
+        self.tick()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            next_at += self.interval_ms / 1000
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            try:
+                self.tick()
+            except Exception:  # one bad interval must not stop publishing
+                log.exception("interval failed")
+
+    def tick(self) -> None:
+        """One interval: sample, close vanished sockets, adapt, publish, restart."""
+        now = now_ms()
+        if self.sampler is not None and self._ports:
+            if self._ports_changed:
+                self._ports_changed = False
+                self.sampler.set_ports(self._ports)
+            self._apply_kernel_sample(now)
+        self.tracker.end_interval(now)
+        deferred = self.tracker.stats["deferred"]
+        records = self._due(self.tracker.publish(now), now)
+        self.stats.records_deferred += self.tracker.stats["deferred"] - deferred
+        self.tracker.begin_interval(now)
+        if self.publisher is not None:
+            self._watch_hints(now)
+        if self.publisher is not None and records:
+            self._sequence += 1
+            header = PacketHeader(node_id=self.node_id, sequence=self._sequence, timestamp_ms=now,
+                                  interval_ms=self.interval_ms)
+            self.publisher.send(header, records)
+            self.stats.packets_sent += 1
+            self.stats.records_published += len(records)
+
+    def _watch_hints(self, now: int) -> None:
+        """Warn once when no hint came for longer than a hint stays fresh while
+        connections are tracked: leases have then fallen back to the standard one."""
+        if self._silent_since is not None or not len(self.tracker):
+            return
+        last = self.publisher.last_hint_ms or self._started_ms
+        overdue = max(self.lease.hint_ttl_ms, 3 * self.interval_ms)
+        if now - last > overdue:
+            self._silent_since = last
+            self.stats.lbnode_silences += 1
+            log.warning("no lease hint from any LB node for %.1f s (publishing to %s): leases fall back to the "
+                        "standard %d ms until hints return", (now - last) / 1000, self.publisher.describe(),
+                        self.lease.standard_ms)
+
+    def _due(self, records: list, now: int) -> list:
+        """What publish(now) returned goes out; each live connection's next
+        refresh time is set in the tracker (see _publish_after)."""
+        keys, last_published = self._keys, self._last_published
+        for rec in records:
+            conn_id = rec.conn_id
+            if rec.flags & _FINAL:
+                self._forget(conn_id)
+                continue
+            last_published[conn_id] = now
+            key = keys.get(conn_id)
+            if key is not None:
+                lease_ms, source, _, _ = self.lease_for(conn_id, now)
+                self.tracker.set_publish_after(key, self._publish_after(conn_id, lease_ms, source))
+        return records
+
+    def _publish_after(self, conn_id: bytes, lease_ms: int, source: str) -> int:
+        """Until when a quiet connection need not be republished (0: every interval),
+        given the lease and source lease_for() gives it now.
+
+        Under a predicted lease, a connection quiet this interval is refreshed
+        only every lease * refresh_fraction (the reduced lease overhead: most
+        intervals of long connections are quiet), and no longer than its hint
+        stays fresh; active ones go out every interval, so the LB node sees
+        traffic change. Records carry cumulative totals, so a skipped interval
+        loses nothing. The tracker applies it (publish(now) builds no record for
+        a deferred connection): the time is set when a record goes out and when
+        a hint changes the lease.
+        """
+        last = self._last_published.get(conn_id)
+        if last is None or source != "predicted":
+            return 0
+        received = self._hints[conn_id][1]
+        wait = max(self.interval_ms, math.ceil(lease_ms * self.lease.refresh_fraction))
+        return min(last + wait, received + self.lease.hint_ttl_ms + 1)
+
+    def _forget(self, conn_id: bytes) -> None:
+        self._keys.pop(conn_id, None)
+        self._hints.pop(conn_id, None)
+        self._last_published.pop(conn_id, None)
+
+    def _apply_kernel_sample(self, now: int) -> None:
+        started = time.perf_counter()
+        try:
+            sample = self.sampler.sample()
+        except OSError as exc:
+            self.stats.sample_errors += 1
+            log.warning("kernel sample failed: %s", exc)
+            return
+        self.stats.samples += 1
+        self.stats.sample_seconds += time.perf_counter() - started
+        tracker = self.tracker
+        kernel = CounterSource.KERNEL
+        keys = tracker.keys()
+        if not self._kernel_sees_haproxy:
+            self._kernel_sees_haproxy = any(key in sample for key in keys)
+        present, infos = [], []
+        for key in keys:
+            info = sample.get(key)
+            if info is None:
+                if self._kernel_sees_haproxy:
+                    # Closed, possibly before any sample saw it: its final
+                    # record carries what the last sample (if any) counted.
+                    tracker.close(key, now)
+                    self.stats.connections_closed += 1
+                continue
+            present.append(key)
+            infos.append(info)
+            if info.state in _CLOSING_STATES:
+                tracker.set_closing(key)
+        if not present:
+            return
+        # One call per direction for the whole sample (see update_batch).
+        tracker.update_batch(present, DIR_IN, array("Q", [i.bytes_received for i in infos]),
+                             array("Q", [i.data_segs_in for i in infos]),
+                             array("q", [now - i.last_data_recv_ms for i in infos]), kernel)
+        tracker.update_batch(present, DIR_OUT, array("Q", [i.bytes_acked for i in infos]),
+                             array("Q", [i.data_segs_out for i in infos]),
+                             array("q", [now - i.last_data_sent_ms for i in infos]), kernel)
+        for key in present:
+            tracker.touch(key, now)
+        self.stats.sources["kernel"] += len(present)

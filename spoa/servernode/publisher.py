@@ -1,0 +1,132 @@
+"""Sends connection publishing packets to the LB nodes over UDP, and hears their hints.
+
+UDP because a lost packet costs one interval of freshness, never
+correctness: every record carries cumulative totals and the full current
+segmentation. The LB nodes answer with lease hints on the same socket, to the
+address the packets came from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..netutil import set_receive_buffer
+from ..netutil import parse_address
+from ..wire.hints import decode_hints, hint_count
+from ..wire.packet import REASONS, PacketError, ReplayGuard, encode_packet
+from ..wire.records import ConnectionRecord, PacketHeader
+from ..wire.stream_transport import StreamClient
+
+log = logging.getLogger("spoa.servernode.publisher")
+
+# Hint datagrams whose sequences may arrive out of order and still be accepted.
+HINT_REPLAY_WINDOW = 1024
+# An interval's hints arrive as a burst (56 entries per 1400-byte datagram).
+HINT_RECEIVE_BUFFER = 4 << 20
+
+
+class _HintEndpoint(asyncio.DatagramProtocol):
+    def __init__(self, publisher: Publisher) -> None:
+        self.publisher = publisher
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.publisher._on_datagram(data)
+
+    def error_received(self, exc: Exception) -> None:
+        # e.g. ICMP port unreachable while an LB node is down: the next
+        # interval sends again; nothing to do but count it.
+        self.publisher.send_errors += 1
+
+
+class Publisher:
+    def __init__(self, targets: Sequence[str], key: bytes, mtu: int,
+                 on_hints: Callable[[Any, list], None] | None = None, transport: str = "udp") -> None:
+        self.key = key
+        self.mtu = mtu
+        self.on_hints = on_hints
+        self.transport = transport
+        self.targets: list[tuple[int, Any]] = []
+        self._streams: list[StreamClient] = []
+        for target in targets:
+            host, port = parse_address(target)
+            if transport == "tcp":
+                self._streams.append(StreamClient(str(host), int(port), lambda data, _peer: self._on_datagram(data)))
+                continue
+            info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+            self.targets.append((info[0], info[4]))
+        self._transports: dict[int, asyncio.DatagramTransport] = {}
+        # Each hint datagram has its own sequence (spoa.wire.hints.encode_hints): an
+        # interval's hints for thousands of connections are dozens of them,
+        # and the window tolerates their reordering.
+        self.guard = ReplayGuard(window=HINT_REPLAY_WINDOW)
+        self.datagrams_sent = 0
+        self.bytes_sent = 0
+        self.send_errors = 0
+        self.hint_datagrams = 0  # accepted
+        self.hints_received = 0  # entries of accepted datagrams
+        # Refused datagrams by reason, and the entries they carried (where
+        # their length says how many): with hints_received, what the LB nodes
+        # sent adds up.
+        self.hints_rejected: dict[str, int] = dict.fromkeys(REASONS, 0)
+        self.hint_entries_rejected: dict[str, int] = dict.fromkeys(REASONS, 0)
+        self.last_hint_ms: int | None = None  # unix ms of the last accepted hint datagram
+        self._described = ", ".join(targets)
+
+    async def open(self) -> None:
+        for stream in self._streams:
+            stream.start()
+        loop = asyncio.get_running_loop()
+        for family in {family for family, _ in self.targets}:
+            transport, _ = await loop.create_datagram_endpoint(lambda: _HintEndpoint(self), family=family)
+            set_receive_buffer(transport.get_extra_info("socket"), HINT_RECEIVE_BUFFER)
+            self._transports[family] = transport
+
+    def send(self, header: PacketHeader, records: Sequence[ConnectionRecord]) -> None:
+        datagrams = encode_packet(header, records, self.key, self.mtu)
+        for stream in self._streams:
+            for datagram in datagrams:
+                if stream.send(datagram):
+                    self.datagrams_sent += 1
+                    self.bytes_sent += len(datagram)
+                else:
+                    self.send_errors += 1
+        for family, address in self.targets:
+            transport = self._transports[family]
+            for datagram in datagrams:
+                try:
+                    transport.sendto(datagram, address)
+                except OSError as exc:
+                    self.send_errors += 1
+                    log.debug("send to %s failed: %s", address, exc)
+                else:
+                    self.datagrams_sent += 1
+                    self.bytes_sent += len(datagram)
+
+    def _on_datagram(self, data: bytes) -> None:
+        try:
+            header, hints = decode_hints(data, self.key)
+            self.guard.check(header, 0)
+        except PacketError as exc:
+            self.hints_rejected[exc.reason] += 1
+            self.hint_entries_rejected[exc.reason] += hint_count(data)
+            return
+        self.hint_datagrams += 1
+        self.hints_received += len(hints)
+        self.last_hint_ms = time.time_ns() // 1_000_000
+        if self.on_hints is not None:
+            self.on_hints(header, hints)
+
+    def describe(self) -> str:
+        """The LB node addresses, as configured."""
+        return self._described
+
+    def close(self) -> None:
+        for stream in self._streams:
+            stream.close()
+        for transport in self._transports.values():
+            transport.close()
