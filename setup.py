@@ -21,7 +21,7 @@ if DEBUG:
     directives.update(boundscheck=True, wraparound=True)
 
 # Extension name -> the sub-package it is built into (the process that runs it, or wire/ for both).
-MODULES = {"_records": "wire", "_packet": "wire", "_codec": "spop", "_tracker": "servernode",
+MODULES = {"_record_builder": "wire", "_packet": "wire", "_codec": "spop", "_tracker": "servernode",
            "_sampler": "servernode", "_slotmap": "lbnode"}
 if os.environ.get("SPOA_MODULES"):
     wanted = os.environ["SPOA_MODULES"].split(",")

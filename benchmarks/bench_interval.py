@@ -10,7 +10,7 @@ datagrams encoded but not sent:
 - apply: _apply_kernel_sample (join the sample on the tracker's keys, two
   update_batch calls, closing states, touch)
 - end_interval; publish(now) (a quiet connection whose refresh is not due
-  yet is left out before its record is built); _due (each published
+  yet is left out before its record is built); _note_published (each published
   connection's next refresh time); begin_interval
 - encode: encode_packet of the due records (mtu 1400, HMAC included)
 
@@ -32,7 +32,7 @@ import time
 
 from _machine import cpu_model
 
-PHASES = ("apply", "end_interval", "publish", "_due", "begin_interval", "encode")
+PHASES = ("apply", "end_interval", "publish", "_note_published", "begin_interval", "encode")
 
 
 class FixedSampler:
@@ -90,8 +90,8 @@ def run(n: int, rounds: int, idle: bool) -> dict:
         records = tracker.publish(now)
         took["publish"] = time.perf_counter() - started
         started = time.perf_counter()
-        due = module._due(records, now)
-        took["_due"] = time.perf_counter() - started
+        due = module._note_published(records, now)
+        took["_note_published"] = time.perf_counter() - started
         started = time.perf_counter()
         tracker.begin_interval(now)
         took["begin_interval"] = time.perf_counter() - started
@@ -126,14 +126,14 @@ def main() -> None:
         return
     print(f"{cpu_model()}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; µs per connection per interval,"
           f" best of {args.rounds} rounds")
-    header = f"{'shape':8}{'conns':>9}{'impl':>8}" + "".join(f"{p:>15}" for p in PHASES) + f"{'total':>9}{'sent':>9}"
+    header = f"{'shape':8}{'conns':>9}{'impl':>8}" + "".join(f"{p:>17}" for p in PHASES) + f"{'total':>9}{'sent':>9}"
     print(header)
     for n in (int(x) for x in args.connections.split(",")):
         twin = child(n // 10, args.rounds)
         for shape in ("active", "idle"):
             rows = (("cython", run(n, args.rounds, shape == "idle")), ("python", twin[shape]))
             for impl, row in rows:
-                cells = "".join(f"{row['us_per_connection'][p]:>15.2f}" for p in PHASES)
+                cells = "".join(f"{row['us_per_connection'][p]:>17.2f}" for p in PHASES)
                 print(f"{shape:8}{row['connections']:>9,}{impl:>8}{cells}{row['total_us_per_connection']:>9.2f}"
                       f"{row['published_per_interval']:>9,}")
             ratio = rows[1][1]["total_us_per_connection"] / rows[0][1]["total_us_per_connection"]

@@ -23,7 +23,7 @@ spoa.lbnode._slotmap_py) on N / 10 connections.
 interval LeaseTable.end_interval for N refreshed connections (SES forecaster,
          volume and activity policies), per connection.
 memory   tracemalloc growth per held connection (table arrays preallocated for
-         the capacity, segment table included, are counted per slot of capacity).
+         the capacity, segment history included, are counted per slot of capacity).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import time
 import tracemalloc
 from contextlib import contextmanager
 
-from spoa.lbnode import _slotmap, _slotmap_py, node, segment_table
+from spoa.lbnode import _slotmap, _slotmap_py, node, segment_history
 from spoa.lbnode.forecast import SES
 from spoa.lbnode.lease_policy import ActivityPolicy, LeaseBounds, VolumePolicy
 from spoa.lbnode.node import LeaseTable
@@ -67,13 +67,13 @@ def datagrams(n: int, nseg: int, mtu: int, total: int, sequence: int = 1) -> lis
 
 def table(n: int, nseg: int = 2, policy: str = "volume") -> LeaseTable:
     p = VolumePolicy(BOUNDS, 100.0) if policy == "volume" else ActivityPolicy(BOUNDS, capacity=n)
-    return LeaseTable(n, SES(n), p, BOUNDS.standard_ms, 1000, segments=segment_table.SegmentTable(n * nseg, n))
+    return LeaseTable(n, SES(n), p, BOUNDS.standard_ms, 1000, segments=segment_history.SegmentHistory(n * nseg, n))
 
 
 @contextmanager
 def twins(compiled: bool):
     """The compiled modules, or the pure-Python twins, behind the LB node."""
-    modules = (node, segment_table)
+    modules = (node, segment_history)
     saved = [m.SlotMap for m in modules]
     for m in modules:
         m.SlotMap = (_slotmap if compiled else _slotmap_py).SlotMap
@@ -217,7 +217,7 @@ def main() -> None:
     print()
     for policy in ("volume", "activity"):
         print(f"end_interval ({policy} policy, SES): {interval_ns(n, policy):,.0f} ns per connection")
-    print(f"memory per held connection (2 segments, segment table included): {memory_per_connection(n):,.0f} B")
+    print(f"memory per held connection (2 segments, segment history included): {memory_per_connection(n):,.0f} B")
 
 
 if __name__ == "__main__":

@@ -131,16 +131,16 @@ def test_forecast_error_scores_idle_and_active_apart():
 
 
 def reference_run(conns: Connections, policy: str, forecaster: str, loss: float, monkeypatch):
-    """The product's own LeaseModule._due/on_hints and LeaseTable, one record at a time."""
+    """The product's own LeaseModule._note_published/on_hints and LeaseTable, one record at a time."""
     from spoa.lbnode.node import LeaseTable
-    from spoa.lbnode.service import make_forecaster, make_policy
+    from spoa.lbnode.service import forecaster_from_config, policy_from_config
     from spoa.servernode import lease_module
     from spoa.servernode.lease_module import LeaseModule, LeaseSettings
 
     lb = cfg.defaults(cfg.LBNODE_SCHEMA)
     cap, phase = len(conns), I // 2
-    table = LeaseTable(cap, make_forecaster({**lb["forecast"], "method": forecaster}, cap),
-                       make_policy({**lb["lease"], "policy": policy}, I, cap), lb["lease"]["standard_ms"], I)
+    table = LeaseTable(cap, forecaster_from_config({**lb["forecast"], "method": forecaster}, cap),
+                       policy_from_config({**lb["lease"], "policy": policy}, I, cap), lb["lease"]["standard_ms"], I)
     clock = {"now": 0}
     monkeypatch.setattr(lease_module, "now_ms", lambda: clock["now"])
 
@@ -188,7 +188,7 @@ def reference_run(conns: Connections, policy: str, forecaster: str, loss: float,
             records.append(ConnectionRecord(ids[i], "192.0.2.1", 1, "192.0.2.2", 2,
                                             conns.classes[conns.klass[i]], flags, 0, 0, 0, 0, 0, b_in, b_out,
                                             (seg,)))
-        due = module._due(tracker.publish(records, T), T)
+        due = module._note_published(tracker.publish(records, T), T)
         entries += len(due)
         if loss:
             due = [rec for rec, keep in zip(due, rng.random(len(due)) >= loss) if keep]

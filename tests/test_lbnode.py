@@ -13,7 +13,7 @@ from spoa.lbnode.forecast import SES
 from spoa.lbnode.lease_policy import LeaseBounds, VolumePolicy
 from spoa.lbnode.metrics import LbNodeCollector
 from spoa.lbnode.node import LeaseTable
-from spoa.lbnode.segment_table import SegmentTable
+from spoa.lbnode.segment_history import SegmentHistory
 from spoa.wire.hints import Hint, decode_hints, encode_hints, max_hints
 from spoa.wire.packet import PacketError
 from spoa.wire.records import ConnectionRecord, ConnFlags, LeaseSource, SegmentRecord
@@ -133,10 +133,10 @@ def test_hint_from_the_wrong_key_is_refused():
 
 
 
-def test_metrics_export_segment_table_state_and_counts():
+def test_metrics_export_segment_history_state_and_counts():
     # room for 3 segments: the second connection's second segment is refused, and counted
     t = LeaseTable(8, SES(8, alpha=0.5), VolumePolicy(BOUNDS, 10.0), BOUNDS.standard_ms, 1000,
-                   segments=SegmentTable(3, 8))
+                   segments=SegmentHistory(3, 8))
     segs = (SegmentRecord(0, 0, 10, 10, 1, 1000, 0), SegmentRecord(1, 0, 20, 20, 1, 1000, 0))
     t.ingest(1, [replace(record(b"a" * 16, 30), segments=segs), replace(record(b"b" * 16, 30), segments=segs)],
              now=1000)

@@ -5,7 +5,7 @@
   closed, repeated reports, lapsed and resumed connections), with either
   SlotMap twin;
 - node.columns() (the object path) gives what ColumnBatch decodes;
-- the segment table follows splits and merges, restarts reused keys fresh,
+- the segment history follows splits and merges, restarts reused keys fresh,
   releases with the connection, stays within its capacity, keeps a bounded
   history of each segment's bytes per interval;
 - the anomaly detector is fed segment rates and flags the connection owning
@@ -19,12 +19,12 @@ import random
 import numpy as np
 import pytest
 
-from spoa.lbnode import _slotmap_py, node, segment_table
+from spoa.lbnode import _slotmap_py, node, segment_history
 from spoa.lbnode.anomaly import AnomalyDetector
 from spoa.lbnode.forecast import SES
 from spoa.lbnode.lease_policy import LeaseBounds, VolumePolicy
 from spoa.lbnode.node import LeaseTable
-from spoa.lbnode.segment_table import SegmentTable
+from spoa.lbnode.segment_history import SegmentHistory
 from spoa.wire import _packet_py
 from spoa.wire.packet import ColumnBatch, encode_packet
 from spoa.wire.records import DIR_IN, DIR_OUT, ConnectionRecord, ConnFlags, PacketHeader, SegmentRecord
@@ -38,13 +38,13 @@ STATE = ("expires", "refreshed_at", "last_total", "volume", "elapsed", "lease", 
 @pytest.fixture(params=["compiled", "python"])
 def twins(request, monkeypatch):
     if request.param == "python":
-        for module in (node, segment_table):
+        for module in (node, segment_history):
             monkeypatch.setattr(module, "SlotMap", _slotmap_py.SlotMap)
     return request.param
 
 
 def table(capacity: int = 64, segments: int | None = None, anomaly=None) -> LeaseTable:
-    seg_table = SegmentTable(segments or 4 * capacity, history=4)
+    seg_table = SegmentHistory(segments or 4 * capacity, history=4)
     return LeaseTable(capacity, SES(capacity, alpha=0.5), VolumePolicy(BOUNDS, 10.0), BOUNDS.standard_ms, 1000,
                       remember_expired=50, anomaly=anomaly, segments=seg_table)
 
@@ -256,7 +256,7 @@ def test_a_table_that_grows_holds_what_a_preallocated_one_does(twins, monkeypatc
     table had been allocated at its bound."""
     grown = table(10_000, segments=20_000)
     monkeypatch.setattr(node, "INITIAL_CAPACITY", 10_000)
-    monkeypatch.setattr(segment_table, "INITIAL_SEGMENTS", 20_000)
+    monkeypatch.setattr(segment_history, "INITIAL_SEGMENTS", 20_000)
     preallocated = table(10_000, segments=20_000)
     assert (grown.capacity, preallocated.capacity) == (1024, 10_000)
     assert _run(grown, _grow_scenario()) == _run(preallocated, _grow_scenario())

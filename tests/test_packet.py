@@ -252,9 +252,9 @@ def test_compiled_packet_loaded():
     assert spoa.wire.packet.IMPLEMENTATION == "cython", "spoa.wire._packet did not load: run `python setup.py build_ext --inplace`"
     assert spoa.wire.packet.encode_packet is spoa.wire._packet.encode_packet
     assert spoa.wire.packet.PacketError is reference.PacketError  # one class for both twins
-    import spoa.wire._records
+    import spoa.wire._record_builder
 
-    assert spoa.wire._records.FAST_RECORDS, "records are built through their constructors: decoding is ~4x slower"
+    assert spoa.wire._record_builder.FAST_RECORDS, "records are built through their constructors: decoding is ~4x slower"
 
 
 @pytest.mark.c_extension

@@ -3,7 +3,7 @@
 A SlotMap hands out slots 0..capacity-1 to keys and finds them again. A key
 is (a, b): a u64 and 16 bytes, given as `a` (uint64[n]) and `b` (uint64[n, 2],
 the 16 bytes viewed as two u64); the lease table keys connections by
-(server node id, conn_id), the segment table segments by (connection slot x 2
+(server node id, conn_id), the segment history segments by (connection slot x 2
 + direction, start offset). Every operation takes whole arrays, so the
 compiled twin runs per-key work in C and the table stays vectorized.
 

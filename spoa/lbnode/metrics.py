@@ -43,7 +43,7 @@ class LbNodeCollector:
         yield CounterMetricFamily(f"{p}_forecast_samples", "forecasts scored", value=s.forecast_samples)
         segments = table.segments
         yield GaugeMetricFamily(f"{p}_segments", "segments with cached state and history", value=len(segments))
-        yield CounterMetricFamily(f"{p}_segments_refused", "segments not tracked: segment table full",
+        yield CounterMetricFamily(f"{p}_segments_refused", "segments not tracked: segment history full",
                                   value=segments.refused)
         yield CounterMetricFamily(f"{p}_segments_dropped", "segment slots reclaimed (merged away or released)",
                                   value=segments.dropped)

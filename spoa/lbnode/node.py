@@ -18,7 +18,7 @@ Cold start: a new connection's first lease is its class's recent mean lease
 Records arrive as ColumnBatch columns (spoa.wire.packet, many datagrams per batch)
 and are ingested with whole-array operations; the key -> slot maps are
 SlotMaps (spoa/lbnode/_slotmap_py.py, compiled in cext/spoa/lbnode/_slotmap.pyx). Each
-connection's segments have their own state (SegmentTable: last report and a
+connection's segments have their own state (SegmentHistory: last report and a
 bounded ring of bytes per interval), whose rates feed the anomaly detector.
 """
 
@@ -39,7 +39,7 @@ from ..wire.hints import ANOMALY, HINT_DTYPE, encode_hints
 from ..wire.records import ConnectionRecord, ConnFlags, LeaseSource
 from ..wire.stream_transport import DatagramStream
 from .anomaly import class_key
-from .segment_table import SegmentTable
+from .segment_history import SegmentHistory
 from .slotmap import REFUSED, SlotMap
 
 
@@ -124,7 +124,7 @@ class LeaseTable:
 
     def __init__(self, capacity: int, forecaster: Any, policy: Any, standard_ms: int, interval_ms: int,
                  remember_expired: int = 100_000, anomaly: Any = None, history: Any = None,
-                 segments: SegmentTable | None = None) -> None:
+                 segments: SegmentHistory | None = None) -> None:
         # At most `capacity` connections; the arrays start small and double
         # as connections arrive, so memory follows what is held.
         self.max_capacity = capacity
@@ -136,7 +136,7 @@ class LeaseTable:
         self.anomaly = anomaly
         self.history = history  # rolling per-interval volumes per connection (a History ring), or None
         # per-segment state; its rates feed the anomaly detector
-        self.segments = segments if segments is not None else SegmentTable(2 * capacity)
+        self.segments = segments if segments is not None else SegmentHistory(2 * capacity)
         self.keys = SlotMap(1)  # (server node id, conn_id) -> slot
         for name, dtype, _fresh, _what in _PER_SLOT:
             setattr(self, name, np.zeros(0, dtype))

@@ -16,7 +16,7 @@ from ..wire.stream_transport import DatagramListener
 from .forecast import ARIMA, SES, TSB, Croston, DampedHolt, History
 from .node import INITIAL_CAPACITY, LbNode, LeaseTable
 from .packet_receiver import BatchReceiver, open_batch_receiver
-from .segment_table import SegmentTable
+from .segment_history import SegmentHistory
 
 log = logging.getLogger("spoa.lbnode")
 
@@ -25,7 +25,9 @@ log = logging.getLogger("spoa.lbnode")
 ARIMA_REFIT_SAMPLE = 256
 
 
-def make_forecaster(f: dict, capacity: int):
+def forecaster_from_config(f: dict, capacity: int):
+    """The forecaster a `forecast` config section names (method and its parameters), for
+    `capacity` slots (spoa.lbnode.forecast.make_forecaster builds one from a name and keyword arguments)."""
     method = f["method"]
     if method == "ses":
         return SES(capacity, alpha=f["alpha"])
@@ -42,7 +44,8 @@ def make_forecaster(f: dict, capacity: int):
     return ARIMA(capacity, order=tuple(f["arima_order"]))
 
 
-def make_policy(lease: dict, interval_ms: int, capacity: int):
+def policy_from_config(lease: dict, interval_ms: int, capacity: int):
+    """The lease policy a `lease` config section names, with its bounds."""
     from .lease_policy import ActivityPolicy, LeaseBounds, VolumePolicy
 
     bounds = LeaseBounds(min_ms=lease["min_ms"], max_ms=lease["max_ms"], standard_ms=lease["standard_ms"])
@@ -63,13 +66,13 @@ def build_lbnode(config: dict) -> LbNode:
 
         a = config["anomaly"]
         anomaly = AnomalyDetector(q_high=a["quantile"], factor=a["factor"], min_samples=a["min_samples"])
-    forecaster = make_forecaster(config["forecast"], start)
+    forecaster = forecaster_from_config(config["forecast"], start)
     # The rolling per-connection history (bounded ring): ARIMA refits read it,
     # and it is what one inspects a connection's recent volumes by. float32:
     # it costs 4 B x forecast.history per connection slot.
     history = History(start, config["forecast"]["history"], np.float32)
-    segments = SegmentTable(node["max_segments"], history=node["segment_history"])
-    table = LeaseTable(capacity, forecaster, make_policy(config["lease"], node["interval_ms"], start),
+    segments = SegmentHistory(node["max_segments"], history=node["segment_history"])
+    table = LeaseTable(capacity, forecaster, policy_from_config(config["lease"], node["interval_ms"], start),
                        config["lease"]["standard_ms"], node["interval_ms"], node["remember_expired"], anomaly,
                        history, segments)
     return LbNode(table, read_key_file(node["key_file"]), node["node_id"], node["interval_ms"], node["mtu"])

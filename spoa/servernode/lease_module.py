@@ -264,7 +264,7 @@ class LeaseModule:
             self._apply_kernel_sample(now)
         self.tracker.end_interval(now)
         deferred = self.tracker.stats["deferred"]
-        records = self._due(self.tracker.publish(now), now)
+        records = self._note_published(self.tracker.publish(now), now)
         self.stats.records_deferred += self.tracker.stats["deferred"] - deferred
         self.tracker.begin_interval(now)
         if self.publisher is not None:
@@ -291,9 +291,9 @@ class LeaseModule:
                         "standard %d ms until hints return", (now - last) / 1000, self.publisher.describe(),
                         self.lease.standard_ms)
 
-    def _due(self, records: list, now: int) -> list:
-        """What publish(now) returned goes out; each live connection's next
-        refresh time is set in the tracker (see _publish_after)."""
+    def _note_published(self, records: list, now: int) -> list:
+        """What publish(now) returned goes out: closed connections are forgotten,
+        each live one's next refresh time is set in the tracker (see _publish_after)."""
         keys, last_published = self._keys, self._last_published
         for rec in records:
             conn_id = rec.conn_id

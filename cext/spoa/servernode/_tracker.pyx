@@ -17,7 +17,7 @@ from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport qsort
 from libc.string cimport memcmp, memcpy, memmove, memset, strlen
 
-from spoa.wire._records cimport new_connection, new_segment
+from spoa.wire._record_builder cimport new_connection, new_segment
 from spoa.wire.records import DIR_IN, DIR_OUT, ConnFlags, CounterSource, LeaseSource
 
 cdef extern from * nogil:

@@ -27,7 +27,7 @@ from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
 from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset, strlen
 
-from spoa.wire._records cimport new_connection, new_header, new_segment
+from spoa.wire._record_builder cimport new_connection, new_header, new_segment
 
 import numpy as np
 from collections import OrderedDict

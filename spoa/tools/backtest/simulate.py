@@ -1,12 +1,12 @@
 """Offline simulation of connection publishing under leases, vectorized per interval.
 
 What is simulated is the protocol the product runs, with the product's own
-forecasters and lease policies (built by ``spoa.lbnode.service.make_forecaster``
-/ ``make_policy`` from the LB node's configuration, defaults from
+forecasters and lease policies (built by ``spoa.lbnode.service.forecaster_from_config``
+/ ``policy_from_config`` from the LB node's configuration, defaults from
 ``spoa.config``), one server node and one LB node:
 
 Server node, at the end of every interval ``k`` (time ``T = (k + 1) * I``), as
-``spoa.servernode.lease_module.LeaseModule._due``: every tracked connection has a record; a
+``spoa.servernode.lease_module.LeaseModule._publish_after``: every tracked connection has a record; a
 closed connection's final record always goes out; a connection whose lease in
 force is a *predicted* hint (fresh: received at most ``hint_ttl_ms`` ago, and
 inside the server's [min_ms, max_ms]) and that was quiet in the interval is
@@ -72,7 +72,7 @@ import numpy as np
 
 from ... import config as cfg
 from ...lbnode.forecast import ARIMA, History
-from ...lbnode.service import ARIMA_REFIT_SAMPLE, make_forecaster, make_policy
+from ...lbnode.service import ARIMA_REFIT_SAMPLE, forecaster_from_config, policy_from_config
 from ...servernode.lease_module import LeaseSettings
 from ...wire.packet import CONN_SIZE, DEFAULT_MTU, OVERHEAD, SEG_SIZE
 from ...wire.records import LeaseSource
@@ -411,8 +411,8 @@ def _pass(conns: Connections, policy: str, fnames: tuple[str, ...], conf: SimCon
     phase = int(round(conf.lb_phase * I))
     rng = np.random.default_rng(conf.seed)
     cap = max(N, 1)
-    forecasters = [] if fixed else [make_forecaster({**conf.forecast, "method": f}, cap) for f in fnames]
-    lb_policy = None if fixed else make_policy(lease_cfg, I, cap)
+    forecasters = [] if fixed else [forecaster_from_config({**conf.forecast, "method": f}, cap) for f in fnames]
+    lb_policy = None if fixed else policy_from_config(lease_cfg, I, cap)
     arimas = [f for f in forecasters if isinstance(f, ARIMA)]
     history = History(cap, conf.forecast["history"], np.float32) if arimas else None
     refit_every = int(conf.forecast["arima_refit_intervals"])
@@ -449,7 +449,7 @@ def _pass(conns: Connections, policy: str, fnames: tuple[str, ...], conf: SimCon
     ybuf = np.zeros(cap, np.int64)  # scratch: bytes this interval
 
     def due_from_hint(slots: np.ndarray, now: int) -> np.ndarray:
-        """LeaseModule._due as a time: published at T >= this while quiet (-inf: every interval)."""
+        """LeaseModule._publish_after as a time: published at T >= this while quiet (-inf: every interval)."""
         hl = hint_lease[slots]
         usable = (hint_src[slots] == _PREDICTED) & (hl >= smin) & (hl <= smax)
         due = np.minimum((hint_recv[slots] + ttl + 1).astype(np.float64), now + np.maximum(float(I), hl * rf))
@@ -519,7 +519,7 @@ def _pass(conns: Connections, policy: str, fnames: tuple[str, ...], conf: SimCon
         for sc in scores:
             sc.score(ec, et.astype(np.float64))
 
-        # -- server node: which records go out (LeaseModule._due) ---------------------------
+        # -- server node: which records go out (LeaseModule._publish_after) ------------------
         if fixed:
             P = A
         else:

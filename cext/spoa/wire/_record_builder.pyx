@@ -15,6 +15,9 @@ ints, str, bytes and a tuple of segment records, and are frozen, so they can
 never be part of a reference cycle; a publish() of 100k connections makes
 300k of them, and each would otherwise count toward (and be walked by) the
 collections they trigger.
+
+Not a twin of records.py: the compiled packet codec and tracker cimport these
+constructors; their pure-Python twins call the dataclasses themselves.
 """
 
 from cpython.object cimport PyObject, PyTypeObject, Py_TYPE, descrsetfunc, newfunc

@@ -14,7 +14,7 @@ from .forecast import History
 from .slotmap import REFUSED, SlotMap
 
 
-# Segment slots a table starts with; it doubles from there up to its bound.
+# Segment slots a history starts with; it doubles from there up to its bound.
 INITIAL_SEGMENTS = 2048
 
 # The per-segment arrays: (name, dtype, value of a fresh slot).
@@ -30,7 +30,7 @@ _PER_SEGMENT = (
 )
 
 
-class SegmentTable:
+class SegmentHistory:
     """Per-segment state of the held connections, keyed by (connection slot,
     direction, start_byte_offset), in numpy arrays indexed by segment slot.
 
