@@ -23,11 +23,13 @@ is the compiled twin of spoa.wire.records.pack_key, for the per-message SPOE pat
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.dict cimport PyDict_SetItem
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memcpy, strlen
+from libc.string cimport memcpy
 
 import errno as _errno
 import os
 from types import MemberDescriptorType
+
+from spoa._netbytes cimport address_chars, load_u32, load_u64, pton_ipv4, pton_ipv6, put_v4_mapped, store_be16
 
 from spoa.wire.records import KEY_LEN as _KEY_LEN, pack_key as _pack_key_reference
 
@@ -47,11 +49,7 @@ cdef extern from "Python.h":
     object PyType_GenericAlloc(PyTypeObject *t, Py_ssize_t nitems)
     int PyObject_GenericSetAttr(object o, object name, object value) except -1
     bint PyUnicode_IS_ASCII(object o)
-    const char *PyUnicode_AsUTF8AndSize(object o, Py_ssize_t *size) except NULL
     long PyLong_AsLongAndOverflow(object o, int *overflow) except? -1
-
-cdef extern from "<arpa/inet.h>":
-    int inet_pton(int af, const char *src, void *dst) nogil
 
 cdef extern from "<sys/socket.h>":
     enum:
@@ -98,8 +96,6 @@ cdef tuple _names = tuple(FIELDS)
 cdef Py_ssize_t _offsets[N_FIELDS]
 cdef bint _direct = False
 cdef bint _untrack = False
-# The 12-byte prefix of an IPv4-mapped IPv6 address (::ffff:a.b.c.d).
-cdef const uint8_t *V4MAPPED = <const uint8_t *>b"\0\0\0\0\0\0\0\0\0\0\xff\xff"
 if _KEY_LEN != KEY_LEN:
     raise ImportError("spoa.wire.records.KEY_LEN is %d, _sampler.pyx was built for %d" % (_KEY_LEN, KEY_LEN))
 
@@ -133,31 +129,18 @@ def configure(sample_cls, error_cls, bint direct=True):
     return direct
 
 
-cdef inline uint32_t rd32(const uint8_t *p) noexcept nogil:
-    cdef uint32_t v
-    memcpy(&v, p, 4)
-    return v
-
-
-cdef inline uint64_t rd64(const uint8_t *p) noexcept nogil:
-    cdef uint64_t v
-    memcpy(&v, p, 8)
-    return v
-
-
 cdef inline uint32_t info32(const uint8_t *info, Py_ssize_t ilen, Py_ssize_t o) noexcept nogil:
-    return rd32(info + o) if ilen >= o + 4 else 0
+    return load_u32(info + o) if ilen >= o + 4 else 0
 
 
 cdef inline uint64_t info64(const uint8_t *info, Py_ssize_t ilen, Py_ssize_t o) noexcept nogil:
-    return rd64(info + o) if ilen >= o + 8 else 0
+    return load_u64(info + o) if ilen >= o + 8 else 0
 
 
 cdef inline void put_address(uint8_t *k, int family, const uint8_t *a) noexcept nogil:
     """16 bytes of a key from an inet_diag address: IPv4 mapped, IPv6 (mapped or not) as is."""
     if family == AF_INET:
-        memcpy(k, V4MAPPED, 12)
-        memcpy(k + 12, a, 4)
+        put_v4_mapped(k, a)
     else:
         memcpy(k, a, 16)
 
@@ -209,9 +192,9 @@ def parse_chunk(data, dict out, long seq=-1):
         if n - off < NLMSG_HDRLEN:
             raise err(_errno.EBADMSG, E_TRUNC_HDR)
         p = base + off
-        mlen = rd32(p)
+        mlen = load_u32(p)
         memcpy(&mtype, p + 4, 2)
-        mseq = rd32(p + 8)
+        mseq = load_u32(p + 8)
         if mlen < NLMSG_HDRLEN or mlen > n - off:
             raise err(_errno.EBADMSG, E_BAD_LEN)
         if seq >= 0 and mseq != <uint32_t>seq:
@@ -220,7 +203,7 @@ def parse_chunk(data, dict out, long seq=-1):
         if mtype != SOCK_DIAG_BY_FAMILY:
             if mtype == NLMSG_DONE:
                 if mlen >= NLMSG_HDRLEN + 4:
-                    errval = <int32_t>rd32(p + NLMSG_HDRLEN)
+                    errval = <int32_t>load_u32(p + NLMSG_HDRLEN)
                     if errval < 0:
                         code = -(<long long>errval)
                         raise _error_cls(code, "sock_diag dump failed: %s" % _strerror(code))
@@ -228,7 +211,7 @@ def parse_chunk(data, dict out, long seq=-1):
             if mtype == NLMSG_ERROR:
                 if mlen < NLMSG_HDRLEN + 4:
                     raise err(_errno.EBADMSG, E_TRUNC_ERROR)
-                errval = <int32_t>rd32(p + NLMSG_HDRLEN)
+                errval = <int32_t>load_u32(p + NLMSG_HDRLEN)
                 if errval != 0:
                     code = -(<long long>errval) if errval < 0 else errval
                     raise _error_cls(code, "sock_diag request failed: %s" % _strerror(code))
@@ -247,7 +230,7 @@ def parse_chunk(data, dict out, long seq=-1):
         if family != AF_INET and family != AF_INET6:
             raise err(_errno.EBADMSG, E_BAD_FAMILY)
         state = m[1]
-        inode = rd32(m + 68)
+        inode = load_u32(m + 68)
         # attributes
         a = off + NLMSG_HDRLEN + INET_DIAG_MSG_LEN
         end = off + mlen
@@ -272,16 +255,16 @@ def parse_chunk(data, dict out, long seq=-1):
         if ilen < min_info:
             min_info = ilen
         if ilen >= FULL_INFO_LEN:
-            last_sent = rd32(info + 44)
-            last_recv = rd32(info + 52)
-            last_ack = rd32(info + 56)
-            rtt = rd32(info + 68)
-            acked = rd64(info + 120)
-            received = rd64(info + 128)
-            segs_out = rd32(info + 136)
-            segs_in = rd32(info + 140)
-            dsegs_in = rd32(info + 152)
-            dsegs_out = rd32(info + 156)
+            last_sent = load_u32(info + 44)
+            last_recv = load_u32(info + 52)
+            last_ack = load_u32(info + 56)
+            rtt = load_u32(info + 68)
+            acked = load_u64(info + 120)
+            received = load_u64(info + 128)
+            segs_out = load_u32(info + 136)
+            segs_in = load_u32(info + 140)
+            dsegs_in = load_u32(info + 152)
+            dsegs_out = load_u32(info + 156)
         else:
             last_sent = info32(info, ilen, 44)
             last_recv = info32(info, ilen, 52)
@@ -331,18 +314,14 @@ def parse_chunk(data, dict out, long seq=-1):
 
 cdef inline bint pack_address(object text, uint8_t *out):
     """ASCII address text -> 16 key bytes (IPv4 mapped); False when this fast path does not apply."""
-    cdef Py_ssize_t size
     cdef const char *s
     if type(text) is not str or not PyUnicode_IS_ASCII(text):
         return False
-    s = PyUnicode_AsUTF8AndSize(text, &size)  # an ASCII str's own buffer: cannot fail
-    if <size_t>size != strlen(s):  # an embedded NUL: C would stop there, Python refuses it
+    s = address_chars(text)
+    if s is NULL:
         return False
     # The order of records._pack_address: IPv4 text first, then IPv6 (the same libc inet_pton).
-    if inet_pton(AF_INET, s, out + 12) == 1:
-        memcpy(out, V4MAPPED, 12)
-        return True
-    return inet_pton(AF_INET6, s, out) == 1
+    return pton_ipv4(s, out) or pton_ipv6(s, out)
 
 
 cdef inline bint pack_port(object port, uint8_t *out):
@@ -354,8 +333,7 @@ cdef inline bint pack_port(object port, uint8_t *out):
     v = PyLong_AsLongAndOverflow(port, &overflow)
     if overflow or v < 0 or v > 0xFFFF:
         return False
-    out[0] = <uint8_t>(v >> 8)
-    out[1] = <uint8_t>v
+    store_be16(out, v)
     return True
 
 

@@ -15,8 +15,9 @@ from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport qsort
-from libc.string cimport memcmp, memcpy, memmove, memset, strlen
+from libc.string cimport memcmp, memcpy, memmove
 
+from spoa._netbytes cimport address_chars, address_text, is_v4_mapped, load_u32, load_u64, pton_ipv4, pton_ipv6
 from spoa.wire._record_builder cimport new_connection, new_segment
 from spoa.wire.records import DIR_IN, DIR_OUT, ConnFlags, CounterSource, LeaseSource
 
@@ -32,15 +33,6 @@ cdef extern from "<sys/mman.h>":
     int madvise(void *addr, size_t length, int advice)
     int PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS, MADV_HUGEPAGE
     void *MAP_FAILED
-
-cdef extern from "<arpa/inet.h>":
-    int AF_INET, AF_INET6
-    int inet_pton(int af, const char *src, void *dst)
-    const char *inet_ntop(int af, const void *src, char *dst, unsigned int size)
-
-cdef extern from "Python.h":
-    const char *PyUnicode_AsUTF8AndSize(object text, Py_ssize_t *size) except NULL
-    object PyUnicode_DecodeASCII(const char *s, Py_ssize_t size, const char *errors)
 
 cdef int FLAG_CLOSED = ConnFlags.CLOSED
 cdef int FLAG_EXPIRED = ConnFlags.EXPIRED
@@ -80,27 +72,10 @@ cdef Py_ssize_t prefetch_window = 16
 cdef uint64_t SECRET0, SECRET1, SECRET2
 SECRET0, SECRET1, SECRET2 = [int.from_bytes(os.urandom(8), "little") | 1 for _ in range(3)]
 
-cdef unsigned char V4_MAPPED[12]
-memset(V4_MAPPED, 0, 10)
-V4_MAPPED[10] = 0xff
-V4_MAPPED[11] = 0xff
-
 
 cdef inline uint64_t mum(uint64_t a, uint64_t b) noexcept nogil:
     cdef u128 r = <u128>a * b
     return <uint64_t>r ^ <uint64_t>(r >> 64)
-
-
-cdef inline uint64_t load8(const unsigned char *p) noexcept nogil:
-    cdef uint64_t v
-    memcpy(&v, p, 8)  # one unaligned load
-    return v
-
-
-cdef inline uint64_t load4(const unsigned char *p) noexcept nogil:
-    cdef uint32_t v
-    memcpy(&v, p, 4)
-    return v
 
 
 cdef inline uint64_t key_hash(const unsigned char *p, Py_ssize_t n) noexcept nogil:
@@ -109,16 +84,16 @@ cdef inline uint64_t key_hash(const unsigned char *p, Py_ssize_t n) noexcept nog
     cdef Py_ssize_t i = 0
     if n > 16:
         while i + 16 < n:
-            h = mum(load8(p + i) ^ SECRET1, load8(p + i + 8) ^ h)
+            h = mum(load_u64(p + i) ^ SECRET1, load_u64(p + i + 8) ^ h)
             i += 16
-        a = load8(p + n - 16)
-        b = load8(p + n - 8)
+        a = load_u64(p + n - 16)
+        b = load_u64(p + n - 8)
     elif n >= 8:
-        a = load8(p)
-        b = load8(p + n - 8)
+        a = load_u64(p)
+        b = load_u64(p + n - 8)
     elif n >= 4:
-        a = load4(p)
-        b = load4(p + n - 4)
+        a = load_u32(p)
+        b = load_u32(p + n - 4)
     else:  # 1..3 bytes
         a = (<uint64_t>p[0] << 16) | (<uint64_t>p[n >> 1] << 8) | p[n - 1]
         b = 0
@@ -138,30 +113,13 @@ cdef inline const unsigned char *key_bytes(object key, Py_ssize_t *n) except NUL
 
 cdef int parse_address(object text, unsigned char *out) except -1:
     """16 packed bytes of IPv4/IPv6 text (IPv4 as IPv4-mapped); errors as the twin's."""
-    cdef const char *s = NULL
-    cdef Py_ssize_t size = 0
+    cdef const char *s
     if not isinstance(text, str):
         raise TypeError(f"address must be str, not {type(text).__name__}")
-    try:
-        s = PyUnicode_AsUTF8AndSize(text, &size)
-    except UnicodeError:
-        s = NULL
-    if s is not NULL and <size_t>size == strlen(s):  # an embedded NUL would cut the text short
-        if inet_pton(AF_INET, s, out + 12) == 1:
-            memcpy(out, V4_MAPPED, 12)
-            return 0
-        if inet_pton(AF_INET6, s, out) == 1:
-            return 0
+    s = address_chars(text)
+    if s is not NULL and (pton_ipv4(s, out) or pton_ipv6(s, out)):
+        return 0
     raise ValueError(f"not an IPv4 or IPv6 address: {text!r}")
-
-
-cdef object address_text(const unsigned char *raw):
-    cdef char buf[48]
-    if memcmp(raw, V4_MAPPED, 12) == 0:
-        inet_ntop(AF_INET, raw + 12, buf, sizeof(buf))
-    else:
-        inet_ntop(AF_INET6, raw, buf, sizeof(buf))
-    return PyUnicode_DecodeASCII(buf, strlen(buf), NULL)
 
 
 cdef int check_port(object port) except -1:
@@ -1050,8 +1008,10 @@ cdef class SegmentTracker:
                                             s.last_activity, s.level))
                 start += s.count
         return new_connection((
-            PyBytes_FromStringAndSize(<char *>c.conn_id, 16), address_text(c.cold[0].addr), c.cold[0].port,
-            address_text(c.cold[1].addr), c.cold[1].port, self._frontends[c.frontend], c.flags, c.source,
+            PyBytes_FromStringAndSize(<char *>c.conn_id, 16),
+            address_text(c.cold[0].addr, is_v4_mapped(c.cold[0].addr)), c.cold[0].port,
+            address_text(c.cold[1].addr, is_v4_mapped(c.cold[1].addr)), c.cold[1].port,
+            self._frontends[c.frontend], c.flags, c.source,
             max(c.cold[0].level, c.cold[1].level), c.requested_lease, c.predicted_lease, c.lease_source,
             c.cold[0].tail_start + c.hot[0].tail.count, c.cold[1].tail_start + c.hot[1].tail.count,
             tuple(segments),

@@ -12,7 +12,9 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
 from libc.stdio cimport snprintf
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
-from libc.string cimport memcmp, memcpy, strlen
+from libc.string cimport memcmp, memcpy
+
+from spoa._netbytes cimport address_text, load_be32, store_be32
 
 from ipaddress import IPv4Address, IPv6Address
 from operator import index
@@ -30,11 +32,6 @@ from spoa.spop.errors import (
     E_VARINT_TOO_LONG,
     SpopError,
 )
-
-cdef extern from "<arpa/inet.h>":
-    int AF_INET6
-    const char *inet_ntop(int af, const void *src, char *dst, unsigned int size)
-
 
 cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object unicode, Py_ssize_t *size) except NULL
@@ -300,7 +297,7 @@ cdef class Message:
         cdef const uint8_t *p = data_of(self._buf)
         cdef Py_ssize_t pos = self._start
         cdef Py_ssize_t start
-        cdef char text[46]  # INET6_ADDRSTRLEN
+        cdef char text[16]  # "255.255.255.255" and its NUL
         cdef int i, n
         for i in range(self.nargs):
             read_name(p, &pos, self._end, &start)
@@ -311,8 +308,7 @@ cdef class Message:
                 if pos < self._end and (p[pos] & TYPE_MASK) == T_IPV6 and self._end - pos >= 17:
                     # inet_ntop, as the twin does: an IPv6Address object and its
                     # str() would cost ~5 µs per message on IPv6 listeners.
-                    inet_ntop(AF_INET6, p + pos + 1, text, sizeof(text))
-                    return PyUnicode_DecodeASCII(text, strlen(text), NULL)
+                    return address_text(p + pos + 1, False)
                 return decode_typed(p, &pos, self._end)
             skip_typed(p, &pos, self._end)
         return default
@@ -469,10 +465,6 @@ cdef class Frame:
     def __repr__(self):
         return (f"Frame(type={self.type}, flags={self.flags:#x}, stream_id={self.stream_id}, "
                 f"frame_id={self.frame_id}, payload={self._end - self._start}B)")
-
-
-cdef inline uint32_t load_be32(const uint8_t *p):
-    return ((<uint32_t>p[0]) << 24) | ((<uint32_t>p[1]) << 16) | ((<uint32_t>p[2]) << 8) | p[3]
 
 
 cdef class FrameReader:
@@ -692,10 +684,7 @@ cdef class FrameWriter:
         self._reserve(PREFIX + 5)
         self._len += PREFIX
         self._data[self._len] = <char>ft
-        self._data[self._len + 1] = <char>(fl >> 24)
-        self._data[self._len + 2] = <char>(fl >> 16)
-        self._data[self._len + 3] = <char>(fl >> 8)
-        self._data[self._len + 4] = <char>fl
+        store_be32(<uint8_t *>self._data + self._len + 1, fl)
         self._len += 5
         self._put_varint(sid)
         self._put_varint(fid)
@@ -717,10 +706,7 @@ cdef class FrameWriter:
         if length > 0xFFFFFFFF:
             raise OverflowError("frame longer than 2^32-1 bytes")
         p = <uint8_t *>self._data + self._frame_start
-        p[0] = <uint8_t>(length >> 24)
-        p[1] = <uint8_t>(length >> 16)
-        p[2] = <uint8_t>(length >> 8)
-        p[3] = <uint8_t>length
+        store_be32(p, length)
         self._frame_start = -1
         return length
 

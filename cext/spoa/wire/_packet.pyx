@@ -23,10 +23,12 @@ from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLon
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.memoryview cimport PyMemoryView_FromMemory
 from cpython.buffer cimport PyBUF_READ
-from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
+from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memcmp, memcpy, memset, strlen
+from libc.string cimport memcmp, memcpy, memset
 
+from spoa._netbytes cimport (address_chars, address_text, is_v4_mapped, load_be16, load_be32, load_be64,
+                             pton_ipv4, pton_ipv6, store_be16, store_be32, store_be64)
 from spoa.wire._record_builder cimport new_connection, new_header, new_segment
 
 import numpy as np
@@ -74,13 +76,6 @@ VERSION = _VERSION
 cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object unicode, Py_ssize_t *size) except NULL
 
-cdef extern from "<arpa/inet.h>" nogil:
-    int AF_INET
-    int AF_INET6
-    int INET6_ADDRSTRLEN
-    int inet_pton(int af, const char *src, void *dst)
-    const char *inet_ntop(int af, const void *src, char *dst, unsigned int size)
-
 
 cdef enum:
     C_HEADER = 42         # datagram header
@@ -95,38 +90,10 @@ cdef enum:
     C_VERSION = 1
     FAMILY_IPV4 = 4
     FAMILY_IPV6 = 6
-    ADDR_TEXT = 64        # >= INET6_ADDRSTRLEN (46)
 
 cdef uint64_t U64_MAX = 0xFFFFFFFFFFFFFFFFULL
-cdef const uint8_t *V4_MAPPED = <const uint8_t *>b"\0\0\0\0\0\0\0\0\0\0\xff\xff"
 cdef const uint8_t *C_MAGIC = <const uint8_t *>b"CPUB"
 assert MAGIC == b"CPUB" and (_HEADER_SIZE, _TAG_SIZE, _CONN_SIZE, _SEG_SIZE, _VERSION) == (42, 16, 84, 42, 1)
-
-
-# -- big-endian stores and loads ---------------------------------------------------
-
-cdef inline void st16(uint8_t *p, uint64_t v) noexcept nogil:
-    p[0] = <uint8_t>(v >> 8)
-    p[1] = <uint8_t>v
-
-cdef inline void st32(uint8_t *p, uint64_t v) noexcept nogil:
-    p[0] = <uint8_t>(v >> 24)
-    p[1] = <uint8_t>(v >> 16)
-    p[2] = <uint8_t>(v >> 8)
-    p[3] = <uint8_t>v
-
-cdef inline void st64(uint8_t *p, uint64_t v) noexcept nogil:
-    st32(p, v >> 32)
-    st32(p + 4, v)
-
-cdef inline uint16_t ld16(const uint8_t *p) noexcept nogil:
-    return (<uint16_t>p[0] << 8) | p[1]
-
-cdef inline uint32_t ld32(const uint8_t *p) noexcept nogil:
-    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
-
-cdef inline uint64_t ld64(const uint8_t *p) noexcept nogil:
-    return (<uint64_t>ld32(p) << 32) | ld32(p + 4)
 
 
 # -- integer fields: C fast path, the twin's checker on anything unusual -----------
@@ -174,20 +141,12 @@ cdef int get_i8(object value, str field, Py_ssize_t i, Py_ssize_t j) except -100
 
 cdef int parse_addr(object text, int family, uint8_t *out) except -1:
     """1 and the 16-byte form in out when text is an address of that family, else 0."""
-    cdef const char *s
-    cdef Py_ssize_t size
-    try:
-        s = PyUnicode_AsUTF8AndSize(text, &size)
-    except UnicodeEncodeError:
-        return 0
-    if <size_t>size != strlen(s):  # embedded NUL: socket.inet_pton refuses it too
+    cdef const char *s = address_chars(text)
+    if s is NULL:
         return 0
     if family == FAMILY_IPV4:
-        if inet_pton(AF_INET, s, out + 12) != 1:
-            return 0
-        memcpy(out, V4_MAPPED, 12)
-        return 1
-    return 1 if inet_pton(AF_INET6, s, out) == 1 else 0
+        return pton_ipv4(s, out)
+    return pton_ipv6(s, out)
 
 
 cdef int put_addresses(object src, object dst, Py_ssize_t i, uint8_t *out_src, uint8_t *out_dst) except -1:
@@ -204,15 +163,6 @@ cdef int put_addresses(object src, object dst, Py_ssize_t i, uint8_t *out_src, u
         return FAMILY_IPV6
     _addresses(src, dst, i)
     raise AssertionError("unreachable")
-
-
-cdef str addr_text(const uint8_t *p, uint8_t family):
-    cdef char buf[ADDR_TEXT]
-    if family == FAMILY_IPV4:
-        inet_ntop(AF_INET, p + 12, buf, ADDR_TEXT)
-    else:
-        inet_ntop(AF_INET6, p, buf, ADDR_TEXT)
-    return PyUnicode_DecodeASCII(buf, strlen(buf), NULL)
 
 
 # -- scratch buffer ---------------------------------------------------------------------
@@ -281,32 +231,32 @@ cdef int put_record(Scratch *s, object rec, Py_ssize_t i, Py_ssize_t mtu) except
     scratch_reserve(s, size)
     p = s.data + s.len
     memcpy(p, PyBytes_AS_STRING(conn_id), 16)
-    st64(p + 16, get_u(rec.bytes_in_total, U64_MAX, "bytes_in_total", i, -1))
-    st64(p + 24, get_u(rec.bytes_out_total, U64_MAX, "bytes_out_total", i, -1))
+    store_be64(p + 16, get_u(rec.bytes_in_total, U64_MAX, "bytes_in_total", i, -1))
+    store_be64(p + 24, get_u(rec.bytes_out_total, U64_MAX, "bytes_out_total", i, -1))
     memcpy(p + 32, src, 16)
     memcpy(p + 48, dst, 16)
-    st16(p + 64, get_u(rec.src_port, 0xFFFF, "src_port", i, -1))
-    st16(p + 66, get_u(rec.dst_port, 0xFFFF, "dst_port", i, -1))
-    st32(p + 68, get_u(rec.requested_lease_ms, 0xFFFFFFFF, "requested_lease_ms", i, -1))
-    st32(p + 72, get_u(rec.predicted_lease_ms, 0xFFFFFFFF, "predicted_lease_ms", i, -1))
+    store_be16(p + 64, get_u(rec.src_port, 0xFFFF, "src_port", i, -1))
+    store_be16(p + 66, get_u(rec.dst_port, 0xFFFF, "dst_port", i, -1))
+    store_be32(p + 68, get_u(rec.requested_lease_ms, 0xFFFFFFFF, "requested_lease_ms", i, -1))
+    store_be32(p + 72, get_u(rec.predicted_lease_ms, 0xFFFFFFFF, "predicted_lease_ms", i, -1))
     p[76] = family
     p[77] = <uint8_t>get_u(rec.flags, 0xFF, "flags", i, -1)
     p[78] = <uint8_t>get_u(rec.counter_source, 0xFF, "counter_source", i, -1)
     p[79] = <uint8_t>get_u(rec.lease_source, 0xFF, "lease_source", i, -1)
     p[80] = <uint8_t><int8_t>get_i8(rec.granularity_level, "granularity_level", i, -1)
     p[81] = <uint8_t>flen
-    st16(p + 82, nseg)
+    store_be16(p + 82, nseg)
     memcpy(p + C_CONN, fe, flen)
     p += C_CONN + flen
     for j in range(nseg):
         seg = segs[j]
         p[0] = <uint8_t>get_u(seg.direction, 1, "direction", i, j)
         p[1] = <uint8_t><int8_t>get_i8(seg.level, "level", i, j)
-        st64(p + 2, get_u(seg.start_byte_offset, U64_MAX, "start_byte_offset", i, j))
-        st64(p + 10, get_u(seg.byte_count, U64_MAX, "byte_count", i, j))
-        st64(p + 18, get_u(seg.bytes_transferred, U64_MAX, "bytes_transferred", i, j))
-        st64(p + 26, get_u(seg.packets_transferred, U64_MAX, "packets_transferred", i, j))
-        st64(p + 34, get_u(seg.timestamp_last_activity_ms, U64_MAX, "timestamp_last_activity_ms", i, j))
+        store_be64(p + 2, get_u(seg.start_byte_offset, U64_MAX, "start_byte_offset", i, j))
+        store_be64(p + 10, get_u(seg.byte_count, U64_MAX, "byte_count", i, j))
+        store_be64(p + 18, get_u(seg.bytes_transferred, U64_MAX, "bytes_transferred", i, j))
+        store_be64(p + 26, get_u(seg.packets_transferred, U64_MAX, "packets_transferred", i, j))
+        store_be64(p + 34, get_u(seg.timestamp_last_activity_ms, U64_MAX, "timestamp_last_activity_ms", i, j))
         p += C_SEG
     s.len += size
     s.ends[s.nrec] = s.len
@@ -364,14 +314,14 @@ def encode_packet(header, connections, key, mtu=DEFAULT_MTU):
             memcpy(p, C_MAGIC, 4)
             p[4] = C_VERSION
             p[5] = <uint8_t>flags
-            st16(p + 6, length)
-            st64(p + 8, node_id)
-            st64(p + 16, sequence)
-            st64(p + 24, timestamp_ms)
-            st32(p + 32, interval_ms)
-            st16(p + 36, index)
-            st16(p + 38, count)
-            st16(p + 40, k - first)
+            store_be16(p + 6, length)
+            store_be64(p + 8, node_id)
+            store_be64(p + 16, sequence)
+            store_be64(p + 24, timestamp_ms)
+            store_be32(p + 32, interval_ms)
+            store_be16(p + 36, index)
+            store_be16(p + 38, count)
+            store_be16(p + 40, k - first)
             if payload:
                 memcpy(p + C_HEADER, s.data + start, payload)
             # The bytes object is ours alone until returned: sign it in place.
@@ -554,7 +504,7 @@ cdef object verify(bytes data, object key, uint16_t *index, uint16_t *count, Py_
         raise PacketError("bad_version", f"version {p[4]}, this decoder reads {C_VERSION}")
     if n < C_OVERHEAD:
         raise PacketError("truncated", f"{n} bytes; a version {C_VERSION} datagram has at least {C_OVERHEAD}")
-    length = ld16(p + 6)
+    length = load_be16(p + 6)
     if length > n:
         raise PacketError("truncated", f"{n} bytes; the header announces {length}")
     if length < n:
@@ -563,12 +513,12 @@ cdef object verify(bytes data, object key, uint16_t *index, uint16_t *count, Py_
     hmac_tag(key, p, end, tag)
     if not same_tag(tag, p + end):
         raise PacketError("bad_hmac", "HMAC-SHA256 mismatch: wrong key or altered datagram")
-    index[0] = ld16(p + 36)
-    count[0] = ld16(p + 38)
-    nrec[0] = ld16(p + 40)
+    index[0] = load_be16(p + 36)
+    count[0] = load_be16(p + 38)
+    nrec[0] = load_be16(p + 40)
     if index[0] >= count[0]:
         raise malformed(f"datagram index {index[0]} not below count {count[0]}")
-    return new_header(ld64(p + 8), ld64(p + 16), ld64(p + 24), ld32(p + 32), p[5])
+    return new_header(load_be64(p + 8), load_be64(p + 16), load_be64(p + 24), load_be32(p + 32), p[5])
 
 
 cdef int check_record(const uint8_t *r, Py_ssize_t left, Py_ssize_t i, Py_ssize_t nrec) except -1:
@@ -579,11 +529,11 @@ cdef int check_record(const uint8_t *r, Py_ssize_t left, Py_ssize_t i, Py_ssize_
         raise malformed(f"record {i} of {nrec} runs past the end")
     family = r[76]
     flen = r[81]
-    nseg = ld16(r + 82)
+    nseg = load_be16(r + 82)
     if left - C_CONN < flen + nseg * C_SEG:
         raise malformed(f"record {i} of {nrec}: its {flen}-byte frontend name and {nseg} segments run past the end")
     if family == FAMILY_IPV4:
-        if memcmp(r + 32, V4_MAPPED, 12) != 0 or memcmp(r + 48, V4_MAPPED, 12) != 0:
+        if not is_v4_mapped(r + 32) or not is_v4_mapped(r + 48):
             raise malformed(f"record {i}: IPv4 address outside ::ffff:0:0/96")
     elif family != FAMILY_IPV6:
         raise malformed(f"record {i}: address family {family}, expected 4 or 6")
@@ -625,11 +575,11 @@ def decode_datagram(data, key):
         check_record(r, end - pos, i, nrec)
         family = r[76]
         flen = r[81]
-        nseg = ld16(r + 82)
-        src_text = addr_text(r + 32, family)
+        nseg = load_be16(r + 82)
+        src_text = address_text(r + 32, family == FAMILY_IPV4)
         # Records of one datagram mostly share the frontend address and name.
         if prev_dst < 0 or family != prev_family or memcmp(r + 48, p + prev_dst, 16) != 0:
-            dst_text = addr_text(r + 48, family)
+            dst_text = address_text(r + 48, family == FAMILY_IPV4)
             prev_family = family
         prev_dst = pos + 48
         pos += C_CONN
@@ -644,12 +594,12 @@ def decode_datagram(data, key):
             direction = sp[0]
             if direction > 1:
                 raise malformed(f"record {i} segment {j}: direction {direction}, expected 0 or 1")
-            segments.append(new_segment(direction, ld64(sp + 2), ld64(sp + 10), ld64(sp + 18), ld64(sp + 26),
-                                        ld64(sp + 34), <int8_t>sp[1]))
+            segments.append(new_segment(direction, load_be64(sp + 2), load_be64(sp + 10), load_be64(sp + 18), load_be64(sp + 26),
+                                        load_be64(sp + 34), <int8_t>sp[1]))
             pos += C_SEG
         records.append(new_connection((
-            PyBytes_FromStringAndSize(<const char *>r, 16), src_text, ld16(r + 64), dst_text, ld16(r + 66),
-            frontend, r[77], r[78], <int8_t>r[80], ld32(r + 68), ld32(r + 72), r[79], ld64(r + 16), ld64(r + 24),
+            PyBytes_FromStringAndSize(<const char *>r, 16), src_text, load_be16(r + 64), dst_text, load_be16(r + 66),
+            frontend, r[77], r[78], <int8_t>r[80], load_be32(r + 68), load_be32(r + 72), r[79], load_be64(r + 16), load_be64(r + 24),
             tuple(segments))))
     if pos != end:
         raise malformed(f"{end - pos} bytes after the last of {nrec} records")
@@ -767,7 +717,7 @@ cdef class ColumnBatch:
         header = verify(data, key, &index, &count, &nrec)
         p = <const uint8_t *>PyBytes_AS_STRING(data)
         end = PyBytes_GET_SIZE(data) - C_TAG
-        node_id = ld64(p + 8)
+        node_id = load_be64(p + 8)
         self.reserve(min(nrec, (end - C_HEADER) // C_CONN), 0)  # a record takes C_CONN bytes at least
         k = self.n
         m = self.nseg
@@ -776,7 +726,7 @@ cdef class ColumnBatch:
             r = p + pos
             check_record(r, end - pos, i, nrec)
             flen = r[81]
-            nseg = ld16(r + 82)
+            nseg = load_be16(r + 82)
             pos += C_CONN
             # Records of one datagram mostly share their frontend name.
             if flen != prev_flen or memcmp(p + pos, prev_name, flen) != 0:
@@ -792,23 +742,23 @@ cdef class ColumnBatch:
                     raise malformed(f"record {i} segment {j}: direction {sp[0]}, expected 0 or 1")
                 put8(s[S_DIRECTION], m, sp[0])
                 put8(s[S_LEVEL], m, sp[1])
-                put64(s[S_START], m, ld64(sp + 2))
-                put64(s[S_BYTE_COUNT], m, ld64(sp + 10))
-                put64(s[S_TRANSFERRED], m, ld64(sp + 18))
-                put64(s[S_PACKETS], m, ld64(sp + 26))
-                put64(s[S_LAST_ACTIVITY], m, ld64(sp + 34))
+                put64(s[S_START], m, load_be64(sp + 2))
+                put64(s[S_BYTE_COUNT], m, load_be64(sp + 10))
+                put64(s[S_TRANSFERRED], m, load_be64(sp + 18))
+                put64(s[S_PACKETS], m, load_be64(sp + 26))
+                put64(s[S_LAST_ACTIVITY], m, load_be64(sp + 34))
                 m += 1
                 pos += C_SEG
             put64(c[K_NODE_ID], k, node_id)
             memcpy(c[K_CONN_ID] + 16 * k, r, 16)
-            put64(c[K_BYTES_IN], k, ld64(r + 16))
-            put64(c[K_BYTES_OUT], k, ld64(r + 24))
+            put64(c[K_BYTES_IN], k, load_be64(r + 16))
+            put64(c[K_BYTES_OUT], k, load_be64(r + 24))
             memcpy(c[K_SRC] + 16 * k, r + 32, 16)
             memcpy(c[K_DST] + 16 * k, r + 48, 16)
-            put16(c[K_SRC_PORT], k, ld16(r + 64))
-            put16(c[K_DST_PORT], k, ld16(r + 66))
-            put32(c[K_REQUESTED], k, ld32(r + 68))
-            put32(c[K_PREDICTED], k, ld32(r + 72))
+            put16(c[K_SRC_PORT], k, load_be16(r + 64))
+            put16(c[K_DST_PORT], k, load_be16(r + 66))
+            put32(c[K_REQUESTED], k, load_be32(r + 68))
+            put32(c[K_PREDICTED], k, load_be32(r + 72))
             put8(c[K_FAMILY], k, r[76])
             put8(c[K_FLAGS], k, r[77])
             put8(c[K_COUNTER_SOURCE], k, r[78])
