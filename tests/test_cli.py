@@ -425,3 +425,38 @@ def test_sighup_reloads_lease_settings_and_refuses_a_bad_file(start_agent, tmp_p
         assert "lease.standard_ms: -1 is out of range" in agent.log()
         assert ("set-var", sess, "duration_ms", 45000) in _lease_session(client, 5)  # unchanged, still serving
     assert agent.terminate() == 0
+
+
+def test_haproxy_include_writes_the_shipped_files(tmp_path, capsys):
+    from spoa import cli
+
+    target = tmp_path / "include"
+    assert cli.main(["haproxy-include", str(target)]) == 0
+    out = capsys.readouterr().out
+    shipped = Path(__file__).resolve().parents[1] / "haproxy"
+    for name in ("spoe-lease.conf", "agents.cfg", "example.cfg", "example-tcp.cfg"):
+        assert (target / name).read_bytes() == (shipped / name).read_bytes()
+        assert f"wrote {target / name}" in out
+    assert f"-f {target}/agents.cfg" in out and f"SPOA_LEASE_DIR={target}" in out
+
+
+def test_haproxy_include_into_a_file_is_a_clear_error(tmp_path, capsys):
+    from spoa import cli
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert cli.main(["haproxy-include", str(blocker)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"spoa-lease: haproxy-include: {blocker}:") and "Traceback" not in err
+
+
+def test_provision_command_takes_lines(monkeypatch):
+    from spoa import cli
+    from spoa.tools import provision
+
+    seen = []
+    monkeypatch.setattr(provision, "main", lambda argv: seen.append(argv) or 0)
+    assert cli.main(["provision", "2.6", "3.2"]) == 0
+    assert cli.main(["provision"]) == 0
+    assert seen == [["--lines", "2.6,3.2"], []]
+    assert cli.main(["provision", "1.8"]) == 2 and len(seen) == 2

@@ -43,6 +43,7 @@ import yaml
 
 from ... import __file__ as _spoa_init
 from .. import provision
+from ..haproxy_include import include_dir
 
 PACKAGE_PARENT = Path(_spoa_init).resolve().parents[1]  # the checkout (or site-packages)
 INTERVAL_MS = 500
@@ -55,9 +56,10 @@ START_TIMEOUT = 15.0
 
 
 def haproxy_dir() -> Path:
-    """The project's HAProxy include (spoe-lease.conf, agents.cfg, example.cfg)."""
+    """The HAProxy include (spoe-lease.conf, agents.cfg, example.cfg): SPOA_LEASE_DIR,
+    else the one installed with the package."""
     configured = os.environ.get("SPOA_LEASE_DIR")
-    return Path(configured) if configured else PACKAGE_PARENT / "haproxy"
+    return Path(configured) if configured else include_dir()
 
 
 # -- configuration shared with docker/ (tests/test_docker.py checks they agree) -----------------
@@ -392,11 +394,14 @@ class Stack:
         from .tap import Tap
 
         opts = self.opts
-        include = haproxy_dir()
+        try:
+            include = haproxy_dir()
+        except FileNotFoundError as exc:
+            raise StartError(str(exc)) from None
         for name in ("example.cfg", "agents.cfg", "spoe-lease.conf"):
             if not (include / name).is_file():
-                raise StartError(f"{include / name} not found: run from a checkout, or set SPOA_LEASE_DIR "
-                                 "to the project's haproxy/ folder")
+                raise StartError(f"{include / name} not found: SPOA_LEASE_DIR must name a folder holding "
+                                 "the include (`spoa-lease haproxy-include DIR` writes one)")
         self.binary = provision.find(opts.haproxy)
         if self.binary is None:
             progress(f"HAProxy {opts.haproxy}: installing it (spoa.tools.provision, once; may take a few minutes)")
