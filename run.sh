@@ -10,11 +10,13 @@ PYTHON=${PYTHON:-python3}
 VENV=.venv
 
 # What the install depends on: the build inputs (Cython sources, setup.py,
-# pyproject.toml: dependencies and pins) and the interpreter. Python sources
+# pyproject.toml: dependencies and pins), the interpreter and the kind of
+# build (SPOA_DEBUG_BUILD=1: bounds checks, -O0). Python sources
 # need no reinstall (the install is editable).
 build_inputs() {
     {
         "$PYTHON" --version 2>&1
+        echo "debug build: ${SPOA_DEBUG_BUILD:-0}"
         find cext -name '*.pyx' -o -name '*.pxd' | LC_ALL=C sort | xargs sha256sum
         sha256sum setup.py pyproject.toml
     } | sha256sum | cut -d' ' -f1

@@ -9,16 +9,17 @@ loops, and one module being edited does not break the others' builds).
 """
 
 import os
+import sys
+from pathlib import Path
 
 from Cython.Build import cythonize
 from setuptools import Extension, find_packages, setup
 
-DEBUG = os.environ.get("SPOA_DEBUG_BUILD") == "1"
+sys.path.insert(0, str(Path(__file__).resolve().parent / "cext"))
+from build_options import compile_args, directives  # noqa: E402 - cext/ is on the path just above
 
-extra_compile_args = ["-O0", "-g3"] if DEBUG else ["-O2"]
-directives = {"language_level": "3", "embedsignature": True}
-if DEBUG:
-    directives.update(boundscheck=True, wraparound=True)
+DEBUG = os.environ.get("SPOA_DEBUG_BUILD") == "1"
+extra_compile_args = compile_args(DEBUG)
 
 # Extension name -> the sub-package it is built into (the process that runs it, or wire/ for both).
 MODULES = {"_record_builder": "wire", "_packet": "wire", "_codec": "spop", "_tracker": "servernode",
@@ -45,7 +46,7 @@ setup(
     ext_modules=cythonize(
         extensions,
         include_path=["cext"],
-        compiler_directives=directives,
+        compiler_directives=directives(DEBUG),
         annotate=DEBUG,
     ),
 )

@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False
+# cython: language_level=3
 """Key -> slot allocator, compiled. Same API and behaviour as spoa/lbnode/_slotmap_py.py.
 
 A hash table in C (open addressing, linear probing, backward-shift deletion,

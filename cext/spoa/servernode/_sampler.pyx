@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3, cdivision=True
 """sock_diag dump parser, compiled. Same behaviour as spoa.servernode.sampler._parse_chunk_py.
 
 Reads the receive chunk through a C pointer. Two costs dominate the Python

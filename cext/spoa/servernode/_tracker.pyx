@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3, cdivision=True
 """Segment tracker, compiled. Same API and behaviour as spoa/servernode/_tracker_py.py.
 
 Connections are C structs (Conn) in a slab of 2 MiB chunks on huge pages,

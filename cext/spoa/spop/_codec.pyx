@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False
+# cython: language_level=3
 """SPOP codec, compiled. Same API and behaviour as spoa/spop/_codec_py.py.
 
 Decoding reads straight from the receive chunk through C pointers (no slices

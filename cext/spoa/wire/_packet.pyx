@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False
+# cython: language_level=3
 """Connection publishing packet v1, compiled. Same API and behaviour as spoa/wire/_packet_py.py.
 
 Encoding serializes every record into one malloc'd scratch buffer through C

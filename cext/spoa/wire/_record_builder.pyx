@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False
+# cython: language_level=3
 """Building the frozen record dataclasses of spoa/wire/records.py fast.
 
 Their generated __init__ stores each field with object.__setattr__, which
