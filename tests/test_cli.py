@@ -460,3 +460,28 @@ def test_provision_command_takes_lines(monkeypatch):
     assert cli.main(["provision"]) == 0
     assert seen == [["--lines", "2.6,3.2"], []]
     assert cli.main(["provision", "1.8"]) == 2 and len(seen) == 2
+
+
+def test_free_port_never_hands_out_a_port_twice(monkeypatch):
+    """Two HAProxy frontends once got the same port (SO_REUSEPORT shared it
+    silently, and the outage test's clients landed on the TCP frontend)."""
+    import spoa.testing as testing
+
+    kernel_picks = iter([47001, 47001, 47002])  # the kernel offering a port again
+
+    class Socket:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, address):
+            self.port = next(kernel_picks)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(testing, "_GIVEN_PORTS", set())
+    monkeypatch.setattr(testing.socket, "socket", Socket)
+    assert [testing.free_port(), testing.free_port()] == [47001, 47002]

@@ -358,11 +358,23 @@ def _describe(frame: Frame) -> str:
 # -- processes on loopback (tests, benchmarks) ------------------------------------------
 
 
+# Ports handed out by free_port in this process: the kernel may hand the same
+# free port out twice before anything listens on it, and HAProxy binds with
+# SO_REUSEPORT, so two frontends given one port silently share its connections.
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 nothing listens on right now, never one this
+    process was given before."""
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
+    raise RuntimeError("no free port left that this process was not given before")
 
 
 def wait_port(port: int, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
