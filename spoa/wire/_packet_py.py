@@ -317,8 +317,9 @@ def _new_hmac(key: bytes) -> hmac.HMAC:
         return hmac.new(key, digestmod="sha256")
 
 
-def _tag(key: bytes | bytearray, signed: bytes | memoryview) -> bytes:
-    """HMAC-SHA256(key, signed) truncated to TAG_SIZE bytes."""
+def datagram_tag(key: bytes | bytearray, signed: bytes | memoryview) -> bytes:
+    """HMAC-SHA256(key, signed) truncated to TAG_SIZE bytes: the trailer of
+    every publishing and hint datagram (spoa.wire.hints signs with it too)."""
     mac = _keyed(key).copy()
     mac.update(signed)
     return mac.digest()[:TAG_SIZE]
@@ -359,7 +360,7 @@ def encode_packet(
                          stop - first)
             + payload
         )  # fmt: skip
-        out.append(signed + _tag(key, signed))
+        out.append(signed + datagram_tag(key, signed))
     return out
 
 
@@ -391,7 +392,7 @@ def _verify(data: bytes, key: bytes) -> tuple[PacketHeader, int, int, int, int]:
     if length < n:
         raise _malformed(f"{n} bytes; the header announces {length}")
     end = n - TAG_SIZE
-    if not hmac.compare_digest(_tag(key, memoryview(data)[:end]), data[end:]):
+    if not hmac.compare_digest(datagram_tag(key, memoryview(data)[:end]), data[end:]):
         raise PacketError("bad_hmac", "HMAC-SHA256 mismatch: wrong key or altered datagram")
     if index >= count:
         raise _malformed(f"datagram index {index} not below count {count}")
@@ -716,6 +717,7 @@ __all__ = [
     "VERSION",
     "PacketError",
     "ReplayGuard",
+    "datagram_tag",
     "decode_datagram",
     "encode_packet",
     "max_segments",

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._packet_py import TAG_SIZE, _tag
+from ._packet_py import TAG_SIZE, datagram_tag
 from .packet import PacketError
 from .records import PacketHeader
 
@@ -77,7 +77,7 @@ def encode_hints(lbnode_id: int, sequence: int, timestamp_ms: int, hints: Sequen
         chunk = entries[start:start + per]
         body = bytearray(_HEADER.pack(MAGIC, VERSION, 0, len(chunk), lbnode_id, sequence + i, timestamp_ms))
         body += chunk.tobytes()
-        body += _tag(key, body)
+        body += datagram_tag(key, body)
         out.append(bytes(body))
     return out
 
@@ -101,7 +101,7 @@ def decode_hints(data: bytes, key: bytes) -> tuple[PacketHeader, list[Hint]]:
     if version != VERSION:
         raise PacketError("bad_version", f"hint version {version}")
     signed = memoryview(data)[:-TAG_SIZE]
-    if not hmac.compare_digest(_tag(key, signed), data[-TAG_SIZE:]):
+    if not hmac.compare_digest(datagram_tag(key, signed), data[-TAG_SIZE:]):
         raise PacketError("bad_hmac", "hint tag does not verify")
     if len(data) != _HEADER.size + count * _ENTRY.size + TAG_SIZE:
         raise PacketError("malformed", "hint count does not match the length")

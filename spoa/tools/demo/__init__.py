@@ -9,6 +9,7 @@ download, a chatty WebSocket, short HTTP), a traffic generator
 JSON summary line (`spoa.tools.demo.summary`).
 
 Modules:
+    runner   one run: starts the stack, drives the view, prints the summary
     stack    starts, watches and stops every process (process groups,
              parent-death signal, finally + atexit), scrapes /metrics
     backend  the application behind HAProxy (also `python -m spoa.tools.demo.backend`)
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 def run(args) -> int:
     """Entry point of `python -m spoa demo` (argparse namespace from spoa.cli)."""
-    from .stack import DemoOptions, run_demo
+    from .runner import run_demo
+    from .stack import DemoOptions
 
     return run_demo(DemoOptions.from_args(args))
