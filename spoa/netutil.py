@@ -95,8 +95,11 @@ def udp_drops(sock: socket.socket) -> int | None:
 def start_metrics_server(address: str, registry) -> tuple:
     """Start the /metrics HTTP server in a thread; returns (server, thread).
     An OSError names the address (e.g. in use)."""
-    from prometheus_client import start_http_server  # only a daemon that serves /metrics pays for it
+    from prometheus_client import ProcessCollector, start_http_server  # only a daemon serving /metrics pays
 
+    # process_cpu_seconds_total and process_resident_memory_bytes: the
+    # dashboard's CPU per interval and memory (docker/grafana).
+    ProcessCollector(registry=registry)
     host, port = parse_address(address)
     try:
         return start_http_server(int(port), addr=str(host), registry=registry)

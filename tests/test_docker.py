@@ -10,6 +10,7 @@ agent and LB node settings are the ones `python -m spoa demo` runs.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -210,3 +211,24 @@ def test_haproxy_configs_pass_haproxy_check(line, tmp_path):
                           text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "[ALERT]" not in done.stdout + done.stderr
+
+
+def test_grafana_provisions_the_dashboard_on_the_prometheus_datasource():
+    """Profile `prometheus` also starts Grafana with the operators' dashboard;
+    its queries are checked against real /metrics in tests/e2e/test_dashboard.py."""
+    import json
+
+    service = services()["grafana"]
+    assert service["profiles"] == ["prometheus"]
+    sources = yaml.safe_load(host_path(service, "/etc/grafana/provisioning/datasources/prometheus.yml").read_text())
+    (source,) = sources["datasources"]
+    assert source["url"] == "http://prometheus:9090" and "prometheus" in services()
+    provider = yaml.safe_load(host_path(service, "/etc/grafana/provisioning/dashboards/spoa-lease.yml").read_text())
+    folder = host_path(service, provider["providers"][0]["options"]["path"])
+    (dashboard_file,) = folder.glob("*.json")
+    dashboard = json.loads(dashboard_file.read_text())
+    jobs = {job["job_name"] for job in yaml.safe_load((DOCKER / "prometheus.yml").read_text())["scrape_configs"]}
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == source["uid"], panel["title"]
+        for target in panel["targets"]:
+            assert set(re.findall(r'job="([^"]+)"', target["expr"])) <= jobs, target["expr"]
