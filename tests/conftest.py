@@ -8,7 +8,7 @@ one twin and decode with the other.
 
 The compiled twin is skipped, not failed, when it is disabled
 (SPOA_NO_EXTENSIONS=1 or --no-c-extensions) or not built;
-tests/test_codec_twins.py::test_compiled_codec_loaded is the one test that
+tests/spop/test_codec_twins.py::test_compiled_codec_loaded is the one test that
 fails when it silently did not load.
 """
 

@@ -9,7 +9,7 @@ compiled twin runs per-key work in C and the table stays vectorized.
 
 Free slots are a LIFO stack, initially popping 0, 1, 2, ...: a released slot
 is the next one handed out. `grow` adds slots (the tables grow with what they
-hold, up to their configured bound) below the free ones. Both twins behave identically (tests/test_slotmap.py).
+hold, up to their configured bound) below the free ones. Both twins behave identically (tests/lbnode/test_slotmap.py).
 """
 
 from __future__ import annotations

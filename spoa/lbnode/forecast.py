@@ -28,7 +28,7 @@ Common rules (all forecasters):
 * Initialisation: unless a known initial state is passed (``initial_level``
   ...), the first observation seeds the state, which is what statsmodels
   computes with ``initialization_method="known"`` and ``initial_level=y[0]``
-  (and ``initial_trend=0``). tests/test_forecast.py checks each recursion
+  (and ``initial_trend=0``). tests/lbnode/test_forecast.py checks each recursion
   against statsmodels or a textbook reference.
 
 Forecasters: ``SES`` (simple exponential smoothing), ``DampedHolt`` (additive
@@ -472,7 +472,7 @@ class ARIMA(_Vectorized):
     started at 0) matters here: most connections are short, and the
     conditional recursion's start-up error decays only like |theta|^t, e.g.
     never within 300 intervals for the theta ~ -0.99 that IMA(1,1) fits get on
-    intermittent traffic. tests/test_forecast.py checks the result against
+    intermittent traffic. tests/lbnode/test_forecast.py checks the result against
     statsmodels' one-step predictions (``fittedvalues``) for the same
     parameters on the same data, from the first differenced value on.
     Forecasts are NaN (the caller's fallback) while a slot has fewer than

@@ -1,7 +1,7 @@
 """Pure-Python SPOP codec: the reference twin of cext/_codec.pyx.
 
 Both twins expose the same API and must behave identically (same values,
-same bytes, same errors); tests/test_codec_twins.py holds them to it. This one
+same bytes, same errors); tests/spop/test_codec_twins.py holds them to it. This one
 is the readable reference, used when SPOA_NO_EXTENSIONS=1 or when the
 extension is not built.
 """

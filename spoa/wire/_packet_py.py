@@ -1,7 +1,7 @@
 """Connection publishing packet v1, pure Python: the reference twin of cext/spoa/wire/_packet.pyx.
 
 Both twins expose the same API and must behave identically (same datagrams,
-same records, same exceptions with the same messages); tests/test_packet.py
+same records, same exceptions with the same messages); tests/wire/test_packet.py
 holds them to it. The wire format is documented byte by byte in
 docs/publishing-packet.md; the numbers below are its single source of truth
 for Python code (the compiled twin imports PacketError and the error-message

@@ -1,5 +1,5 @@
 # Declarations of the key -> slot allocator (bodies in _slotmap.pyx; the
-# pure-Python twin is spoa/lbnode/_slotmap_py.py, held identical by tests/test_slotmap.py).
+# pure-Python twin is spoa/lbnode/_slotmap_py.py, held identical by tests/lbnode/test_slotmap.py).
 
 from libc.stdint cimport int64_t, uint8_t, uint64_t
 

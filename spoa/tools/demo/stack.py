@@ -61,7 +61,7 @@ def haproxy_dir() -> Path:
     return Path(configured) if configured else include_dir()
 
 
-# -- configuration shared with docker/ (tests/test_docker.py checks they agree) -----------------
+# -- configuration shared with docker/ (tests/tools/test_docker.py checks they agree) -----------------
 
 
 def agent_config(listen: str, metrics: str, lb_nodes: list[str], key_file: str) -> dict:

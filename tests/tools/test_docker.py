@@ -23,7 +23,7 @@ from spoa import config as cfg
 from spoa.tools import provision
 from spoa.tools.demo import stack
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 COMPOSE = DOCKER / "compose.yaml"
 ENV = {"PYTHONPATH": str(REPO)}

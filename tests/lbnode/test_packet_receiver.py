@@ -24,8 +24,8 @@ from spoa.lbnode.packet_receiver import BatchReceiver, open_batch_receiver
 from spoa.wire.stream_transport import DatagramStream, frame
 
 from .test_lbnode_batch import table
-from .test_packet import HEADER, KEY, MALFORMED, OTHER_KEY, packet, sample_record  # noqa: F401, F811 - fixture
-from .test_packet_columns import records_of
+from ..wire.test_packet import HEADER, KEY, MALFORMED, OTHER_KEY, packet, sample_record  # noqa: F401, F811 - fixture
+from ..wire.test_packet_columns import records_of
 
 
 class Sink:

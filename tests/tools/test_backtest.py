@@ -30,7 +30,7 @@ from spoa.tools.backtest.traces import (
 from spoa.wire.hints import decode_hints, encode_hints
 from spoa.wire.records import ConnectionRecord, ConnFlags, SegmentRecord
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 KEY = b"k" * 32
 I = 1000
 RUNS = [("fixed", "ses"), ("volume", "ses"), ("volume", "tsb"), ("activity", "ses")]

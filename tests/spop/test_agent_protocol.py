@@ -40,7 +40,7 @@ from spoa.testing import (
     build_notify,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TXN = int(Scope.TXN)
 NOOP = [("unset-var", TXN, "noop")]
 TIMEOUT = 3.0  # bound of every single wait on a socket

@@ -16,7 +16,7 @@ the same records and the same exceptions (type and message).
 - the worked example in docs/publishing-packet.md is what the encoder emits.
 
 Longer fuzzing, outside pytest:
-    PYTHONPATH=. python tests/test_packet.py --seconds 600 [--seed N]
+    PYTHONPATH=. python tests/wire/test_packet.py --seconds 600 [--seed N]
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 if __name__ == "__main__":  # the fuzzer child process
     sys.path.insert(0, str(REPO_ROOT))
 
@@ -1011,7 +1011,7 @@ def test_doc_example_is_the_encoders_output(packet):
     block = re.search(r"<!-- example-hex -->\s*```\n(.*?)\n```", text, re.S)
     assert block, "docs/publishing-packet.md lost its example-hex block"
     documented = "\n".join(line.split("  ")[1] for line in block.group(1).splitlines())
-    assert documented == example_hex(), "regenerate with: PYTHONPATH=. python tests/test_packet.py --example"
+    assert documented == example_hex(), "regenerate with: PYTHONPATH=. python tests/wire/test_packet.py --example"
     (data,) = packet.encode_packet(EXAMPLE_HEADER, [EXAMPLE_RECORD], EXAMPLE_KEY)
     assert data.hex() == documented.replace(" ", "").replace("\n", "")
     assert packet.decode_datagram(data, EXAMPLE_KEY) == (EXAMPLE_HEADER, 0, 1, [EXAMPLE_RECORD])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-HAPROXY_DIR = Path(__file__).resolve().parents[1] / "haproxy"
+HAPROXY_DIR = Path(__file__).resolve().parents[2] / "haproxy"
 _UNITS_MS = {"us": 0.001, "ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "": 1}
 
 

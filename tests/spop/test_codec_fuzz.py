@@ -13,7 +13,7 @@ Two parts share one check (fuzz_case):
 - test_fuzz_hypothesis runs in-process and shrinks a failure to a small input.
 
 Longer runs, outside pytest:
-    PYTHONPATH=. python tests/test_codec_fuzz.py --seconds 600 [--seed N]
+    PYTHONPATH=. python tests/spop/test_codec_fuzz.py --seconds 600 [--seed N]
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Tests of the LB node (spoa.lbnode)."""

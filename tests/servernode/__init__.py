@@ -1,0 +1,1 @@
+"""Tests of what runs next to HAProxy (spoa.servernode)."""

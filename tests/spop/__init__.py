@@ -1,0 +1,1 @@
+"""Tests of the SPOP codec, protocol and server (spoa.spop)."""
