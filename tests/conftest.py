@@ -20,8 +20,13 @@ from types import ModuleType
 
 import pytest
 
-# Fixture id -> module: the ids show up in test names, e.g. test_x[cython].
-TWIN_MODULES = {"cython": "spoa.spop._codec", "python": "spoa.spop._codec_py"}
+# Each compiled module and its pure-Python twin, by the name tests ask for.
+TWINS = {
+    "codec": ("spoa.spop._codec", "spoa.spop._codec_py"),
+    "packet": ("spoa.wire._packet", "spoa.wire._packet_py"),
+    "tracker": ("spoa.servernode._tracker", "spoa.servernode._tracker_py"),
+    "slotmap": ("spoa.lbnode._slotmap", "spoa.lbnode._slotmap_py"),
+}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -38,23 +43,46 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "c_extension: runs against the compiled codec spoa.spop._codec")
 
 
-def compiled_codec_disabled(config: pytest.Config) -> bool:
-    """True when the user asked for the pure-Python codec only."""
+def compiled_disabled(config: pytest.Config) -> bool:
+    """True when the user asked for the pure-Python twins only."""
     if config.getoption("--no-c-extensions"):
         return True
     return os.environ.get("SPOA_NO_EXTENSIONS", "") not in ("", "0")
 
 
-def load_twin(config: pytest.Config, twin: str) -> ModuleType:
-    """Import one twin by fixture id, skipping the compiled one when unavailable."""
-    if twin == "cython":
-        if compiled_codec_disabled(config):
-            pytest.skip("compiled codec disabled (SPOA_NO_EXTENSIONS / --no-c-extensions)")
-        try:
-            return importlib.import_module(TWIN_MODULES[twin])
-        except ImportError as exc:  # test_compiled_codec_loaded reports this as a failure
-            pytest.skip(f"spoa.spop._codec is not built: {exc}")
-    return importlib.import_module(TWIN_MODULES[twin])
+def load_twin(config: pytest.Config, twin: str, module: str = "codec") -> ModuleType:
+    """One twin of `module` (a TWINS name) by fixture id, "cython" or "python";
+    the compiled one is skipped when disabled or not built (each module's
+    test_compiled_*_loaded fails then)."""
+    compiled, python = TWINS[module]
+    if twin == "python":
+        return importlib.import_module(python)
+    if compiled_disabled(config):
+        pytest.skip("compiled modules disabled (SPOA_NO_EXTENSIONS / --no-c-extensions)")
+    try:
+        return importlib.import_module(compiled)
+    except ImportError as exc:
+        pytest.skip(f"{compiled} is not built: {exc}")
+
+
+def twin_fixture(module: str):
+    """A session fixture over both twins of `module`: tests using it run once per twin."""
+
+    @pytest.fixture(scope="session", params=twin_params())
+    def fixture(request: pytest.FixtureRequest) -> ModuleType:
+        return load_twin(request.config, request.param, module)
+
+    return fixture
+
+
+def compiled_fixture(module: str):
+    """A session fixture of the compiled twin of `module` alone (differential tests)."""
+
+    @pytest.fixture(scope="session")
+    def fixture(request: pytest.FixtureRequest) -> ModuleType:
+        return load_twin(request.config, "cython", module)
+
+    return fixture
 
 
 

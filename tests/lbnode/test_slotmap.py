@@ -9,8 +9,6 @@ first occurrence's slot; release skips free slots and checks the range.
 
 from __future__ import annotations
 
-import importlib
-import os
 
 import numpy as np
 import pytest
@@ -19,27 +17,10 @@ from hypothesis import strategies as st
 
 import spoa.lbnode._slotmap_py as reference
 from spoa.lbnode import slotmap as facade
+from tests.conftest import compiled_disabled, compiled_fixture, twin_fixture
 
-TWINS = [pytest.param("cython", marks=pytest.mark.c_extension, id="cython"), pytest.param("python", id="python")]
-
-
-def _compiled_disabled(config: pytest.Config) -> bool:
-    return config.getoption("--no-c-extensions") or os.environ.get("SPOA_NO_EXTENSIONS", "") not in ("", "0")
-
-
-@pytest.fixture(scope="session")
-def compiled(request: pytest.FixtureRequest):
-    if _compiled_disabled(request.config):
-        pytest.skip("compiled modules disabled (SPOA_NO_EXTENSIONS / --no-c-extensions)")
-    try:
-        return importlib.import_module("spoa.lbnode._slotmap")
-    except ImportError as exc:  # test_compiled_slotmap_loaded reports this as a failure
-        pytest.skip(f"spoa.lbnode._slotmap is not built: {exc}")
-
-
-@pytest.fixture(params=TWINS)
-def slotmap(request: pytest.FixtureRequest):
-    return request.getfixturevalue("compiled") if request.param == "cython" else reference
+slotmap = twin_fixture("slotmap")  # either twin: every test using it runs once per twin
+compiled = compiled_fixture("slotmap")
 
 
 def keys(pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -51,7 +32,7 @@ def keys(pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_compiled_slotmap_loaded(request):
-    if _compiled_disabled(request.config):
+    if compiled_disabled(request.config):
         assert facade.IMPLEMENTATION == "python"
         return
     import spoa.lbnode._slotmap  # noqa: F401 - an ImportError here names the build problem

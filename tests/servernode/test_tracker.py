@@ -14,10 +14,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spoa.servernode import _tracker, _tracker_py
+from spoa.servernode import _tracker_py
 from spoa.wire.records import DIR_IN, DIR_OUT, ConnFlags, pack_key
 
-TWINS = {"cython": _tracker.SegmentTracker, "python": _tracker_py.SegmentTracker}
+from tests.conftest import compiled_fixture, twin_fixture
+
+tracker_impl = twin_fixture("tracker")  # one twin module; tests using it run once per twin
+compiled_tracker = compiled_fixture("tracker")
 KiB = 1024
 KEYS = [bytes([i]) * (1 + 5 * i) for i in range(8)]  # 1..36 bytes: every key length path
 K = pack_key("10.0.0.2", 80, "10.0.0.1", 1)  # the product's key shape
@@ -73,8 +76,8 @@ operations = st.lists(
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(operations)
-def test_twins_agree_and_invariants_hold(ops):
-    trackers = [small_tracker(cls) for cls in TWINS.values()]
+def test_twins_agree_and_invariants_hold(both_trackers, ops):
+    trackers = [small_tracker(cls) for cls in both_trackers]
     now = 1000
     counters: dict = {}  # (key, direction) -> (bytes, packets) cumulative
     deltas: dict = {}  # conn_id -> {direction: [bytes, packets]} this interval
@@ -136,9 +139,15 @@ def test_twins_agree_and_invariants_hold(ops):
     assert final[0] == final[1]
 
 
-@pytest.fixture(params=list(TWINS), ids=list(TWINS))
-def tracker_cls(request):
-    return TWINS[request.param]
+@pytest.fixture
+def tracker_cls(tracker_impl):
+    return tracker_impl.SegmentTracker
+
+
+@pytest.fixture(scope="session")
+def both_trackers(compiled_tracker):
+    """The compiled and the pure-Python SegmentTracker, for differential tests."""
+    return [compiled_tracker.SegmentTracker, _tracker_py.SegmentTracker]
 
 
 def test_bytes_fill_segments_of_the_base_size(tracker_cls):
@@ -260,10 +269,10 @@ def test_connection_limit_refuses_and_counts(tracker_cls):
     assert t.stats["refused"] == 1 and len(t) == 2
 
 
-def test_share_is_identical_in_both_twins():
+def test_share_is_identical_in_both_twins(compiled_tracker):
     cases = [(10, [1, 2]), (7, [0, 3, 3]), (1, [5, 5]), (2**40, [2**40, 3, 2**50]), (0, [1]), (5, [0, 0])]
     for total, weights in cases:
-        assert _tracker.share_py(total, weights) == _tracker_py.share(total, weights)
+        assert compiled_tracker.share_py(total, weights) == _tracker_py.share(total, weights)
         assert sum(_tracker_py.share(total, weights)) == (total if any(weights) else 0)
 
 
@@ -278,11 +287,11 @@ def test_compiled_tracker_loaded():
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 3 << 20), st.integers(0, 500)), max_size=40))
-def test_update_batch_equals_one_update_at_a_time(steps):
+def test_update_batch_equals_one_update_at_a_time(both_trackers, steps):
     from array import array
 
     results = []
-    for cls in TWINS.values():
+    for cls in both_trackers:
         for batched in (True, False):
             t = small_tracker(cls, max_connections=10)
             for k in range(4):  # keys 4 and 5 stay unknown

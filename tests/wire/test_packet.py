@@ -47,6 +47,7 @@ if __name__ == "__main__":  # the fuzzer child process
     sys.path.insert(0, str(REPO_ROOT))
 
 import spoa.wire._packet_py as reference  # noqa: E402
+from tests.conftest import compiled_disabled, compiled_fixture, load_twin, twin_fixture  # noqa: E402
 from spoa.wire.records import (  # noqa: E402
     DIR_IN,
     DIR_OUT,
@@ -71,46 +72,16 @@ FAST = settings(max_examples=100, deadline=None, database=None, suppress_health_
 # -- fixtures: both twins ----------------------------------------------------------------
 
 
-def _compiled_disabled(config: pytest.Config) -> bool:
-    try:
-        if config.getoption("--no-c-extensions"):
-            return True
-    except ValueError:  # option not registered (file run on its own)
-        pass
-    return os.environ.get("SPOA_NO_EXTENSIONS", "") not in ("", "0")
-
-
-def _load(config: pytest.Config, twin: str) -> ModuleType:
-    if twin == "python":
-        return reference
-    if _compiled_disabled(config):
-        pytest.skip("compiled codec disabled (SPOA_NO_EXTENSIONS / --no-c-extensions)")
-    try:
-        return importlib.import_module("spoa.wire._packet")
-    except ImportError as exc:  # test_compiled_packet_loaded reports this as a failure
-        pytest.skip(f"spoa.wire._packet is not built: {exc}")
-
-
-TWINS = [pytest.param("cython", marks=pytest.mark.c_extension, id="cython"), pytest.param("python", id="python")]
-
-
-@pytest.fixture(scope="session", params=TWINS)
-def packet(request: pytest.FixtureRequest) -> ModuleType:
-    """One packet codec twin; every test using it runs once per twin."""
-    return _load(request.config, request.param)
-
-
-@pytest.fixture(scope="session")
-def compiled(request: pytest.FixtureRequest) -> ModuleType:
-    return _load(request.config, "cython")
+packet = twin_fixture("packet")  # one packet codec twin; every test using it runs once per twin
+compiled = compiled_fixture("packet")
 
 
 @pytest.fixture(scope="session")
 def fuzz_twins(request: pytest.FixtureRequest) -> list[ModuleType]:
     """Both twins (the compiled one first), or the reference alone when disabled."""
-    if _compiled_disabled(request.config):
+    if compiled_disabled(request.config):
         return [reference]
-    return [_load(request.config, "cython"), reference]
+    return [load_twin(request.config, "cython", "packet"), reference]
 
 
 # -- strategies ------------------------------------------------------------------------------
@@ -767,7 +738,7 @@ def _twins_for_child() -> list[ModuleType]:
 
 
 def test_fuzz_time_boxed(request):
-    if not _compiled_disabled(request.config):
+    if not compiled_disabled(request.config):
         request.getfixturevalue("compiled")  # skip (CI: fail) when the extension is not built
     seed = random.randrange(1 << 30)
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
@@ -777,7 +748,7 @@ def test_fuzz_time_boxed(request):
     )  # fmt: skip
     assert result.returncode == 0, f"fuzzer (seed {seed}) exit {result.returncode}:\n{result.stderr[-4000:]}"
     report = json.loads(result.stdout)
-    assert report["cases"] > 1000 and len(report["twins"]) == (1 if _compiled_disabled(request.config) else 2)
+    assert report["cases"] > 1000 and len(report["twins"]) == (1 if compiled_disabled(request.config) else 2)
 
 
 @settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
