@@ -27,7 +27,11 @@ CLIENTS = 32  # per twin
 BEFORE_S = 2.0  # agent up: leases must flow (the SPOE twin really asks the agent)
 OUTAGE_S = 10.0  # agent SIGKILLed, not restarted
 AFTER_S = 4.0  # agent restarted on the same port
-MIN_RATIO = 0.5  # SPOE twin / plain twin, every second of the outage
+MIN_RATIO = 0.5  # SPOE twin / plain twin, every second of the outage after the first
+# The first second also holds the requests in flight when the agent died: each
+# waits `timeout processing` (250 ms) once, up to a quarter of that second.
+MIN_FIRST_RATIO = 0.25
+MIN_OUTAGE_RATIO = 0.8  # over the whole outage (measured 93-94 %)
 MAX_RECOVERY_S = 3.0  # agent listening again -> responses carry a lease again
 
 TWINS = """
@@ -126,7 +130,9 @@ def test_agent_outage_keeps_the_request_rate(haproxy_binary, app_server, tmp_pat
           + " ".join(f"{s:.0f}/{p:.0f}" for s, p in seconds)
           + (f"; first lease {first_lease - marks['spawned']:.2f} s after the agent was started, "
              f"{first_lease - restarted:+.2f} s from when it listened" if first_lease else ""))
-    assert all(s >= MIN_RATIO * p for s, p in seconds), seconds
+    assert seconds[0][0] >= MIN_FIRST_RATIO * seconds[0][1], seconds
+    assert all(s >= MIN_RATIO * p for s, p in seconds[1:]), seconds
+    assert _rate(spoe, killed, restarted) >= MIN_OUTAGE_RATIO * _rate(plain, killed, restarted), seconds
 
     # the agent is back: leases are back, soon
     assert first_lease is not None and first_lease - restarted <= MAX_RECOVERY_S
