@@ -40,7 +40,7 @@ from ..wire.records import ConnectionRecord, ConnFlags, LeaseSource
 from ..wire.stream_transport import DatagramStream
 from .anomaly import class_key
 from .segment_history import SegmentHistory
-from .slotmap import REFUSED, SlotMap
+from .slotmap import REFUSED, SlotMap, doubled_capacity
 
 
 log = logging.getLogger("spoa.lbnode")
@@ -175,10 +175,7 @@ class LeaseTable:
         slots, fresh = self.keys.resolve(batch.node_id, key_b, create)
         refused = int(np.count_nonzero(slots == REFUSED))
         if refused and self.capacity < self.max_capacity:
-            capacity = self.capacity
-            while capacity < len(self.keys) + refused:
-                capacity *= 2
-            self._grow(min(capacity, self.max_capacity))
+            self._grow(doubled_capacity(self.capacity, len(self.keys) + refused, self.max_capacity))
             slots, again = self.keys.resolve(batch.node_id, key_b, create)
             fresh |= again  # those created by the first pass come back as known
         return slots, fresh

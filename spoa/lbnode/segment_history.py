@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .forecast import History
-from .slotmap import REFUSED, SlotMap
+from .slotmap import REFUSED, SlotMap, doubled_capacity
 
 
 # Segment slots a history starts with; it doubles from there up to its bound.
@@ -104,10 +104,7 @@ class SegmentHistory:
             self.sweep()  # make room from stale segments first, then grow
             needed = len(self.keys) + int(np.count_nonzero(segs == REFUSED))
             if needed > self.capacity < self.max_capacity:
-                capacity = self.capacity
-                while capacity < needed:
-                    capacity *= 2
-                self.grow(min(capacity, self.max_capacity))
+                self.grow(doubled_capacity(self.capacity, needed, self.max_capacity))
             segs, fresh = self.keys.resolve(key_a, key_b)
         kept = segs >= 0
         self.refused += len(segs) - int(np.count_nonzero(kept))

@@ -16,4 +16,12 @@ else:
     MISSING = _impl.MISSING  # lookup: the key holds no slot
     REFUSED = _impl.REFUSED  # resolve: no free slot left
 
-__all__ = ["IMPLEMENTATION", "MISSING", "REFUSED", "SlotMap"]
+__all__ = ["IMPLEMENTATION", "MISSING", "REFUSED", "SlotMap", "doubled_capacity"]
+
+
+def doubled_capacity(capacity: int, needed: int, bound: int) -> int:
+    """The size a table of `capacity` slots grows to for `needed`: doubled
+    until it fits, never past `bound` (the tables built on SlotMap grow so)."""
+    while capacity < needed:
+        capacity *= 2
+    return min(capacity, bound)
