@@ -93,14 +93,14 @@ def vectorized_step(kind: str, n: int):
 
         def step(y, now):
             f.update(slots, y)
-            return vol.leases(f.forecast(slots))
+            return vol.leases(None, f.forecast(slots))
         return f, step
     if kind == "ses (slots=None)":
         f = vec_ses(n)
 
         def step(y, now):
             f.update(None, y)
-            return vol.leases(f.forecast(None))
+            return vol.leases(None, f.forecast(None))
         return f, step
     if kind == "ses (shuffled slots)":
         f = vec_ses(n)
@@ -108,7 +108,7 @@ def vectorized_step(kind: str, n: int):
 
         def step(y, now):
             f.update(perm, y)
-            return vol.leases(f.forecast(perm))
+            return vol.leases(None, f.forecast(perm))
         return f, step
     if kind == "activity":
         act = ActivityPolicy(BOUNDS, interval_ms=INTERVAL_MS, capacity=n)
@@ -123,7 +123,7 @@ def vectorized_step(kind: str, n: int):
 
         def step(y, now):
             f.update(slots, y)
-            lv, sv = vol.leases(f.forecast(slots))
+            lv, sv = vol.leases(None, f.forecast(slots))
             act.observe(slots, y > 0, now)
             la, sa = act.leases(slots)
             return np.maximum(lv, la), np.maximum(sv, sa)

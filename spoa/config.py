@@ -158,7 +158,7 @@ AGENT_SCHEMA: dict[str, dict[str, Field]] = {
 }
 
 
-FORECASTERS = ("ses", "damped_holt", "croston", "tsb", "arima")
+FORECASTERS = ("naive", "ses", "damped_holt", "croston", "tsb", "arima")
 POLICIES = ("volume", "activity")
 
 LBNODE_SCHEMA: dict[str, dict[str, Field]] = {
@@ -199,18 +199,39 @@ LBNODE_SCHEMA: dict[str, dict[str, Field]] = {
                         "it wins the backtest on real traces); volume: the specification's predicted_volume / "
                         "threshold", choices=POLICIES),
         "standard_ms": Field(int, 30000, "lease when no prediction applies", minimum=1, maximum=(1 << 31) - 1),
-        "min_ms": Field(int, 3000, "shortest lease granted (keep it above the server nodes' interval)",
+        "min_ms": Field(int, 12000, "shortest lease granted: what a lease must cover to survive lost refreshes, "
+                        "and what a connection that ends silently right after its traffic holds (the backtest "
+                        "frontier picks 12 s: benchmarks/RESULTS.md)",
                         minimum=1, maximum=(1 << 31) - 1),
         "max_ms": Field(int, 3_600_000, "longest lease granted", minimum=1, maximum=(1 << 31) - 1),
         "resource_utilization_threshold": Field((int, float), 100.0, "volume policy: bytes per interval that "
                                                 "buy one ms of lease", minimum=1e-9, maximum=1e18),
-        "quantile": Field(float, 0.99, "activity policy: quantile of inter-activity gaps", minimum=0.5,
-                          maximum=0.9999),
-        "safety": Field((int, float), 1.5, "activity policy: factor on that quantile", minimum=1.0, maximum=100.0),
+        "calibrated_lease_ms": Field(int, 30000, "volume policy: a class's typical active interval (geometric "
+                                     "mean of its active volumes) buys this lease, which calibrates the "
+                                     "threshold per class; null: resource_utilization_threshold for all",
+                                     minimum=1, maximum=(1 << 31) - 1, nullable=True),
+        "gap_estimate": Field(str, "forecast", "activity policy: the next silence predicted by forecast.method "
+                              "over each connection's silence lengths (forecast), or the quantile of its last "
+                              "silences (quantile)", choices=("forecast", "quantile")),
+        "quantile": Field(float, 0.99, "activity policy: quantile of inter-activity gaps (gap_estimate: "
+                          "quantile; also ARIMA's stand-in until it is fitted)", minimum=0.5, maximum=0.9999),
+        "safety": Field((int, float), 1.0, "activity policy: factor on the predicted silence (quiet connections "
+                        "are refreshed well inside it: a margin here buys little but stale state)", minimum=1.0,
+                        maximum=100.0),
+        "end_bound": Field(bool, True, "an idle connection's lease ends end_margin_ms after the idle time at "
+                           "which its class's connections have closed (end_quantile of it): connections whose "
+                           "end is never announced are dropped soon after, live ones are refreshed before"),
+        "end_quantile": Field(float, 0.95, "end bound: quantile of a class's idle time at close", minimum=0.5,
+                              maximum=1.0),
+        "end_margin_ms": Field(int, 2000, "end bound: time after it (a close record's trip: about an interval "
+                               "and the LB node's phase)", minimum=0, maximum=(1 << 31) - 1),
+        "end_min_closes": Field(int, 8, "end bound: announced closes a class needs before it applies",
+                                minimum=1, maximum=64),
     },
     "forecast": {
-        "method": Field(str, "tsb", "forecaster of next-interval volume (tsb: lowest pinball loss on active "
-                        "intervals of the real traces)", choices=FORECASTERS),
+        "method": Field(str, "ses", "forecaster of next-interval volume, and of the next silence for the "
+                        "activity policy (ses: on the backtest frontier it needs fewer entries than naive at equal "
+                        "stale state; tsb equals it on silences and costs more)", choices=FORECASTERS),
         "alpha": Field(float, 0.3, "smoothing of the level (and Croston/TSB sizes)", minimum=0.001, maximum=1.0),
         "beta": Field(float, 0.1, "smoothing of the trend (Holt) or demand probability (TSB)", minimum=0.001,
                       maximum=1.0),

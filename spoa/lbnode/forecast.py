@@ -31,7 +31,8 @@ Common rules (all forecasters):
   (and ``initial_trend=0``). tests/lbnode/test_forecast.py checks each recursion
   against statsmodels or a textbook reference.
 
-Forecasters: ``SES`` (simple exponential smoothing), ``DampedHolt`` (additive
+Forecasters: ``Naive`` (the last observation: the baseline every other one
+must beat), ``SES`` (simple exponential smoothing), ``DampedHolt`` (additive
 damped trend), ``Croston`` (classic or SBA), ``TSB`` (Teunter-Syntetos-Babai),
 ``ARIMA`` (parameters fitted with statsmodels off the hot path, fixed-parameter
 recursion on it). ``History`` is a bounded per-slot ring of recent
@@ -58,6 +59,7 @@ __all__ = [
     "ARIMA",
     "FORECASTERS",
     "SES",
+    "Naive",
     "TSB",
     "Croston",
     "DampedHolt",
@@ -151,6 +153,35 @@ class _Vectorized:
     def observations(self, slots) -> np.ndarray:
         """How many (finite) observations each slot has had since its reset."""
         return self.nobs[_index(slots)].copy()
+
+
+# ------------------------------------------------------------------------- Naive
+
+
+class Naive(_Vectorized):
+    """The last observation is the forecast (random-walk forecast, MASE's scale).
+
+    The baseline of every backtest table: a forecaster that does not beat it
+    on the lease frontier does not earn its cost.
+    """
+
+    name = "naive"
+
+    def __init__(self, capacity: int, cold_value: float = 0.0) -> None:
+        self.cold_value = float(cold_value)
+        super().__init__(capacity)
+
+    def _spec(self):
+        return [("last", _F64, self.cold_value, ()), ("nobs", np.int64, 0, ())]
+
+    def update(self, slots, y) -> None:
+        idx, y = _clean(_index(slots), y, self.capacity)
+        self.last[idx] = y
+        self.nobs[idx] += 1
+
+    def forecast(self, slots) -> np.ndarray:
+        out = self.last[_index(slots)]
+        return np.maximum(out, 0.0)
 
 
 # --------------------------------------------------------------------------- SES
@@ -845,6 +876,7 @@ class History:
 # ------------------------------------------------------------------------ registry
 
 FORECASTERS = {
+    "naive": Naive,
     "ses": SES,
     "damped_holt": DampedHolt,
     "croston": Croston,
@@ -854,7 +886,7 @@ FORECASTERS = {
 
 
 def make_forecaster(name: str, capacity: int, **params) -> _Vectorized:
-    """Build a forecaster by name (``ses``, ``damped_holt``, ``croston``, ``tsb``, ``arima``)."""
+    """Build a forecaster by name (``naive``, ``ses``, ``damped_holt``, ``croston``, ``tsb``, ``arima``)."""
     try:
         cls = FORECASTERS[name]
     except KeyError:

@@ -223,6 +223,8 @@ class LeaseTable:
             for rows in [held] if rank is None else [held[rank == k] for k in range(int(rank.max()) + 1)]:
                 self._refresh(batch, rows, slots[rows], now)
         ended = np.unique(slots[held[closed[held]]])
+        if len(ended):
+            self.policy.closed(ended, self.class_id[ended], now)  # how idle its class's connections close
         self._release(ended)
         stats.closed += len(ended)
 
@@ -312,9 +314,7 @@ class LeaseTable:
         self.refreshed_at[slots] = now
         self.flagged[slots] = False
         self.forecaster.reset(slots)
-        reset = getattr(self.policy, "reset", None)
-        if reset is not None:
-            reset(slots)
+        self.policy.reset(slots, now)
         if self.history is not None:
             self.history.reset(slots)
 
@@ -364,12 +364,10 @@ class LeaseTable:
         return {int(n): entries[nodes == n] for n in np.unique(nodes)}
 
     def _leases(self, slots, per_interval, predicted, now):
-        observe = getattr(self.policy, "observe", None)
-        if observe is not None:  # activity policy: driven by when traffic happens
-            observe(slots, per_interval > 0, now)
-            # cold connections (no gap seen yet) start from their class's leases
-            return self.policy.leases(slots, self.class_lease[self.class_id[slots]])
-        return self.policy.leases(predicted)
+        classes = self.class_id[slots]
+        self.policy.observe(slots, per_interval, now, classes)
+        # cold connections (activity policy: no gap seen yet) start from their class's leases
+        return self.policy.leases(slots, predicted, self.class_lease[classes], classes, now)
 
     def _score(self, slots: np.ndarray, actual: np.ndarray) -> None:
         """Forecast error of the previous interval's forecast against what came."""

@@ -13,7 +13,7 @@ from ..config import ConfigError, read_key_file, startup_error
 from ..netutil import derived_node_id, set_receive_buffer
 from ..netutil import parse_address
 from ..wire.stream_transport import DatagramListener
-from .forecast import ARIMA, SES, TSB, Croston, DampedHolt, History
+from .forecast import ARIMA, SES, TSB, Croston, DampedHolt, History, Naive
 from .node import INITIAL_CAPACITY, LbNode, LeaseTable
 from .packet_receiver import BatchReceiver, open_batch_receiver
 from .segment_history import SegmentHistory
@@ -29,6 +29,8 @@ def forecaster_from_config(f: dict, capacity: int):
     """The forecaster a `forecast` config section names (method and its parameters), for
     `capacity` slots (spoa.lbnode.forecast.make_forecaster builds one from a name and keyword arguments)."""
     method = f["method"]
+    if method == "naive":
+        return Naive(capacity)
     if method == "ses":
         return SES(capacity, alpha=f["alpha"])
     if method == "damped_holt":
@@ -44,15 +46,23 @@ def forecaster_from_config(f: dict, capacity: int):
     return ARIMA(capacity, order=tuple(f["arima_order"]))
 
 
-def policy_from_config(lease: dict, interval_ms: int, capacity: int):
-    """The lease policy a `lease` config section names, with its bounds."""
-    from .lease_policy import ActivityPolicy, LeaseBounds, VolumePolicy
+def policy_from_config(lease: dict, interval_ms: int, capacity: int, forecast: dict | None = None):
+    """The lease policy a `lease` config section names, with its bounds; the activity
+    policy's silence forecaster is the `forecast` section's method (gap_estimate: forecast)."""
+    from .lease_policy import ActivityPolicy, EndBound, LeaseBounds, VolumePolicy
 
     bounds = LeaseBounds(min_ms=lease["min_ms"], max_ms=lease["max_ms"], standard_ms=lease["standard_ms"])
+    end = None
+    if lease["end_bound"]:
+        end = EndBound(lease["end_quantile"], lease["end_margin_ms"], lease["end_min_closes"])
     if lease["policy"] == "activity":
+        gaps = None
+        if lease["gap_estimate"] == "forecast" and forecast is not None:
+            gaps = forecaster_from_config(forecast, capacity)
         return ActivityPolicy(bounds, quantile=lease["quantile"], safety=lease["safety"], interval_ms=interval_ms,
-                              capacity=capacity)
-    return VolumePolicy(bounds, lease["resource_utilization_threshold"])
+                              capacity=capacity, gap_forecaster=gaps, end_bound=end)
+    return VolumePolicy(bounds, lease["resource_utilization_threshold"], interval_ms=interval_ms, capacity=capacity,
+                        calibrated_lease_ms=lease["calibrated_lease_ms"], end_bound=end)
 
 
 def build_lbnode(config: dict) -> LbNode:
@@ -72,7 +82,8 @@ def build_lbnode(config: dict) -> LbNode:
     # it costs 4 B x forecast.history per connection slot.
     history = History(start, config["forecast"]["history"], np.float32)
     segments = SegmentHistory(node["max_segments"], history=node["segment_history"])
-    table = LeaseTable(capacity, forecaster, policy_from_config(config["lease"], node["interval_ms"], start),
+    policy = policy_from_config(config["lease"], node["interval_ms"], start, config["forecast"])
+    table = LeaseTable(capacity, forecaster, policy,
                        config["lease"]["standard_ms"], node["interval_ms"], node["remember_expired"], anomaly,
                        history, segments)
     return LbNode(table, read_key_file(node["key_file"]), node["node_id"], node["interval_ms"], node["mtu"])

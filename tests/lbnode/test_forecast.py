@@ -32,6 +32,7 @@ from spoa.lbnode.forecast import (  # noqa: E402
     DampedHolt,
     Forecaster,
     History,
+    Naive,
     make_forecaster,
 )
 
@@ -179,6 +180,16 @@ def test_tsb_matches_reference(kind, alpha, beta):
     y = SERIES[kind]
     ours = run_one(TSB(1, alpha=alpha, beta=beta), y)[1:]
     np.testing.assert_allclose(ours, tsb_reference(y, alpha, beta), rtol=1e-12, atol=1e-12)
+
+
+def test_naive_forecasts_the_last_observation():
+    f = Naive(3, cold_value=7.0)
+    np.testing.assert_array_equal(f.forecast(None), [7.0, 7.0, 7.0])  # nothing seen yet
+    f.update(np.array([0, 2]), np.array([5.0, 9.0]))
+    f.update(np.array([0, 1]), np.array([np.nan, 3.0]))  # NaN: slot 0 keeps its last value
+    np.testing.assert_array_equal(f.forecast(np.arange(3)), [5.0, 3.0, 9.0])
+    np.testing.assert_array_equal(f.observations(np.arange(3)), [1, 1, 1])
+    assert make_forecaster("naive", 1).name == "naive"
 
 
 def test_tsb_decays_during_silence_croston_does_not():
@@ -379,6 +390,7 @@ def test_arima_local_mean():
 
 
 FACTORIES = {
+    "naive": lambda c: Naive(c),
     "ses": lambda c: SES(c, alpha=0.3),
     "ses_known": lambda c: SES(c, alpha=0.3, initial_level=50.0),
     "damped_holt": lambda c: DampedHolt(c, alpha=0.4, beta=0.2, phi=0.9),

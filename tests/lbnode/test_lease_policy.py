@@ -18,8 +18,15 @@ np = pytest.importorskip("numpy")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from spoa.lbnode.forecast import SES, TSB, Croston  # noqa: E402
-from spoa.lbnode.lease_policy import FALLBACK, PREDICTED, ActivityPolicy, LeaseBounds, VolumePolicy  # noqa: E402
+from spoa.lbnode.forecast import ARIMA, SES, TSB, Croston, Naive  # noqa: E402
+from spoa.lbnode.lease_policy import (  # noqa: E402
+    FALLBACK,
+    PREDICTED,
+    ActivityPolicy,
+    EndBound,
+    LeaseBounds,
+    VolumePolicy,
+)
 from spoa.wire.records import LeaseSource  # noqa: E402
 
 BOUNDS = LeaseBounds(min_ms=5_000, max_ms=600_000, standard_ms=30_000)
@@ -52,7 +59,7 @@ def test_bounds_validation():
 def test_volume_policy_known_answers():
     pol = VolumePolicy(BOUNDS, resource_utilization_threshold=0.05)  # bytes per ms of lease
     vol = np.array([1000.0, 0.0, 1e12, 250.0001, np.nan, np.inf, -np.inf, -5.0, 249.0])
-    lease, src = pol.leases(vol)
+    lease, src = pol.leases(None, vol)
     assert lease.dtype == np.int64 and src.dtype == np.uint8
     np.testing.assert_array_equal(
         lease, [20_000, 5_000, 600_000, 5_001, 30_000, 30_000, 30_000, 30_000, 5_000])
@@ -61,14 +68,14 @@ def test_volume_policy_known_answers():
 
 def test_volume_policy_fallback_reading_of_out_of_bounds():
     pol = VolumePolicy(BOUNDS, 0.05, out_of_bounds="fallback")
-    lease, src = pol.leases(np.array([1000.0, 0.0, 1e12, np.nan]))
+    lease, src = pol.leases(None, np.array([1000.0, 0.0, 1e12, np.nan]))
     np.testing.assert_array_equal(lease, [20_000, 30_000, 30_000, 30_000])
     np.testing.assert_array_equal(src, [1, 2, 2, 2])
 
 
 def test_nan_prediction_falls_back_to_standard():
     pol = VolumePolicy(BOUNDS, 0.05)
-    lease, src = pol.leases(np.full(4, np.nan))
+    lease, src = pol.leases(None, np.full(4, np.nan))
     assert (lease == BOUNDS.standard_ms).all() and (src == FALLBACK).all()
     # ActivityPolicy: a slot with no activity yet and no prior.
     act = ActivityPolicy(BOUNDS, capacity=3)
@@ -91,7 +98,7 @@ def test_constant_rate_gives_stable_lease(forecaster):
     for t in range(60):
         forecaster.update(ONE, np.array([1000.0]))  # 1000 bytes every 1 s interval
         act.observe(ONE, np.array([True]), now_ms=1000 * (t + 1))
-        vol_leases.append(vol.leases(forecaster.forecast(ONE))[0][0])
+        vol_leases.append(vol.leases(None, forecaster.forecast(ONE))[0][0])
         act_leases.append(act.leases(ONE)[0][0])
     assert set(vol_leases) == {20_000}  # 1000 B / 0.05 B/ms, from the first interval on
     # Active every interval: gap quantile 1000 ms -> 1000 * 1.5 + 1000 = 2500 -> MIN.
@@ -124,7 +131,7 @@ def keepalive_run(period_s: int = 20, seconds: int = 200, burst_s: int = 0):
         tsb.update(ONE, np.array([y]))
         act.observe(ONE, np.array([y > 0]), now_ms=1000 * t)
         ys.append(y)
-        vl.append(vol.leases(tsb.forecast(ONE))[0][0])
+        vl.append(vol.leases(None, tsb.forecast(ONE))[0][0])
         al.append(act.leases(ONE)[0][0])
     return np.array(ys), np.array(vl), np.array(al)
 
@@ -209,7 +216,7 @@ def bounds(draw):
        vols=st.lists(finite_or_not, min_size=1, max_size=30),
        mode=st.sampled_from(["clamp", "fallback"]))
 def test_volume_policy_bounds_always_hold(b, thr, vols, mode):
-    lease, src = VolumePolicy(b, thr, out_of_bounds=mode).leases(np.array(vols))
+    lease, src = VolumePolicy(b, thr, out_of_bounds=mode).leases(None, np.array(vols))
     assert ((lease >= b.min_ms) & (lease <= b.max_ms)).all()
     assert set(src.tolist()) <= {1, 2}
     assert (lease[src == FALLBACK] == b.standard_ms).all()
@@ -234,3 +241,96 @@ def test_activity_policy_bounds_always_hold(b, q, safety, interval, pattern, pri
         gq = act.gap_quantile(slots)
         warm = ~np.isnan(gq)
         assert (gq[warm] >= interval * 0.999).all()  # a gap is at least one interval
+
+
+# ------------------------------------------------------------- forecasts that steer the lease
+
+
+def _silences(policy, slots, gaps_s, t=0):
+    """Activity at t, then after each gap (s): one silence per gap."""
+    ones = np.ones(len(slots), bool)
+    policy.observe(slots, ones, now_ms=t)
+    for g in gaps_s:
+        t += g * 1000
+        policy.observe(slots, ones, now_ms=t)
+    return t
+
+
+def test_the_gap_forecaster_changes_the_activity_lease():
+    gaps = (20, 5, 20, 5, 20, 5)
+    bounds = LeaseBounds(min_ms=1_000, max_ms=600_000, standard_ms=30_000)
+    naive = ActivityPolicy(bounds, safety=1.0, capacity=1, gap_forecaster=Naive(1))
+    ses = ActivityPolicy(bounds, safety=1.0, capacity=1, gap_forecaster=SES(1, alpha=0.3))
+    quantile = ActivityPolicy(bounds, safety=1.0, capacity=1)
+    for p in (naive, ses, quantile):
+        _silences(p, ONE, gaps)
+    assert naive.leases(ONE)[0][0] == 5_000 + 1_000  # the last silence
+    level = 20.0
+    for g in gaps[1:]:
+        level += 0.3 * (g - level)
+    assert ses.leases(ONE)[0][0] == int(np.ceil(level * 1000)) + 1_000  # smoothed silences
+    assert quantile.leases(ONE)[0][0] == 20_000 + 1_000  # the 0.99 quantile of the last eight
+
+
+def test_unfitted_arima_leaves_the_quantile_in_charge():
+    arima = ActivityPolicy(BOUNDS, safety=1.0, capacity=1, gap_forecaster=ARIMA(1, order=(1, 0, 0)))
+    plain = ActivityPolicy(BOUNDS, safety=1.0, capacity=1)
+    for p in (arima, plain):
+        _silences(p, ONE, (20, 30, 25))
+    assert arima.leases(ONE)[0][0] == plain.leases(ONE)[0][0]
+
+
+def test_a_first_activity_gives_a_short_lease_not_the_class_prior():
+    # it is refreshed every interval while its traffic lasts: the floor is enough
+    act = ActivityPolicy(BOUNDS, capacity=1)
+    act.observe(ONE, np.array([True]), now_ms=0)
+    lease, src = act.leases(ONE, prior=np.array([90_000.0]))
+    assert (lease[0], src[0]) == (BOUNDS.min_ms, PREDICTED)
+
+
+def test_end_bound_learns_per_class_and_caps_idle_leases():
+    end = EndBound(quantile=0.5, margin_ms=2_000, min_closes=3, window=8)
+    classes = np.array([0, 0, 1])
+    end.learn(classes, np.array([30_000.0, 32_000.0, 10_000.0]))
+    raw = np.full(3, 60_000.0)
+    # too few closes yet: no bound
+    np.testing.assert_array_equal(end.cap(raw, classes, np.zeros(3)), raw)
+    end.learn(np.array([0, 1, 1, 7]), np.array([31_000.0, 10_000.0, np.nan, 5_000.0]))  # NaN: never seen active
+    assert end.bound_ms[0] == 31_000.0 and np.isnan(end.bound_ms[1])  # class 1 has 2 closes
+    assert end.idle_at_close.count[7] == 1 and end.bound_ms.size >= 8  # classes appear as they come
+    idle = np.array([0.0, 25_000.0, 40_000.0])
+    got = end.cap(np.full(3, 60_000.0), np.zeros(3, np.intp), idle)
+    # ends 2 s after the class's median idle-at-close; a connection idle past it has outlived it
+    np.testing.assert_array_equal(got, [33_000.0, 8_000.0, 60_000.0])
+    np.testing.assert_array_equal(end.cap(raw, np.array([0, 0, 99]), np.full(3, np.nan)), raw)
+    with pytest.raises(ValueError):
+        EndBound(min_closes=10, window=8)
+
+
+def test_activity_policy_with_end_bound_drops_a_silent_end_soon_after_its_class_closes():
+    end = EndBound(quantile=0.9, margin_ms=2_000, min_closes=2)
+    act = ActivityPolicy(BOUNDS, safety=1.0, capacity=3, end_bound=end)
+    slots, classes = np.arange(3), np.zeros(3, np.intp)
+    t = _silences(act, slots, (30, 30))
+    act.closed(np.array([0, 1]), classes[:2], now_ms=t + 30_000)  # both closed 30 s after their traffic
+    # slot 2 is still there, 20 s idle: its lease ends 2 s after the class's 30 s
+    lease, src = act.leases(np.array([2]), classes=classes[2:], now_ms=t + 20_000)
+    assert (lease[0], src[0]) == (12_000, PREDICTED)
+    # without the bound it would hold its 31 s silence lease
+    assert act.leases(np.array([2]))[0][0] == 31_000
+
+
+def test_volume_threshold_calibrated_per_class():
+    pol = VolumePolicy(BOUNDS, resource_utilization_threshold=1.0, calibrated_lease_ms=30_000,
+                       calibration_alpha=1.0, capacity=4)
+    slots, classes = np.arange(4), np.array([0, 0, 1, 1])
+    pol.observe(slots, np.array([1e6, 4e6, 0.0, 0.0]), now_ms=0, classes=classes)
+    # class 0: typical active interval = geometric mean 2 MB -> 30 s; class 1 has no traffic yet
+    lease, src = pol.leases(slots, np.array([2e6, 1e6, 20_000.0, np.nan]), classes=classes)
+    np.testing.assert_allclose(lease, [30_000, 15_000, 20_000, BOUNDS.standard_ms], atol=1)  # exp(log(x)) may round up
+    np.testing.assert_array_equal(src, [PREDICTED, PREDICTED, PREDICTED, FALLBACK])
+    fixed = VolumePolicy(BOUNDS, resource_utilization_threshold=1.0, capacity=4)
+    fixed.observe(slots, np.array([1e6, 4e6, 0.0, 0.0]), now_ms=0, classes=classes)
+    assert fixed.leases(slots, np.full(4, 20_000.0), classes=classes)[0].tolist() == [20_000] * 4
+    with pytest.raises(ValueError):
+        VolumePolicy(BOUNDS, 1.0, calibrated_lease_ms=0)

@@ -16,6 +16,7 @@ import pytest
 
 from spoa import config as cfg
 from spoa.tools.backtest import synthetic
+from spoa.tools.backtest.faults import Channel, Faults, inject
 from spoa.tools.backtest.simulate import DEFAULT_POLICY, SimConfig, passes, simulate, simulate_all
 from spoa.tools.backtest.traces import (
     END_CENSORED,
@@ -83,18 +84,21 @@ def test_closed_connections_leave_no_state_behind_and_fixed_publishes_every_inte
         assert r.closed == len(conns) and r.expired == 0
         assert r.entries_active == conns.active_intervals  # active intervals are always published
         assert r.publishing_entries <= fixed.publishing_entries
-    # activity leases do not depend on the forecaster: one pass, same lease metrics
-    a, b = results["activity-ses"].as_dict(), results["activity-tsb"].as_dict()
-    assert a["publishing_entries"] == b["publishing_entries"] and a["forecast_error"] != b["forecast_error"]
+        assert r.silent_ends == 0 and r.stale_ms_silent == 0  # every end announced: nothing stale
+
+
+def _spec_volume() -> SimConfig:
+    """The specification's volume policy as it stood: one threshold, a 3 s floor."""
+    return SimConfig(lease=dict(SimConfig().lease, min_ms=3000, calibrated_lease_ms=None))
 
 
 def test_keepalive_cadence_volume_halves_activity_caps_at_hint_ttl():
-    """Known cadence: the volume policy grants idle connections MIN (3 s) -> republished every
-    2nd interval; the activity policy covers 20 s gaps, but a hint older than hint_ttl_ms (5 s)
-    is stale, so a quiet connection still goes out every 6th interval."""
+    """Known cadence: the specification's volume policy grants idle connections MIN (3 s) ->
+    republished every 2nd interval; the activity policy covers 20 s gaps, but a hint older than
+    hint_ttl_ms (5 s) is stale, so a quiet connection still goes out every 6th interval."""
     conns = synthetic.from_series([keepalive(20, 601)])
     fixed = simulate(conns, "fixed")
-    vol = simulate(conns, "volume", "ses")
+    vol = simulate(conns, "volume", "ses", _spec_volume())
     act = simulate(conns, "activity", "ses")
     assert fixed.publishing_entries == 601
     assert 0.45 <= 1 - vol.publishing_entries / 601 <= 0.52
@@ -102,12 +106,12 @@ def test_keepalive_cadence_volume_halves_activity_caps_at_hint_ttl():
     conf = SimConfig()
     conf.server = dataclasses.replace(conf.server, hint_ttl_ms=120_000)
     long_ttl = simulate(conns, "activity", "ses", conf)
-    assert long_ttl.publishing_entries < act.publishing_entries * 0.6  # now lease x 0.34 (~10 s) rules
+    assert long_ttl.publishing_entries < act.publishing_entries * 0.8  # now lease x 0.34 (~7 s) rules
 
 
 def test_lost_records_make_short_leases_lapse_not_the_fixed_lease():
     conns = synthetic.from_series([keepalive(20, 400)] * 40)
-    conf = SimConfig(loss=0.05, hint_loss=0.05, seed=11)
+    conf = dataclasses.replace(_spec_volume(), loss=0.05, hint_loss=0.05, seed=11)
     assert simulate(conns, "fixed", config=conf).premature_expiries == 0
     vol = simulate(conns, "volume", "ses", conf)
     assert vol.premature_expiries > 20  # one lost record lapses a 3 s lease refreshed every 2 s
@@ -130,17 +134,21 @@ def test_forecast_error_scores_idle_and_active_apart():
 # ------------------------------------------------------ same protocol as the product
 
 
-def reference_run(conns: Connections, policy: str, forecaster: str, loss: float, monkeypatch):
-    """The product's own LeaseModule._note_published/on_hints and LeaseTable, one record at a time."""
+def reference_run(conns: Connections, policy: str, forecaster: str, conf: SimConfig, monkeypatch):
+    """The product's own LeaseModule._note_published/on_hints and LeaseTable, one record at a time,
+    on the trace as ``conf.faults`` make it happen and through the same channels."""
     from spoa.lbnode.node import LeaseTable
     from spoa.lbnode.service import forecaster_from_config, policy_from_config
     from spoa.servernode import lease_module
     from spoa.servernode.lease_module import LeaseModule, LeaseSettings
 
     lb = cfg.defaults(cfg.LBNODE_SCHEMA)
+    forecast = {**lb["forecast"], "method": forecaster}
+    conns = inject(conns, conf.faults, conf.seed)
     cap, phase = len(conns), I // 2
-    table = LeaseTable(cap, forecaster_from_config({**lb["forecast"], "method": forecaster}, cap),
-                       policy_from_config({**lb["lease"], "policy": policy}, I, cap), lb["lease"]["standard_ms"], I)
+    table = LeaseTable(cap, forecaster_from_config(forecast, cap),
+                       policy_from_config({**lb["lease"], "policy": policy}, I, cap, forecast),
+                       lb["lease"]["standard_ms"], I)
     clock = {"now": 0}
     monkeypatch.setattr(lease_module, "now_ms", lambda: clock["now"])
 
@@ -171,7 +179,9 @@ def reference_run(conns: Connections, policy: str, forecaster: str, loss: float,
     for i, cid in enumerate(ids):
         module._keys[cid] = ("key", i)
     series = [conns.series(i) for i in range(cap)]
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(conf.seed)
+    records_channel = Channel(conf.loss, conf.faults.loss_burst, rng)
+    hints_channel = Channel(conf.hint_loss, conf.faults.loss_burst, rng)
     entries = 0
     for k in range(conns.n_intervals):
         T = (k + 1) * I
@@ -190,11 +200,16 @@ def reference_run(conns: Connections, policy: str, forecaster: str, loss: float,
                                             (seg,)))
         due = module._note_published(tracker.publish(records, T), T)
         entries += len(due)
-        if loss:
-            due = [rec for rec, keep in zip(due, rng.random(len(due)) >= loss) if keep]
+        arrive = records_channel.keep(len(due), k)
+        if arrive is not None:
+            due = [rec for rec, keep in zip(due, arrive) if keep]
         table.ingest(1, due, T)
         clock["now"] = T + phase
         hints = table.end_interval(T + phase)
+        # bursts lose a whole interval's hints, whatever their order (independent hint loss would
+        # need the simulator's order, which is by connection, not by LB-node slot)
+        if 1 in hints and hints_channel.keep(len(hints[1]), k) is not None:
+            del hints[1]
         if 1 in hints:  # through the wire format, as the LB node sends them
             for datagram in encode_hints(7, k + 1, T + phase, hints[1], KEY, 1400):
                 module.on_hints(*decode_hints(datagram, KEY))
@@ -202,21 +217,37 @@ def reference_run(conns: Connections, policy: str, forecaster: str, loss: float,
     return entries, table.stats
 
 
-@pytest.mark.parametrize("policy,forecaster,loss", [("volume", "ses", 0.0), ("volume", "tsb", 0.05),
-                                                    ("activity", "ses", 0.0), ("activity", "croston", 0.05)])
-def test_vectorized_simulation_matches_lease_table_and_lease_module(policy, forecaster, loss, monkeypatch):
+FAULTS = {
+    "none": (0.0, 0.0, Faults()),
+    "loss": (0.05, 0.0, Faults()),
+    "silent+crash": (0.05, 0.0, Faults(silent_end=0.3, crash_rate=40.0)),
+    "bursts": (0.1, 0.1, Faults(silent_end=0.2, crash_rate=20.0, loss_burst=3.0)),
+}
+
+
+@pytest.mark.parametrize("policy,forecaster,faults", [
+    ("volume", "ses", "none"), ("volume", "tsb", "loss"), ("activity", "ses", "none"),
+    ("activity", "croston", "loss"), ("activity", "naive", "silent+crash"), ("activity", "ses", "bursts"),
+    ("volume", "naive", "bursts")])
+def test_vectorized_simulation_matches_lease_table_and_lease_module(policy, forecaster, faults, monkeypatch):
+    """Record for record under the same injected faults: the simulator's entries, refreshes,
+    allocations, closes, expiries and leases are what the product's own code gives."""
     conns = synthetic.generate(60, seed=2, duration_s=60, vanish_share=0.3,
                                mix={"onoff": 1, "bulk": 1, "chatty": 1, "http_keepalive": 2})
     keep = conns.end < 400  # keep the reference loop short
     conns = conns.subset(np.flatnonzero(keep))
-    entries, stats = reference_run(conns, policy, forecaster, loss, monkeypatch)
-    r = simulate(conns, policy, forecaster, SimConfig(loss=loss))
+    loss, hint_loss, fault = FAULTS[faults]
+    conf = SimConfig(loss=loss, hint_loss=hint_loss, faults=fault)
+    entries, stats = reference_run(conns, policy, forecaster, conf, monkeypatch)
+    r = simulate(conns, policy, forecaster, conf)
     assert r.publishing_entries == entries
     assert (r.refreshes, r.allocations, r.closed) == (stats.refreshes, stats.new_connections, stats.closed)
     assert (r.expired, r.lb_detected_premature) == (stats.expired, stats.premature_expiries)
     assert r.leases_predicted == stats.leases["predicted"] and r.leases_fallback == stats.leases["fallback"]
     if loss:
         assert r.lb_detected_premature > 0 or r.expired > 0
+    if fault.active:
+        assert r.silent_ends > 0 and r.stale_ms_silent > 0  # the faults happened, and cost stale state
 
 
 def test_parallel_passes_give_the_same_results():
@@ -229,7 +260,7 @@ def test_parallel_passes_give_the_same_results():
         a, b = one[name].as_dict(), two[name].as_dict()
         a.pop("sim_seconds"), b.pop("sim_seconds")
         assert a == b
-    assert len(passes(("fixed", "volume", "activity"), ("ses", "croston"))) == 4
+    assert len(passes(("fixed", "volume", "activity"), ("ses", "croston"))) == 5
 
 
 # ----------------------------------------------------------------- trace readers
@@ -372,25 +403,40 @@ def test_cli_contract_json_and_plots(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "spoa", "backtest", str(tmp_path / "syn.csv"),
                            str(tmp_path / "cap.pcap"), "--json", str(out), "--plots", str(tmp_path / "plots"),
-                           "--forecasters", "ses,tsb", "--no-progress"],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+                           "--forecasters", "naive,ses", "--no-progress", "--loss", "0.05", "--silent-end", "0.3",
+                           "--crash-rate", "30", "--loss-burst", "2", "--frontier"],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "activity-tsb" in proc.stdout and "fixed" in proc.stdout
+    assert "activity-naive" in proc.stdout and "fixed" in proc.stdout and "Frontier" in proc.stdout
     doc = json.loads(out.read_text())
     assert doc["default_policy"] == DEFAULT_POLICY and DEFAULT_POLICY in doc["policies"]
-    assert set(doc["policies"]) == {"fixed", "volume-ses", "volume-tsb", "activity-ses", "activity-tsb"}
+    assert set(doc["policies"]) == {"fixed", "volume-naive", "volume-ses", "activity-naive", "activity-ses"}
     for d in doc["policies"].values():
-        for key in ("publishing_entries", "premature_expiries", "connection_intervals",
-                    "state_seconds_after_end", "connections"):
+        for key in ("publishing_entries", "premature_expiries", "connection_intervals", "state_seconds_after_end",
+                    "connections", "stale_state_seconds_per_silent_end", "state_seconds_held", "silent_ends"):
             assert isinstance(d[key], (int, float)), key
-    assert doc["policies"]["fixed"]["connections"] == 63
+        assert d["silent_ends"] > 0  # 30 % of the closes, and every connection a crash ended
+    assert doc["config"]["faults"] == {"silent_end": 0.3, "crash_rate": 30.0, "restart_intervals": 1,
+                                       "loss_burst": 2.0}
+    # crashes restart connections under new names: more connections than the traces hold
+    assert doc["policies"]["fixed"]["connections"] >= 63
+    fr = doc["frontier"]
+    assert set(fr["best"]) == set(doc["policies"])
+    values = {p["value"] for p in fr["points"] if p["run"] == "fixed"}
+    assert {5000, 30000, 300000} <= values
+    for run, front in fr["frontier"].items():
+        assert all(p["feasible"] and p["run"] == run for p in front)
     assert set(doc["traces"]) == {"syn.csv", "cap.pcap"}
     assert doc["traces"]["syn.csv"]["policies"]["fixed"]["publishing_entries"] == \
         doc["traces"]["syn.csv"]["summary"]["connection_intervals"]
     pngs = sorted(p.name for p in (tmp_path / "plots").iterdir())
-    assert "overhead_vs_premature.png" in pngs and "samples-syn.csv.png" in pngs
+    assert {"overhead_vs_premature.png", "samples-syn.csv.png", "frontier.png"} <= set(pngs)
     assert all((tmp_path / "plots" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
 
     bad = subprocess.run([sys.executable, "-m", "spoa", "backtest", str(tmp_path / "syn.csv")],
                          capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
     assert bad.returncode == 2 and "--json" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "spoa", "backtest", str(tmp_path / "syn.csv"), "--json",
+                          str(out), "--silent-end", "1.5"], capture_output=True, text=True, cwd=REPO, env=env,
+                         timeout=60)
+    assert bad.returncode == 2 and "silent_end must be in [0, 1]" in bad.stderr

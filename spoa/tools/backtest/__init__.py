@@ -17,7 +17,7 @@ import os
 __all__ = ["add_arguments", "report", "simulate", "synthetic", "traces"]
 
 _POLICIES = ("fixed", "volume", "activity")  # simulate.POLICIES (kept import-free here)
-_FORECASTERS = ("ses", "damped_holt", "croston", "tsb", "arima")  # simulate.FORECASTERS
+_FORECASTERS = ("naive", "ses", "damped_holt", "croston", "tsb", "arima")  # simulate.FORECASTERS
 
 
 def add_arguments(parser) -> None:
@@ -32,6 +32,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--forecasters", default=",".join(_FORECASTERS), help="comma list (default: all)")
     parser.add_argument("--loss", type=float, default=0.0, help="probability a published record is lost")
     parser.add_argument("--hint-loss", type=float, help="probability a hint is lost (default: --loss)")
+    parser.add_argument("--loss-burst", type=float, default=0.0, metavar="N",
+                        help="losses come in bursts of N intervals on average (Gilbert-Elliott; --loss is then "
+                             "the share of intervals lost, for records and hints alike); 0: independent loss")
+    parser.add_argument("--silent-end", type=float, default=0.0, metavar="P",
+                        help="share of connections whose close is never announced (the LB node learns of the "
+                             "end only when the lease runs out)")
+    parser.add_argument("--crash-rate", type=float, default=0.0, metavar="R",
+                        help="server-node crashes per hour: every live connection ends silently at once, the "
+                             "restarted node publishes the rest of them as new connections")
+    parser.add_argument("--frontier", action="store_true",
+                        help="also sweep each policy's knob (fixed lease 5-300 s, activity safety, volume "
+                             "calibration, end bound): entries against stale state at premature <= target")
     parser.add_argument("--lb-phase", type=float, default=0.5, help="LB tick, in intervals after the server's")
     parser.add_argument("--quantile", type=float, default=0.99, help="pinball loss quantile (default 0.99)")
     parser.add_argument("--seed", type=int, default=0)
