@@ -38,6 +38,8 @@ import socket
 import threading
 import time
 
+import numpy as np
+
 from spoa import config as cfg
 from spoa.servernode.lease_module import LeaseSettings
 from spoa.tools import provision
@@ -122,14 +124,56 @@ def _settled(lbnode):
     return m if m["spoa_lbnode_connections"] == 0 else None
 
 
-def test_live_replay_matches_simulation(app_server, tmp_path):
+class _Counters:
+    """The LB node's counters sampled every few ms from another thread: when each moved."""
+
+    NAMES = ("spoa_lbnode_expired_total", "spoa_lbnode_premature_expiries_total")
+
+    def __init__(self, lbnode: LbNodeProcess) -> None:
+        self.lbnode = lbnode
+        self.moves: dict[str, list[tuple[float, float]]] = {n: [] for n in self.NAMES}  # (wall time, increase)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        last = self.lbnode.metrics()
+        prev_t = time.time()
+        while not self._stop.wait(0.005):
+            m = self.lbnode.metrics()
+            t = time.time()
+            for n in self.NAMES:
+                if m[n] != last[n]:
+                    self.moves[n].append(((prev_t + t) / 2, m[n] - last[n]))
+            last, prev_t = m, t
+
+    def __enter__(self) -> _Counters:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _replay_through_stack(app_server, tmp_path, trace, relay_drop=None):
+    """HAProxy 3.2 + agent + LB node (through a LossyRelay when ``relay_drop`` is given,
+    called with (wall time, trace origin)), phases aligned, the trace replayed.
+
+    Returns (replay stats, LB tick phase, origin, LB node and agent metric deltas, counter moves, relay)."""
+    from spoa.testing.udp_relay import LossyRelay
+
     binary = provision.ensure("3.2")
     (tmp_path / "lease.key").write_bytes(KEY)
-    trace = seeded_trace(n=30, seed=SEED, interval_ms=INTERVAL_MS)
     lbnode = _lbnode(tmp_path)
+    origin_box: dict = {}
+    relay = None
+    target = f"127.0.0.1:{lbnode.port}"
+    if relay_drop is not None:
+        relay = LossyRelay(target, drop=lambda t: "origin" in origin_box and relay_drop(t, origin_box["origin"]))
+        relay.start()
+        target = relay.address
     stack = Stack(binary, tmp_path, app_server, agent_config={
-        "publish": {"lb_nodes": [f"127.0.0.1:{lbnode.port}"], "key_file": str(tmp_path / "lease.key"),
-                    "interval_ms": INTERVAL_MS},
+        "publish": {"lb_nodes": [target], "key_file": str(tmp_path / "lease.key"), "interval_ms": INTERVAL_MS},
         "lease": SERVER,
     })
     stack.lbnode = lbnode
@@ -145,30 +189,38 @@ def test_live_replay_matches_simulation(app_server, tmp_path):
         agent_base = stack.agent.metrics()
 
         origin = aligned_origin(tick, INTERVAL_MS, lead_s=0.5)
-        stats = replay(trace, stack.haproxy.http_port, origin=origin)
-        assert not stats.errors, stats.errors[:5]
-        assert stats.late == 0, stats
-
-        time.sleep(3 * INTERVAL_MS / 1000)  # the last final records
-        live = wait_until(lambda: _settled(stack.lbnode), timeout=5, interval=0.2, what="every state released")
+        origin_box["origin"] = origin
+        with _Counters(stack.lbnode) as counters:
+            stats = replay(trace, stack.haproxy.http_port, origin=origin)
+            assert not stats.errors, stats.errors[:5]
+            assert stats.late == 0, stats
+            # the last final records, and (lost ones) the leases they leave to run out
+            live = wait_until(lambda: _settled(stack.lbnode), timeout=30, interval=0.2,
+                              what="every state released")
         agent = stack.agent.metrics()
     finally:
         stack.stop()
         stack.lbnode.stop()
+        if relay is not None:
+            relay.close()
+    deltas = {n: int(live[n] - base[n]) for n in live if n.startswith("spoa_lbnode_") and n.endswith("_total")}
+    deltas["agent_published"] = int(agent["spoa_lease_records_published_total"]
+                                    - agent_base["spoa_lease_records_published_total"])
+    return stats, lb_phase, origin, deltas, counters.moves, relay
 
-    conf = SimConfig(lease=dict(cfg.defaults(cfg.LBNODE_SCHEMA)["lease"], **LEASE),
-                     server=LeaseSettings(**SERVER), lb_phase=round(lb_phase, 3))
-    sim = simulate(trace, "activity", cfg.defaults(cfg.LBNODE_SCHEMA)["forecast"]["method"], conf)
 
-    def delta(name, m=live, b=base):
-        return int(m[name] - b[name])
+def _sim_config(lb_phase: float, **kw) -> SimConfig:
+    return SimConfig(lease=dict(cfg.defaults(cfg.LBNODE_SCHEMA)["lease"], **LEASE), server=LeaseSettings(**SERVER),
+                     lb_phase=round(lb_phase, 3), **kw)
 
-    got = {"entries": delta("spoa_lbnode_records_total"),
-           "agent_published": delta("spoa_lease_records_published_total", agent, agent_base),
-           "premature": delta("spoa_lbnode_premature_expiries_total"),
-           "expired": delta("spoa_lbnode_expired_total"),
-           "closed": delta("spoa_lbnode_closed_total"),
-           "new": delta("spoa_lbnode_new_connections_total")}
+
+def test_live_replay_matches_simulation(app_server, tmp_path):
+    trace = seeded_trace(n=30, seed=SEED, interval_ms=INTERVAL_MS)
+    stats, lb_phase, _origin, d, _moves, _relay = _replay_through_stack(app_server, tmp_path, trace)
+    sim = simulate(trace, "activity", cfg.defaults(cfg.LBNODE_SCHEMA)["forecast"]["method"], _sim_config(lb_phase))
+    got = {"entries": d["spoa_lbnode_records_total"], "agent_published": d["agent_published"],
+           "premature": d["spoa_lbnode_premature_expiries_total"], "expired": d["spoa_lbnode_expired_total"],
+           "closed": d["spoa_lbnode_closed_total"], "new": d["spoa_lbnode_new_connections_total"]}
     want = {"entries": sim.publishing_entries, "premature": sim.lb_detected_premature,
             "premature_true": sim.premature_expiries, "expired": sim.expired, "closed": sim.closed,
             "new": sim.allocations, "fixed_entries": trace.connection_intervals}
@@ -178,3 +230,49 @@ def test_live_replay_matches_simulation(app_server, tmp_path):
     assert abs(got["entries"] - want["entries"]) <= 0.05 * want["entries"], (got, want)
     assert got["premature"] == want["premature"], (got, want)
     assert got["premature"] == want["premature_true"]  # every connection here closes: the node sees them all
+
+
+LOSS, BURST, LOSS_SEED = 0.25, 4.0, 5
+
+
+def test_live_replay_under_loss_matches_simulation(app_server, tmp_path):
+    """A relay between the agent and the LB node drops every publishing datagram of a seeded
+    set of intervals (Gilbert-Elliott bursts: 25 % of intervals, 4 on average in a row); the
+    simulation of the same run, told which intervals were lost, gives the same premature
+    expiries, the same expiries, and the same state-seconds held after the connections ended
+    (final records lost with the rest: those states wait for their lease)."""
+    from spoa.tools.backtest.faults import Channel
+
+    trace = seeded_trace(n=30, seed=SEED, interval_ms=INTERVAL_MS)
+    chain = Channel(LOSS, BURST, np.random.default_rng(LOSS_SEED))
+    lost = frozenset(k for k in range(trace.n_intervals + 1) if chain.keep(1, k) is not None)
+    interval_s = INTERVAL_MS / 1000
+
+    def relay_drop(t: float, origin: float) -> bool:
+        # interval k's records leave on the agent's tick that ends it, at origin + (k + 1) * I
+        return round((t - origin) / interval_s) - 1 in lost
+
+    stats, lb_phase, origin, d, moves, relay = _replay_through_stack(app_server, tmp_path, trace, relay_drop)
+    sim = simulate(trace, "activity", cfg.defaults(cfg.LBNODE_SCHEMA)["forecast"]["method"],
+                   _sim_config(lb_phase, lost_intervals=lost))
+    # expiry times: the LB tick each expiry happened on, as the simulator counts them (ms after origin)
+    phase_ms = round(lb_phase * INTERVAL_MS)
+    live_expired_at = sum(n * (round(((t - origin) * 1000 - phase_ms) / INTERVAL_MS) * INTERVAL_MS + phase_ms)
+                          for t, n in moves["spoa_lbnode_expired_total"])
+    # state held after the end, live: the simulation's, moved by how much later (earlier) the live expiries were
+    live_after_end_s = (sim.state_ms_after_end + live_expired_at - sim.expired_at_ms) / 1000
+    got = {"premature": d["spoa_lbnode_premature_expiries_total"], "expired": d["spoa_lbnode_expired_total"],
+           "closed": d["spoa_lbnode_closed_total"], "entries": d["spoa_lbnode_records_total"],
+           "after_end_s": live_after_end_s}
+    want = {"premature": sim.lb_detected_premature, "expired": sim.expired, "closed": sim.closed,
+            "received": sim.refreshes, "after_end_s": sim.state_seconds_after_end}
+    print(f"\nreplay: {stats}\nlb_phase={lb_phase:.3f} lost intervals={sorted(lost)}\n"
+          f"relay: forwarded {relay.forwarded}, dropped {relay.dropped}\nlive={got}\nsim={want}")
+    assert relay.dropped > 0 and sim.expired > 0 and sim.lb_detected_premature > 0  # the faults bit
+    assert got["premature"] == want["premature"], (got, want)
+    assert got["expired"] == want["expired"], (got, want)
+    assert got["closed"] == want["closed"], (got, want)
+    assert abs(got["entries"] - want["received"]) <= 0.05 * want["received"], (got, want)
+    # each expiry within an interval of the simulated one, on average
+    assert abs(live_expired_at - sim.expired_at_ms) <= INTERVAL_MS * max(1, sim.expired) / 2, (got, want)
+    assert abs(got["after_end_s"] - want["after_end_s"]) <= 0.1 * want["after_end_s"] + INTERVAL_MS / 1000

@@ -122,15 +122,19 @@ class Channel:
     chain over intervals, stepped to ``k`` in closed form (skipped intervals
     need no draws): P(bad -> good) = 1 / burst, P(good -> bad) chosen so that
     the stationary share of bad intervals is ``loss``; in a bad interval every
-    entry is lost, in a good one none.
+    entry is lost, in a good one none. ``lost_intervals``: every entry of
+    those intervals is lost, no other (a schedule recorded by a live run).
     """
 
-    def __init__(self, loss: float, burst: float, rng: np.random.Generator) -> None:
+    def __init__(self, loss: float, burst: float, rng: np.random.Generator,
+                 lost_intervals: frozenset[int] | None = None) -> None:
         if not 0.0 <= loss < 1.0:
             raise ValueError("loss must be in [0, 1)")
         self.loss = float(loss)
         self.burst = float(burst)
         self.rng = rng
+        # a schedule instead of draws: what a live run's relay dropped, to simulate that very run
+        self.lost_intervals = lost_intervals
         self.bad = False
         self.k = None  # interval the state is for
         if self.burst:
@@ -140,6 +144,8 @@ class Channel:
 
     def keep(self, n: int, k: int) -> np.ndarray | None:
         """A mask of the entries that arrive, or None when all do."""
+        if self.lost_intervals is not None:
+            return np.zeros(n, bool) if n and k in self.lost_intervals else None
         if self.loss <= 0.0 or n == 0:
             return None
         if not self.burst:

@@ -139,6 +139,9 @@ class SimConfig:
     mtu: int = DEFAULT_MTU
     refit_sample: int = ARIMA_REFIT_SAMPLE
     faults: Faults = field(default_factory=Faults)
+    # records of these intervals are all lost and no other (instead of ``loss``): what a live
+    # run's lossy relay dropped, so that the simulation is of that very run
+    lost_intervals: frozenset[int] | None = None
 
     def __post_init__(self) -> None:
         for name in ("loss", "hint_loss"):
@@ -194,6 +197,7 @@ class Result:
     premature_expiries: int = 0
     lb_detected_premature: int = 0
     expired: int = 0
+    expired_at_ms: int = 0  # sum over expiries of the LB tick time that dropped them (a live run's compares)
     closed: int = 0
     ended_connections: int = 0  # closed or vanished (not censored)
     silent_ends: int = 0  # vanished: no final record ever
@@ -427,7 +431,7 @@ def _pass(conns: Connections, policy: str, fnames: tuple[str, ...], conf: SimCon
     ttl, rf, smin, smax = srv.hint_ttl_ms, srv.refresh_fraction, srv.min_ms, srv.max_ms
     phase = int(round(conf.lb_phase * I))
     rng = np.random.default_rng(conf.seed)
-    records_channel = Channel(conf.loss, conf.faults.loss_burst, rng)
+    records_channel = Channel(conf.loss, conf.faults.loss_burst, rng, conf.lost_intervals)
     hints_channel = Channel(conf.hint_loss, conf.faults.loss_burst, rng)
     cap = max(N, 1)
     forecasters = [] if fixed else [forecaster_from_config({**conf.forecast, "method": f}, cap) for f in fnames]
@@ -673,6 +677,7 @@ def _pass(conns: Connections, policy: str, fnames: tuple[str, ...], conf: SimCon
             lapse_tick[lap] = _NEVER
             lapsed[lap] = True
             res.expired += lap.size
+            res.expired_at_ms += lap.size * t_lb
             n_held -= lap.size
             e = end[lap]
             alive_after = k < e
