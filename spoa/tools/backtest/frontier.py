@@ -9,10 +9,12 @@ connection. The best operating point of a frontier is the one with the least
 stale state among those that cut entries by at least ``ENTRIES_CUT_MIN``
 against the fixed 30 s lease, else the one with the fewest entries.
 
-Knobs (``KNOBS``): the fixed lease's length; the activity and volume
-policies' lease floor (``lease.min_ms``: what a lease must cover to survive
-lost refreshes, and what a connection ending right after its traffic costs);
-the volume policy's calibration (``lease.calibrated_lease_ms``).
+Knobs (``KNOBS``), each swept alone from the configuration given: the fixed
+lease's length; the activity and volume policies' lease floor
+(``lease.min_ms``: what a lease must cover to survive lost refreshes, and what
+a connection ending right after its traffic costs); the activity policy's
+safety factor; the volume policy's calibration (``lease.calibrated_lease_ms``);
+the end bound off (does it earn its place?).
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ REFERENCE = ("fixed", "standard_ms", 30_000)
 
 KNOBS: dict[str, tuple[tuple[str, tuple], ...]] = {
     "fixed": (("standard_ms", (5_000, 10_000, 15_000, 20_000, 30_000, 45_000, 60_000, 120_000, 300_000)),),
-    "activity": (("min_ms", (3_000, 4_000, 6_000, 8_000, 10_000, 12_000, 15_000, 20_000)),),
+    "activity": (("min_ms", (3_000, 4_000, 6_000, 8_000, 10_000, 12_000, 15_000, 20_000)),
+                 ("safety", (1.5, 2.0, 3.0)), ("end_bound", (False,))),
     "volume": (("min_ms", (3_000, 6_000, 10_000, 15_000, 20_000)),
-               ("calibrated_lease_ms", (3_000, 10_000, 30_000, 100_000, 300_000))),
+               ("calibrated_lease_ms", (3_000, 10_000, 100_000, 300_000)), ("end_bound", (False,))),
 }
 
 

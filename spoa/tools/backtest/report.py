@@ -342,7 +342,8 @@ def format_frontier(fr: dict) -> str:
         if p is None:
             rows.append((run, "-", "-", "-", "-", "-", "-", "-", "0 (none feasible)"))
             continue
-        rows.append((run, p["knob"], f"{p['value']:,}", f"{p['publishing_entries']:,}", _pct(p["entries_cut"]),
+        value = f"{p['value']:,}" if isinstance(p["value"], int) and not isinstance(p["value"], bool) else str(p["value"])
+        rows.append((run, p["knob"], value, f"{p['publishing_entries']:,}", _pct(p["entries_cut"]),
                      f"{p['premature_expiries']} ({_pct(p['premature_share'], 3)})",
                      f"{p['stale_state_seconds_per_silent_end']:.1f}", f"{p['state_seconds_held']:,.0f}",
                      str(len(fr["frontier"][run]))))
