@@ -5,9 +5,11 @@ trace under the same faults. A point is *feasible* when its premature expiries
 are at most ``PREMATURE_MAX`` of the connection-intervals; among the feasible
 points of one policy x forecaster, the frontier is the set no other point
 beats on both publishing entries and stale state-seconds per silently ended
-connection. The best operating point of a frontier is the one with the least
-stale state among those that cut entries by at least ``ENTRIES_CUT_MIN``
-against the fixed 30 s lease, else the one with the fewest entries.
+connection. The best operating point of a frontier is the one with the fewest
+entries among those whose stale state is at most ``STALE_VS_FIXED_MAX`` of the
+fixed 30 s lease's (the targets: cut entries, hold premature expiries and
+stale state down); where none is, the least stale state among those that cut
+entries by at least ``ENTRIES_CUT_MIN``, else the fewest entries.
 
 Knobs (``KNOBS``), each swept alone from the configuration given: the fixed
 lease's length; the activity and volume policies' lease floor
@@ -26,10 +28,11 @@ import numpy as np
 from .simulate import Result, SimConfig, run_name, simulate_all
 from .traces import Connections
 
-__all__ = ["ENTRIES_CUT_MIN", "KNOBS", "PREMATURE_MAX", "beats", "best_point", "entries_saving", "frontier", "sweep"]
+__all__ = ["ENTRIES_CUT_MIN", "KNOBS", "PREMATURE_MAX", "STALE_VS_FIXED_MAX", "beats", "best_point", "entries_saving", "frontier", "sweep"]
 
 PREMATURE_MAX = 0.0005  # share of connection-intervals
 ENTRIES_CUT_MIN = 0.7  # against the fixed 30 s lease
+STALE_VS_FIXED_MAX = 0.5  # stale state per silent end, against the fixed 30 s lease's
 REFERENCE = ("fixed", "standard_ms", 30_000)
 
 KNOBS: dict[str, tuple[tuple[str, tuple], ...]] = {
@@ -44,11 +47,13 @@ KNOBS: dict[str, tuple[tuple[str, tuple], ...]] = {
 def _point(name: str, policy: str, forecaster: str | None, knob: str, value, r: Result,
            reference: Result | None) -> dict:
     d = r.as_dict(reference)
+    ref_stale = reference.as_dict()["stale_state_seconds_per_silent_end"] if reference is not None else 0.0
     return {"run": name, "policy": policy, "forecaster": forecaster, "knob": knob, "value": value,
             "publishing_entries": d["publishing_entries"], "entries_cut": d.get("entries_cut"),
             "premature_expiries": d["premature_expiries"], "premature_share": d["premature_share"],
             "connection_intervals": d["connection_intervals"],
             "stale_state_seconds_per_silent_end": d["stale_state_seconds_per_silent_end"],
+            "stale_vs_fixed": d["stale_state_seconds_per_silent_end"] / ref_stale if ref_stale > 0 else None,
             "state_seconds_held": d["state_seconds_held"],
             "feasible": d["premature_share"] <= PREMATURE_MAX}
 
@@ -111,9 +116,13 @@ def frontier(points: list[dict]) -> dict[str, list[dict]]:
 
 
 def best_point(front: list[dict]) -> dict | None:
-    """The least stale state among the points that cut entries enough, else the fewest entries."""
+    """The fewest entries at stale state under the target; else the least stale state among the
+    points that cut entries enough; else the fewest entries."""
     if not front:
         return None
+    fresh = [p for p in front if p["stale_vs_fixed"] is None or p["stale_vs_fixed"] <= STALE_VS_FIXED_MAX]
+    if fresh:
+        return min(fresh, key=lambda p: (p["publishing_entries"], p["stale_state_seconds_per_silent_end"]))
     enough = [p for p in front if (p["entries_cut"] or 0.0) >= ENTRIES_CUT_MIN]
     if enough:
         return min(enough, key=lambda p: (p["stale_state_seconds_per_silent_end"], p["publishing_entries"]))
