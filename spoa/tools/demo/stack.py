@@ -78,6 +78,8 @@ def agent_config(listen: str, metrics: str, lb_nodes: list[str], key_file: str) 
 def lbnode_config(listen: str, metrics: str, key_file: str, policy: str) -> dict:
     return {
         "lbnode": {"listen": listen, "key_file": key_file, "interval_ms": INTERVAL_MS},
+        # a demo runs for seconds at 500 ms intervals: a 3 s floor lets leases move within it (the
+        # product's 12 s floor is chosen for 1 s intervals under loss: benchmarks/RESULTS.md)
         "lease": {"policy": policy, "standard_ms": STANDARD_MS, "min_ms": 3000, "max_ms": 600_000},
         "forecast": {"method": "ses", "alpha": 0.3},
         # few connections in a demo: let the detector speak after 50 samples, not 1000
