@@ -38,11 +38,14 @@ real traffic (lag-1 autocorrelation ~0). The lease answers "how long may this
 state go unrefreshed before we may assume the connection is gone", which is a
 question about time, not bytes.
 
-``ActivityPolicy`` answers that question: it keeps per slot a high quantile of
-the gaps between intervals with traffic (a connection that talked every 20 s
+``ActivityPolicy`` answers that question: it predicts per slot the next
+silence between intervals with traffic (a connection that talked every 20 s
 will most likely talk again within 20 s) and leases::
 
-    lease_ms = clamp(gap_quantile * safety + interval_ms, MIN, MAX)
+    lease_ms = clamp(predicted_silence * safety + interval_ms, MIN, MAX)
+
+(the prediction: a forecaster over the slot's silences, or their quantile;
+see below).
 
 This follows the adaptive flow-timeout literature (MBET's persistency of
 inter-arrival times; PGAT's per-class conditional gap distribution, whose
@@ -53,12 +56,19 @@ Estimator: each slot keeps a ring (``History``) of its last ``window`` silences
 between). Back-to-back active intervals are not stored: a 30 s burst would
 otherwise flush the ring of the keep-alive gaps that matter; they only make a
 slot warm (gap quantile = the gap, about one interval) until its first
-silence. The quantile is recomputed only for the slots whose silence just
+silence; so does a slot's first active interval (it is refreshed every
+interval while its traffic lasts: the floor covers it). The quantile is recomputed only for the slots whose silence just
 ended (rare events), so ``observe`` is O(1) per slot and interval and
 ``leases`` is a gather. With a window of 8 and q = 0.99 the quantile is
 close to the maximum of the recent silences; ``safety`` covers the rest.
-Cold slots (no gap yet) take the class prior passed to ``leases`` (PREDICTED)
-or the standard lease (FALLBACK).
+Cold slots (never active yet) take the class prior passed to ``leases``
+(PREDICTED) or the standard lease (FALLBACK).
+
+Under the server node's cadence a quiet connection is republished every
+max(interval, lease x refresh_fraction), at most every hint TTL, so a lease
+lapses early only when refreshes are lost: ``MIN`` (``lease.min_ms``) is what
+buys tolerance to loss, and what a connection that ends silently right after
+its traffic costs in stale state (the backtest's frontier, benchmarks/RESULTS.md).
 
 Both policies also take, optionally, an ``EndBound``: the lease of an idle
 connection ends soon after the idle time at which connections of its class
