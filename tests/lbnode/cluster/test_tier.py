@@ -1,0 +1,201 @@
+"""The tier against a real Valkey/Redis Cluster: state written per slot, adopted on failover with
+its totals and deadlines, a lapsed node fenced, an unreachable store survived."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+import redis
+
+from spoa.lbnode.cluster.membership import FENCED, MEMBER
+from spoa.lbnode.cluster.slots import conn_slots, slot_key
+from spoa.lbnode.node import columns
+from spoa.netutil import now_ms
+from spoa.wire.records import ConnFlags
+
+from .helpers import namespace, record, tier_node
+
+SERVER_NODE = 7
+CONNECTIONS = 300
+# Short leases so the failover tests take seconds; timeout x 3 <= membership (the config's rule).
+FAST = {"membership_ms": 900, "timeout_ms": 300, "grace_ms": 3000, "slots": 64}
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def feed(lbnode, count: int, total_per_conn, closed=()) -> None:
+    """One interval: a record of each connection (cumulative total), then the node's tick."""
+    recs = [record(i, total_per_conn(i), ConnFlags.CLOSED if i in closed else 0) for i in range(count)]
+    lbnode.on_batch(columns(SERVER_NODE, recs))
+    lbnode.tick()
+
+
+def answered(lbnode, count: int, total_per_conn) -> int:
+    """One interval's records, then how many hints the node would send for them."""
+    lbnode.on_batch(columns(SERVER_NODE, [record(i, total_per_conn(i)) for i in range(count)]))
+    hints = lbnode.tier.own_hints(lbnode.table.end_interval(now_ms()))
+    return sum(len(entries) for entries in hints.values())
+
+
+async def rounds(*lbnodes, seconds: float) -> None:
+    """Every node's round, each interval (here 100 ms), for `seconds`."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for lbnode in lbnodes:
+            await lbnode.tier.round()
+        await asyncio.sleep(0.1)
+
+
+def stored(store_cluster, ns: str, slots: int) -> dict[bytes, bytes]:
+    c = redis.RedisCluster.from_url(f"redis://{store_cluster.seeds[0]}")
+    try:
+        out = {}
+        for slot in range(slots):
+            out.update({k: v for k, v in c.hgetall(slot_key(ns, slot)).items() if len(k) == 24})
+        return out
+    finally:
+        c.close()
+
+
+def test_a_lone_member_owns_every_slot_and_writes_what_changed(tmp_path, store_cluster):
+    ns = namespace("lone")
+    a = tier_node(tmp_path, 1, store=store_cluster.seeds, namespace=ns, **FAST)
+
+    async def scenario():
+        await a.tier.round()  # joins, owns everything (alone)
+        assert a.tier.membership.state == MEMBER and a.tier.owned.all()
+        feed(a, CONNECTIONS, lambda i: 1000 * i)
+        await a.tier.round()
+        stats = a.tier.store.stats
+        assert stats.write_batches == 1 and stats.rows_written == CONNECTIONS and stats.write_errors == 0
+        # one write per slot: HSET + PEXPIRE (no deletions yet)
+        assert stats.write_commands == 2 * FAST["slots"]
+        assert len(stored(store_cluster, ns, FAST["slots"])) == CONNECTIONS
+        feed(a, CONNECTIONS, lambda i: 2000 * i, closed=range(10))  # 10 close
+        feed(a, 0, lambda i: 0)  # an interval with nothing new: nothing to write but the deletions
+        await a.tier.round()
+        assert len(stored(store_cluster, ns, FAST["slots"])) == CONNECTIONS - 10
+        assert stats.write_batches == 2 and stats.rows_written == 2 * CONNECTIONS - 10
+        await a.tier.close()
+
+    run(scenario())
+
+
+def test_killed_node_connections_are_adopted_with_totals_and_deadlines(tmp_path, store_cluster):
+    ns = namespace("failover")
+    a = tier_node(tmp_path, 1, store=store_cluster.seeds, namespace=ns, **FAST)
+    b = tier_node(tmp_path, 2, store=store_cluster.seeds, namespace=ns, **FAST)
+
+    async def scenario():
+        await rounds(a, b, seconds=0.5)  # both members; each owns about half
+        assert a.tier.owned.sum() + b.tier.owned.sum() == FAST["slots"] and not (a.tier.owned & b.tier.owned).any()
+        share = a.tier.owned.copy()
+        # the agent (not built yet) sends each connection to its owner: here, A's share to A
+        ids = np.arange(CONNECTIONS)
+        conn_ids = np.array([int(i).to_bytes(16, "big") for i in ids], "V16")
+        mine = ids[share[conn_slots(np.full(CONNECTIONS, SERVER_NODE, np.uint64), conn_ids, FAST["slots"])]]
+        assert 0.3 * CONNECTIONS < len(mine) < 0.7 * CONNECTIONS
+        for step in (1, 2, 3):
+            a.on_batch(columns(SERVER_NODE, [record(int(i), 1000 * step * int(i)) for i in mine]))
+            a.tick()
+            await a.tier.round()
+        table = a.table
+        before = {int(i): (int(table.last_total[table.slot(SERVER_NODE, int(i).to_bytes(16, "big"))]),
+                           int(table.expires[table.slot(SERVER_NODE, int(i).to_bytes(16, "big"))]))
+                  for i in mine}
+        history_before = table.history.series(table.slot(SERVER_NODE, int(mine[0]).to_bytes(16, "big")))
+        # A dies (no more rounds, its membership lapses); B takes over A's slots and loads them
+        died = now_ms()
+        began = time.monotonic()
+        while not b.tier.owned.all():
+            await b.tier.round()
+            await asyncio.sleep(0.05)
+            assert time.monotonic() - began < 5, "B did not take A's slots within 5 s"
+        failover = time.monotonic() - began
+        assert failover < 3 * FAST["membership_ms"] / 1000
+        assert b.tier.loader.adopted == len(mine)
+        assert b.table.stats.new_connections == 0 and b.table.stats.premature_expiries == 0
+        for i, (total, expires) in before.items():
+            row = b.table.slot(SERVER_NODE, i.to_bytes(16, "big"))
+            assert row is not None, f"connection {i} lost"
+            assert int(b.table.last_total[row]) == total
+            assert int(b.table.expires[row]) >= max(expires, died + FAST["grace_ms"])
+        row = b.table.slot(SERVER_NODE, int(mine[0]).to_bytes(16, "big"))
+        np.testing.assert_array_equal(b.table.history.series(row), history_before)
+        # the next records refresh them at B: cumulative totals continue, no premature expiry
+        b.on_batch(columns(SERVER_NODE, [record(int(i), 4000 * int(i)) for i in mine]))
+        b.tick()
+        assert b.table.stats.premature_expiries == 0 and b.table.stats.new_connections == 0
+        await b.tier.close()
+
+    run(scenario())
+
+
+def test_a_node_whose_membership_lapsed_is_fenced_and_rejoins(tmp_path, store_cluster):
+    ns = namespace("fence")
+    a = tier_node(tmp_path, 1, store=store_cluster.seeds, namespace=ns, **FAST)
+    b = tier_node(tmp_path, 2, store=store_cluster.seeds, namespace=ns, **FAST)
+
+    async def scenario():
+        await rounds(a, b, seconds=0.5)
+        feed(a, 50, lambda i: 100 * i)
+        assert len(a.table) == 50 and a.tier.answering()
+        # A "frozen" longer than its lease: B takes everything meanwhile
+        end = time.monotonic() + 2 * FAST["membership_ms"] / 1000
+        while time.monotonic() < end:
+            await b.tier.round()
+            await asyncio.sleep(0.1)
+        assert b.tier.owned.all()
+        assert not a.tier.answering()  # awake, but its membership is unconfirmed: silent
+        assert answered(a, 50, lambda i: 200 * i) == 0  # refreshed, but it sends no hint
+        await a.tier.round()  # its renewal finds the key lapsed
+        assert a.tier.membership.state == FENCED and a.tier.membership.fences == 1
+        assert len(a.table) == 0 and not a.tier.owned.any()
+        await rounds(a, b, seconds=0.6)  # rejoins as a new incarnation; the slots split again
+        assert a.tier.membership.state == MEMBER and a.tier.membership.incarnations == 2
+        assert a.tier.owned.any() and (a.tier.owned ^ b.tier.owned).all()
+        await a.tier.close()
+        await b.tier.close()
+
+    run(scenario())
+
+
+def test_store_down_keeps_serving_from_memory_and_catches_up(tmp_path, new_store_cluster):
+    cluster = new_store_cluster(primaries=1, replicas=0)
+    ns = namespace("down")
+    a = tier_node(tmp_path, 1, store=cluster.seeds, namespace=ns, **FAST)
+
+    async def scenario():
+        await a.tier.round()
+        assert a.tier.owned.all()
+        cluster.kill(cluster.nodes[0])  # the whole store gone
+        for step in (1, 2, 3):
+            assert answered(a, 20, lambda i: 100 * step * i) == 20  # from memory
+            a.tier.after_interval(np.flatnonzero(a.table.keys.in_use))
+            await rounds(a, seconds=0.4)
+        stats = a.tier.store.stats
+        assert stats.unreachable and stats.write_errors >= 2 and stats.errors >= 3
+        assert len(a.table) == 20 and a.tier.answering()
+        # kept for when it is back: the newest state of each row, once
+        assert sum(len(fields) for fields in a.tier.writer.pending.values()) >= 20
+        await a.tier.close()  # does not hang on a dead store
+
+    run(scenario())
+
+
+def test_unreachable_seed_never_joins_and_never_raises(tmp_path):
+    from spoa.testing import free_port
+
+    a = tier_node(tmp_path, 1, store=[f"127.0.0.1:{free_port()}"], namespace="down", **FAST)
+
+    async def scenario():
+        await rounds(a, seconds=0.5)
+        assert a.tier.membership.state != MEMBER and not a.tier.answering()
+        assert a.tier.store.stats.errors >= 1
+
+    run(scenario())
