@@ -476,6 +476,8 @@ class LbNode:
         self.addresses[header.node_id] = addr
 
     def on_batch(self, batch: Any) -> None:
+        if self.tier is not None:
+            batch = self.tier.owned_records(batch)
         self.table.ingest_batch(batch, now_ms())
 
     def tick(self) -> None:

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import logging
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
 from ...netutil import now_ms
+from ...wire.packet import CONN_COLUMNS, SEG_COLUMNS
 from .loader import StateLoader
 from .membership import FENCED, MEMBER, Membership
 from .slots import conn_slots, owners
@@ -31,6 +33,22 @@ from .store import Store
 from .writer import StoreWriter
 
 log = logging.getLogger("spoa.lbnode.cluster")
+
+
+def select_records(batch: Any, keep: np.ndarray) -> SimpleNamespace:
+    """The records of a ColumnBatch where `keep` (bool[n]), with their segments, as the
+    columns LeaseTable reads."""
+    counts = np.diff(batch.seg_start)
+    kept_segments = np.repeat(keep, counts)
+    out = SimpleNamespace(n=int(np.count_nonzero(keep)), datagrams=batch.datagrams, frontends=batch.frontends,
+                          seg_start=np.concatenate([[0], np.cumsum(counts[keep])]).astype(np.int64))
+    # every column a ColumnBatch has (node.columns() builds only those the table reads)
+    for columns, rows in ((CONN_COLUMNS, keep), (SEG_COLUMNS, kept_segments)):
+        for name, _dtype in columns:
+            column = getattr(batch, name, None)
+            if column is not None:
+                setattr(out, name, column[rows])
+    return out
 
 
 class TierMember:
@@ -44,6 +62,7 @@ class TierMember:
         self.owned = np.zeros(self.slots, bool)  # slots this node owns (and has loaded)
         self.owner_ids = np.zeros(self.slots, np.uint64)  # each slot's owner by the last live set (0: none)
         self.handed_over = 0  # connections let go to a new owner
+        self.records_not_owned = 0  # records received for slots another node owns (not ingested here)
         self._next_renewal = 0.0
         table.on_release = self._released
 
@@ -58,6 +77,18 @@ class TierMember:
         """LbNode.tick's hook: the rows refreshed in the interval just ended, their new state final."""
         if self.answering():
             self.writer.snapshot(changed, self.owned)
+
+    def owned_records(self, batch: Any) -> Any:
+        """LbNode.on_batch's hook: the batch kept to the records of slots this node owns (the
+        others are their owners'; with agents that send every record to every LB node, each
+        node so holds only its share). Counted in records_not_owned."""
+        slots = conn_slots(batch.node_id, batch.conn_id, self.slots)
+        keep = self.owned[slots]
+        dropped = len(keep) - int(np.count_nonzero(keep))
+        if not dropped:
+            return batch
+        self.records_not_owned += dropped
+        return select_records(batch, keep)
 
     def own_hints(self, hints: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
         """LbNode.tick's hints (by server node) kept to the connections this node owns; none when
