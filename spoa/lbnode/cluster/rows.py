@@ -1,6 +1,7 @@
-"""A held connection's whole state as one fixed-size blob: what a successor needs to go on.
+"""A held connection's whole state as one fixed-size record: what a successor needs to go on.
 
-The blob of a table row is the row of a numpy structured array whose fields are
+A record is a row of a numpy structured array: the connection's key (server node id and
+conn_id, 24 bytes), a deletion flag, and
 - the LeaseTable columns a lease and its history depend on (ROW_COLUMNS: deadline, last
   cumulative total, lease and its source, volume not yet forecast, ...), plus the row's
   frontend as an index into its slot's list of frontend names (the traffic class is
@@ -11,9 +12,11 @@ The blob of a table row is the row of a numpy structured array whose fields are
   `resize` keeps. So the forecasters' and policies' state persists without each of them
   declaring it, and a new forecaster's state is included the day it exists.
 
-The layout (field names, dtypes, shapes) is written next to the rows; a loader whose
-layout differs (another forecaster, another history length) refuses those rows, counted,
-instead of reading them wrongly.
+Records of many connections are stored back to back as one blob (writer.py): a slot's
+state is its base blob then its chunks, applied in order (`latest`: each connection's last
+record counts, a deletion removes it). The layout (field names, dtypes, shapes) is written
+next to them; a loader whose layout differs (another forecaster, another history length)
+refuses the slot, counted, instead of reading it wrongly.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
+from .slots import CONN_KEY_BYTES
 
 # LeaseTable columns a successor needs (born, refreshed and position are this process's own).
 ROW_COLUMNS = ("expires", "refreshed_at", "last_total", "volume", "elapsed", "lease", "source", "level", "flagged")
@@ -37,7 +42,8 @@ def _part_arrays(name: str, part: Any, capacity: int, found: list) -> None:
 
 
 class RowCodec:
-    """Table rows to blobs and back, for one LeaseTable (its arrays are read at each call:
+    """Table rows to records (numpy structured rows: the connection's key, a deletion flag, its
+    frontend index, its state) and back, for one LeaseTable (its arrays are read at each call:
     they are replaced when the table grows)."""
 
     def __init__(self, table: Any) -> None:
@@ -55,26 +61,52 @@ class RowCodec:
     def dtype(self) -> np.dtype:
         columns = [(name, getattr(owner, attr).dtype, getattr(owner, attr).shape[1:])
                    for name, owner, attr in self._fields()]
-        return np.dtype([("frontend", np.uint32)] + columns)
+        # key: server node id (u64 LE) + conn_id; gone: 1 in a deletion (the connection ended)
+        return np.dtype([("key", f"V{CONN_KEY_BYTES}"), ("gone", np.uint8), ("frontend", np.uint32)] + columns)
 
     def layout(self) -> bytes:
-        """What a blob holds, as text: equal layouts read each other's blobs."""
+        """What a record holds, as text: equal layouts read each other's records."""
         return repr(self.dtype().descr).encode()
 
-    def pack(self, rows: np.ndarray, frontends: np.ndarray) -> tuple[bytes, int]:
-        """The blobs of `rows` back to back (itemsize bytes each), and that itemsize;
-        `frontends`: each row's index into its slot's frontend names."""
+    def pack(self, rows: np.ndarray, keys: np.ndarray, frontends: np.ndarray) -> np.ndarray:
+        """The records of `rows` (keys: uint8[n, 24]; frontends: each row's index into its
+        slot's frontend names)."""
         packed = np.empty(len(rows), self.dtype())
         for name, owner, attr in self._fields():
             packed[name] = getattr(owner, attr)[rows]
+        packed["key"] = keys.view(f"V{CONN_KEY_BYTES}").reshape(-1)
+        packed["gone"] = 0
         packed["frontend"] = frontends
-        return packed.tobytes(), packed.dtype.itemsize
+        return packed
+
+    def deletions(self, keys: np.ndarray) -> np.ndarray:
+        """Records saying these connections ended (keys: uint8[n, 24])."""
+        packed = np.zeros(len(keys), self.dtype())
+        packed["key"] = keys.view(f"V{CONN_KEY_BYTES}").reshape(-1)
+        packed["gone"] = 1
+        return packed
 
     def unpack(self, blobs: bytes) -> np.ndarray:
-        """Blobs back to back (as pack gives them) as a structured array."""
+        """Records back to back (as `pack(...).tobytes()` gives them) as a structured array."""
         return np.frombuffer(blobs, self.dtype())
 
     def restore(self, rows: np.ndarray, packed: np.ndarray) -> None:
-        """Each row of the table (and of its parts) set from its unpacked blob."""
+        """Each row of the table (and of its parts) set from its record."""
         for name, owner, attr in self._fields():
             getattr(owner, attr)[rows] = packed[name]
+
+
+def record_keys(records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (server node ids uint64[n], conn_ids V16[n]) of records."""
+    raw = np.ascontiguousarray(records["key"]).view(np.uint8).reshape(len(records), CONN_KEY_BYTES)
+    return raw[:, :8].copy().view("<u8").reshape(-1).astype(np.uint64), raw[:, 8:].copy().view("V16").reshape(-1)
+
+
+def latest(records: np.ndarray) -> np.ndarray:
+    """Of records in the order they were written, each connection's last one, deletions dropped."""
+    if not len(records):
+        return records
+    reverse = records[::-1]
+    _, first = np.unique(reverse["key"], return_index=True)
+    last = reverse[np.sort(first)]
+    return last[last["gone"] == 0]

@@ -107,12 +107,6 @@ class TierMember:
         if self.answering():
             self.writer.forget(rows, self.owned)
 
-    def row_slots(self) -> tuple[np.ndarray, np.ndarray]:
-        """The live rows of the table and each one's slot."""
-        table = self.table
-        rows = np.flatnonzero(table.keys.in_use)
-        return rows, conn_slots(table.node[rows], table.conn_id[rows], self.slots)
-
     async def round(self) -> None:
         membership = self.membership
         now = time.monotonic()
@@ -140,14 +134,16 @@ class TierMember:
         self.owner_ids = np.where(owner >= 0, ids[np.maximum(owner, 0)] if len(ids) else 0, 0).astype(np.uint64)
         wanted = self.owner_ids == np.uint64(self.membership.node_id)
         gained = np.flatnonzero(wanted & ~self.owned).tolist()
-        if gained and not await self.loader.load(gained, now_ms):
-            wanted[gained] = False  # not owned until loaded: retried next round
+        if gained:
+            loaded = await self.loader.load(gained, now_ms)
+            wanted[sorted(set(gained) - set(loaded))] = False  # not owned until loaded: retried next round
         self._own(wanted)
 
     def _own(self, wanted: np.ndarray) -> None:
         lost = np.flatnonzero(self.owned & ~wanted)
         if len(lost):
-            rows, slots = self.row_slots()
+            rows = np.flatnonzero(self.table.keys.in_use)
+            slots = self.writer.current_slots(rows)
             leaving = rows[np.isin(slots, lost)]
             self.table.hand_over(leaving)
             self.handed_over += len(leaving)

@@ -12,6 +12,7 @@ import redis
 
 from spoa.lbnode.cluster.membership import FENCED, MEMBER
 from spoa.lbnode.cluster.slots import conn_slots, slot_key
+from spoa.lbnode.cluster.writer import COMPACT_EVERY
 from spoa.lbnode.node import columns
 from spoa.netutil import now_ms
 from spoa.wire.records import ConnFlags
@@ -51,36 +52,68 @@ async def rounds(*lbnodes, seconds: float) -> None:
         await asyncio.sleep(0.1)
 
 
-def stored(store_cluster, ns: str, slots: int) -> dict[bytes, bytes]:
+def store_view(store_cluster, lbnode, ns: str) -> tuple[dict[int, int], int]:
+    """conn number -> last total, as a loader reads the store (base, chunks, deletions); and
+    the most fields a slot's hash has."""
     c = redis.RedisCluster.from_url(f"redis://{store_cluster.seeds[0]}")
     try:
-        out = {}
-        for slot in range(slots):
-            out.update({k: v for k, v in c.hgetall(slot_key(ns, slot)).items() if len(k) == 24})
-        return out
+        out, most = {}, 0
+        for slot in range(lbnode.tier.slots):
+            stored = c.hgetall(slot_key(ns, slot))
+            most = max(most, len(stored))
+            writer = lbnode.tier.writer
+            kept = writer.frontends[slot], writer.chunks.get(slot, [])
+            records = lbnode.tier.loader.records(slot, stored)
+            writer.needs_base.discard(slot)  # records() hands the slot over as if gained: undo
+            writer.frontends[slot], writer.chunks[slot] = kept
+            out.update({int.from_bytes(bytes(r["key"])[8:], "big"): int(r["table.last_total"]) for r in records})
+        return out, most
     finally:
         c.close()
 
 
+_seen_commands: dict[int, int] = {}
+
+
+def new_commands(stats) -> int:
+    """Store commands written since the previous call (per stats object)."""
+    previous = _seen_commands.get(id(stats), 0)
+    _seen_commands[id(stats)] = stats.write_commands
+    return stats.write_commands - previous
+
+
 def test_a_lone_member_owns_every_slot_and_writes_what_changed(tmp_path, store_cluster):
     ns = namespace("lone")
-    a = tier_node(tmp_path, 1, store=store_cluster.seeds, namespace=ns, **FAST)
+    # a long membership: the test reads the store back between rounds, slower than the renewals
+    a = tier_node(tmp_path, 1, store=store_cluster.seeds, namespace=ns, **{**FAST, "membership_ms": 60_000})
 
     async def scenario():
         await a.tier.round()  # joins, owns everything (alone)
         assert a.tier.membership.state == MEMBER and a.tier.owned.all()
+        stats = a.tier.store.stats
+        # gained slots get a base each (empty here): per slot one HSET (base, layout, names) + one PEXPIRE
+        assert stats.write_batches == 1 and new_commands(stats) == 2 * FAST["slots"]
         feed(a, CONNECTIONS, lambda i: 1000 * i)
         await a.tier.round()
-        stats = a.tier.store.stats
-        assert stats.write_batches == 1 and stats.rows_written == CONNECTIONS and stats.write_errors == 0
-        # one write per slot: HSET + PEXPIRE (no deletions yet)
-        assert stats.write_commands == 2 * FAST["slots"]
-        assert len(stored(store_cluster, ns, FAST["slots"])) == CONNECTIONS
-        feed(a, CONNECTIONS, lambda i: 2000 * i, closed=range(10))  # 10 close
-        feed(a, 0, lambda i: 0)  # an interval with nothing new: nothing to write but the deletions
-        await a.tier.round()
-        assert len(stored(store_cluster, ns, FAST["slots"])) == CONNECTIONS - 10
-        assert stats.write_batches == 2 and stats.rows_written == 2 * CONNECTIONS - 10
+        assert stats.write_batches == 2 and stats.rows_written == CONNECTIONS and stats.write_errors == 0
+        # then one chunk per slot that changed: one HSET of one field
+        assert new_commands(stats) == FAST["slots"]
+        assert store_view(store_cluster, a, ns)[0] == {i: 1000 * i for i in range(CONNECTIONS)}
+        for step in range(2, 3 + COMPACT_EVERY):  # then chunks, and each slot compacted in its turn
+            first = 10 if step > 3 else 0  # 0..9 closed at step 3
+            a.on_batch(columns(SERVER_NODE, [record(i, step * 1000 * i, ConnFlags.CLOSED if step == 3 and i < 10
+                                                    else 0) for i in range(first, CONNECTIONS)]))
+            a.tick()
+            await a.tier.round()
+            expected = {i: step * 1000 * i for i in range(10 if step >= 3 else 0, CONNECTIONS)}
+            connections, most_fields = store_view(store_cluster, a, ns)
+            assert connections == expected, step
+            # per slot one HSET of a chunk, or in its turn a base, an HDEL of the chunks and a PEXPIRE
+            assert new_commands(stats) <= FAST["slots"] + 2 * (FAST["slots"] // COMPACT_EVERY + 1)
+            assert most_fields <= COMPACT_EVERY + 3  # base, layout, names and at most COMPACT_EVERY chunks
+        assert a.tier.writer.flushes > COMPACT_EVERY and all(
+            len(chunks) < COMPACT_EVERY for chunks in a.tier.writer.chunks.values())
+        assert stats.write_errors == 0
         await a.tier.close()
 
     run(scenario())
