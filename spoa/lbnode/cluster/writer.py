@@ -124,7 +124,7 @@ class StoreWriter:
         (bool[slots]) are not this node's to write."""
         if not len(rows):
             return
-        slots = self.slots_of(rows)
+        slots = self.current_slots(rows)
         mine = owned[slots]
         rows, slots = rows[mine], slots[mine]
         table = self.table
@@ -133,7 +133,7 @@ class StoreWriter:
 
     def forget(self, rows: np.ndarray, owned: np.ndarray) -> None:
         """Rows ending here (closed, expired): deletions in their slots' next chunk."""
-        slots = self.slots_of(rows)
+        slots = self.current_slots(rows)
         mine = owned[slots]
         table = self.table
         self._add(self.codec.deletions(conn_keys(table.node[rows[mine]], table.conn_id[rows[mine]])), slots[mine])

@@ -119,10 +119,15 @@ def test_a_lone_member_owns_every_slot_and_writes_what_changed(tmp_path, store_c
     run(scenario())
 
 
+def two_nodes(tmp_path, store_cluster, name: str):
+    """LB nodes 1 and 2 of one tier on the shared store."""
+    ns = namespace(name)
+    return (tier_node(tmp_path, 1, store=store_cluster.seeds, namespace=ns, **FAST),
+            tier_node(tmp_path, 2, store=store_cluster.seeds, namespace=ns, **FAST))
+
+
 def test_killed_node_connections_are_adopted_with_totals_and_deadlines(tmp_path, store_cluster):
-    ns = namespace("failover")
-    a = tier_node(tmp_path, 1, store=store_cluster.seeds, namespace=ns, **FAST)
-    b = tier_node(tmp_path, 2, store=store_cluster.seeds, namespace=ns, **FAST)
+    a, b = two_nodes(tmp_path, store_cluster, "failover")
 
     async def scenario():
         await rounds(a, b, seconds=0.5)  # both members; each owns about half
@@ -170,9 +175,7 @@ def test_killed_node_connections_are_adopted_with_totals_and_deadlines(tmp_path,
 
 
 def test_a_node_whose_membership_lapsed_is_fenced_and_rejoins(tmp_path, store_cluster):
-    ns = namespace("fence")
-    a = tier_node(tmp_path, 1, store=store_cluster.seeds, namespace=ns, **FAST)
-    b = tier_node(tmp_path, 2, store=store_cluster.seeds, namespace=ns, **FAST)
+    a, b = two_nodes(tmp_path, store_cluster, "fence")
 
     async def scenario():
         await rounds(a, b, seconds=0.5)
