@@ -465,6 +465,10 @@ def _check_cluster(config: dict) -> None:
     if c["gc_ms"] <= config["lease"]["max_ms"]:
         raise ConfigError(f"cluster.gc_ms: must be above lease.max_ms ({config['lease']['max_ms']}): a connection "
                           "under its longest lease must not lose its stored state")
+    interval = config["lbnode"]["interval_ms"]
+    if c["membership_ms"] < 3 * interval:
+        raise ConfigError(f"cluster.membership_ms: must be at least 3 x lbnode.interval_ms ({interval}): the "
+                          "membership is renewed at the end of an interval, at least three times per lease")
     if c["membership_ms"] < 3 * c["timeout_ms"]:
         raise ConfigError("cluster.membership_ms: must be at least 3 x cluster.timeout_ms (renewed every third "
                           "of it, each renewal bounded by the timeout)")

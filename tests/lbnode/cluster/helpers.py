@@ -20,7 +20,8 @@ def namespace(name: str) -> str:
 def lbnode_config(tmp_path, node_id: int, **cluster) -> dict:
     key = tmp_path / "lease.key"
     key.write_bytes(b"k" * 32)
-    overrides = {"lbnode.key_file": str(key), "lbnode.node_id": node_id,
+    # the tests end intervals themselves (tick, round): a short interval lets them use short memberships
+    overrides = {"lbnode.key_file": str(key), "lbnode.node_id": node_id, "lbnode.interval_ms": 100,
                  "lbnode.listen": f"127.0.0.1:{9000 + node_id}"}
     overrides.update({f"cluster.{k}": v for k, v in cluster.items()})
     return load(LBNODE_SCHEMA, None, overrides)
