@@ -236,3 +236,31 @@ def test_unreachable_seed_never_joins_and_never_raises(tmp_path):
         assert a.tier.store.stats.errors >= 1
 
     run(scenario())
+
+
+def test_node_dying_with_a_store_primary_loses_nothing_acknowledged(tmp_path, new_store_cluster):
+    cluster = new_store_cluster(primaries=3, replicas=1)
+    ns = namespace("both")
+    a, b = (tier_node(tmp_path, n, store=cluster.seeds, namespace=ns, **FAST) for n in (1, 2))
+
+    async def scenario():
+        await rounds(a, b, seconds=0.5)
+        feed(a, CONNECTIONS, lambda i: 100 * i)  # A ingests its share
+        for _ in range(3):
+            feed(a, CONNECTIONS, lambda i: 200 * i)
+            await a.tier.round()
+        held = len(a.table)
+        # A dies, and with it the store primary of A's slot 0 (its replica takes over)
+        victim = cluster.primary_for_slot(redis.crc.key_slot(slot_key(ns, int(np.flatnonzero(a.tier.owned)[0]))
+                                                             .encode()))
+        cluster.kill(victim)
+        began = time.monotonic()
+        while not b.tier.owned.all():  # loads from the dead primary fail and are retried until promotion
+            await b.tier.round()
+            await asyncio.sleep(0.1)
+            assert time.monotonic() - began < 20, "B did not load A's slots within 20 s of the failover"
+        assert b.tier.loader.adopted == held and b.table.stats.new_connections == 0
+        assert b.tier.store.stats.errors > 0  # it did meet the failover
+        await b.tier.close()
+
+    run(scenario())
