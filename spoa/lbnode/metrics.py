@@ -99,6 +99,8 @@ def tier_metrics(p: str, tier) -> Iterator:
             ("store_write_bytes", "field and value bytes in them", store.write_bytes),
             ("store_write_rows", "connection states in them", store.rows_written),
             ("store_write_errors", "state writes not acknowledged (kept for the next)", store.write_errors),
+            ("store_stale_writes", "slot writes the store refused: another LB node gained the slot",
+             store.stale_writes),
             ("store_write_seconds", "summed latency of the acknowledged state writes", store.write_seconds),
             ("state_loads", "loads of gained slots", store.load_batches),
             ("state_load_errors", "loads of gained slots the store did not answer (retried)", store.load_errors),

@@ -2,7 +2,8 @@
 
 The caller (tier.TierMember) loads a gained slot in the same round that computes the gain,
 before the interval's expiry can run on it: one pipelined HGETALL per slot, then the slot's
-base and chunks applied in order (rows.latest). Each stored connection becomes a table row
+base and chunks applied in order (rows.latest). The same round trip increments the slot's
+epoch: from then on only this node's writes of the slot apply. Each stored connection becomes a table row
 (LeaseTable.adopt) with its whole state restored (RowCodec), and its lease deadline
 
     adopted deadline = max(stored deadline, now + cluster.grace_ms)
@@ -26,7 +27,7 @@ import numpy as np
 from .rows import RowCodec, latest, record_keys
 from .slots import slot_key
 from .store import Store
-from .writer import BASE_FIELD, FRONTENDS_FIELD, LAYOUT_FIELD, StoreWriter, chunk_number
+from .writer import BASE_FIELD, EPOCH_FIELD, FRONTENDS_FIELD, LAYOUT_FIELD, StoreWriter, chunk_number
 
 log = logging.getLogger("spoa.lbnode.cluster")
 
@@ -45,21 +46,28 @@ class StateLoader:
         self.adopted = 0  # spoa_lbnode_connections_adopted_total
 
     async def fetch(self, slots: list[int]) -> dict[int, dict[bytes, bytes]] | None:
-        """Each slot's stored hash, or None when the store did not answer."""
+        """Each slot's stored hash, its epoch incremented first (this node's from now on: see
+        writer.WRITE_SCRIPT), or None when the store did not answer."""
         if not slots:
             return {}
-        replies = await self.store.pipeline("state load", lambda pipe: [
-            pipe.hgetall(slot_key(self.namespace, slot)) for slot in slots])
+
+        def build(pipe: Any) -> None:
+            for slot in slots:
+                pipe.hincrby(slot_key(self.namespace, slot), EPOCH_FIELD, 1)
+                pipe.hgetall(slot_key(self.namespace, slot))
+
+        replies = await self.store.pipeline("state load", build)
         if replies is None:
             self.store.stats.load_errors += 1
             return None
-        return dict(zip(slots, replies))
+        return dict(zip(slots, replies[1::2]))
 
     def records(self, slot: int, stored: dict[bytes, bytes]) -> np.ndarray | None:
         """The slot's live records (base, then chunks in order); None when another layout wrote them."""
         chunks = sorted((n, field) for field in stored if (n := chunk_number(field)) is not None)
         blobs = [stored.get(BASE_FIELD, b"")] + [stored[field] for _n, field in chunks]
-        self.writer.adopted(slot, json.loads(stored.get(FRONTENDS_FIELD, b"[]")), [field for _n, field in chunks])
+        self.writer.adopted(slot, int(stored.get(EPOCH_FIELD, 0)), json.loads(stored.get(FRONTENDS_FIELD, b"[]")),
+                            [field for _n, field in chunks])
         if not any(blobs):
             return self.codec.unpack(b"")
         if stored.get(LAYOUT_FIELD) != self.codec.layout():

@@ -27,6 +27,7 @@ class StoreStats:
     write_commands: int = 0  # store commands in them
     write_bytes: int = 0  # payload bytes of them (field names and values)
     write_errors: int = 0  # batches not acknowledged (kept, sent with the next)
+    stale_writes: int = 0  # slot writes the store refused: another node owns the slot now
     write_seconds: float = 0.0  # summed latency of the acknowledged batches
     last_write_seconds: float = 0.0
     load_batches: int = 0

@@ -4,10 +4,13 @@ A slot's state is one hash, `NS:{NS.SLOT}:rows` (slots.slot_key), of a few field
 - `base`: the records (rows.RowCodec) of every connection of the slot, back to back;
 - `c:N` (N = 1, 2, ...): a chunk per interval since the base: the records of the
   connections refreshed in it, and deletions of those that ended (closed, expired);
-- `layout` (what a record holds) and `frontends` (the names the records index).
+- `layout` (what a record holds) and `frontends` (the names the records index);
+- `epoch`: incremented by each node that gains the slot; every write is a small Lua script
+  that applies only under the writer's epoch (WRITE_SCRIPT), so a former owner still
+  writing is refused by the store itself.
 A loader applies base, then the chunks in order (rows.latest).
 
-So per interval and slot the write is one HSET of one field, a blob built with whole-array
+So per interval and slot the write is one EVAL setting one field, a blob built with whole-array
 operations (no Python work per connection): the store client's own cost per command (about
 30 µs in redis-py) is paid per slot, not per connection. Every `COMPACT_EVERY` chunks the slot
 is compacted: a new base from the table (which holds the slot's whole state), an HDEL of its
@@ -39,7 +42,22 @@ LAYOUT_FIELD = b"layout"
 FRONTENDS_FIELD = b"frontends"
 BASE_FIELD = b"base"
 CHUNK_PREFIX = b"c:"
+EPOCH_FIELD = b"epoch"
 COMPACT_EVERY = 16  # chunks after which a slot is rewritten as one base
+
+# A slot's write, applied only by the owner of its current epoch: a node that gains a slot
+# increments the slot's epoch (HINCRBY, in the same round trip as its load), so an old owner
+# that has not noticed yet has its writes refused by the store (0), never interleaved with the
+# new owner's. KEYS[1]: the slot's hash; ARGV: epoch, PEXPIRE ms (0: none), number of fields to
+# set, then field, value, ..., then the fields to delete.
+WRITE_SCRIPT = """
+if tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0') ~= tonumber(ARGV[1]) then return 0 end
+local n = tonumber(ARGV[3])
+if n > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 4, 3 + 2 * n)) end
+if #ARGV > 3 + 2 * n then redis.call('HDEL', KEYS[1], unpack(ARGV, 4 + 2 * n, #ARGV)) end
+if tonumber(ARGV[2]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"""
 
 
 def chunk_field(number: int) -> bytes:
@@ -67,6 +85,7 @@ class StoreWriter:
         self.frontends: dict[int, list[str]] = {}  # slot -> its frontend names, as stored
         self.frontends_changed: set[int] = set()
         self.flushes = 0  # the compaction turn
+        self.epochs: dict[int, int] = {}  # slot -> the ownership epoch this node writes it under
 
     def slots_of(self, rows: np.ndarray) -> np.ndarray:
         """The slots of table rows; remembered, so that a compaction finds a slot's rows without hashing."""
@@ -138,8 +157,10 @@ class StoreWriter:
         table = self.table
         self._add(self.codec.deletions(conn_keys(table.node[rows[mine]], table.conn_id[rows[mine]])), slots[mine])
 
-    def adopted(self, slot: int, frontends: list[str], chunks: list[bytes]) -> None:
-        """A slot just loaded: its names, and its chunks to delete when its base is written."""
+    def adopted(self, slot: int, epoch: int, frontends: list[str], chunks: list[bytes]) -> None:
+        """A slot just loaded under its new `epoch`: its names, and its chunks to delete when
+        its base is written."""
+        self.epochs[slot] = epoch
         self.frontends[slot] = frontends
         self.chunks[slot] = chunks
         self.needs_base.add(slot)
@@ -149,6 +170,7 @@ class StoreWriter:
         for slot in slots:
             self.pending.pop(slot, None)
             self.chunks.pop(slot, None)
+            self.epochs.pop(slot, None)
             self.frontends.pop(slot, None)
             self.needs_base.discard(slot)
             self.frontends_changed.discard(slot)
@@ -207,13 +229,10 @@ class StoreWriter:
             writes.append((slot_key(self.namespace, slot), fields, gone, slot, chunks))
 
         def build(pipe: Any) -> None:
-            for key, fields, gone, _slot, _chunks in writes:
-                if fields:
-                    pipe.hset(key, mapping=fields)
-                if gone:
-                    pipe.hdel(key, *gone)
-                if BASE_FIELD in fields:
-                    pipe.pexpire(key, self.gc_ms)
+            for key, fields, gone, slot, _chunks in writes:
+                flat = [v for item in fields.items() for v in item]
+                pipe.eval(WRITE_SCRIPT, 1, key, self.epochs.get(slot, 0), self.gc_ms if BASE_FIELD in fields else 0,
+                          len(fields), *flat, *gone)
 
         stats = self.store.stats
         began = time.perf_counter()
@@ -232,6 +251,9 @@ class StoreWriter:
         stats.rows_written += records
         stats.write_seconds += took
         stats.last_write_seconds = took
-        for _key, _fields, _gone, slot, chunks in writes:
-            self.chunks[slot] = chunks
+        for (_key, _fields, _gone, slot, chunks), written in zip(writes, replies):
+            if written:
+                self.chunks[slot] = chunks
+            else:  # another node took the slot (a newer epoch): ours is history; the next rebalance drops it
+                stats.stale_writes += 1
         return True
