@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,6 +66,12 @@ def read_key_file(path: str) -> bytes:
 
 def _check_key_file(value: str) -> None:
     read_key_file(value)
+
+
+def _check_namespace(value: str) -> None:
+    # Braces would change the keys' hash tags (the slot a key lives in); the rest keeps keys readable.
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+        raise ValueError("expected 1 to 64 of A-Z a-z 0-9 _ . -")
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -247,6 +254,27 @@ LBNODE_SCHEMA: dict[str, dict[str, Field]] = {
         "quantile": Field(float, 0.999, "class quantile of segment rates", minimum=0.5, maximum=0.99999),
         "factor": Field((int, float), 4.0, "flag above quantile x factor", minimum=1.0, maximum=1e6),
         "min_samples": Field(int, 1000, "class samples before flagging", minimum=1, maximum=1 << 32),
+    },
+    "cluster": {
+        "store": Field(list, [], "seed nodes HOST:PORT of the Valkey/Redis Cluster holding the tier's state "
+                       "(issue 13); empty: this LB node runs alone, its state in memory only",
+                       item_kind=str, check=_check_tcp_address, allow_empty=True),
+        "advertise": Field(str, None, "HOST:PORT agents should send this LB node's share to; null: "
+                           "lbnode.listen", check=_check_tcp_address, nullable=True),
+        "namespace": Field(str, "spoa", "prefix of every key this tier writes (tiers sharing one store "
+                           "keep apart by it)", check=_check_namespace),
+        "slots": Field(int, 1024, "ownership slots (a power of two): connections hash to one by the store's "
+                       "CRC16, each slot has one owner among the live LB nodes", minimum=16, maximum=16384),
+        "membership_ms": Field(int, 3000, "lease of this node's membership key, renewed every third of it; a "
+                               "node that finds its key lapsed is fenced (answers nothing) and rejoins",
+                               minimum=300, maximum=600_000),
+        "grace_ms": Field(int, 3000, "an adopted connection's lease ends no sooner than this after its "
+                          "adoption (the agents' time to re-route)", minimum=0, maximum=3_600_000),
+        "gc_ms": Field(int, 7_200_000, "expiry of a slot's stored state (a garbage-collection backstop for "
+                       "slots nobody owns any more; the owner renews it); above lease.max_ms",
+                       minimum=1000, maximum=30 * 86_400_000),
+        "timeout_ms": Field(int, 500, "bound on one store round trip; beyond, the store counts as "
+                            "unreachable for it (served from memory, retried)", minimum=10, maximum=60_000),
     },
     "metrics": AGENT_SCHEMA["metrics"],
     "log": AGENT_SCHEMA["log"],
@@ -449,8 +477,26 @@ def _check_lbnode_memory(config: dict) -> None:
                           "LB-node state")
 
 
+def _check_cluster(config: dict) -> None:
+    c = config.get("cluster")
+    if not c:
+        return
+    if c["slots"] & (c["slots"] - 1):
+        raise ConfigError(f"cluster.slots: {c['slots']} is not a power of two (16, 32, ... 16384)")
+    if c["gc_ms"] <= config["lease"]["max_ms"]:
+        raise ConfigError(f"cluster.gc_ms: must be above lease.max_ms ({config['lease']['max_ms']}): a connection "
+                          "under its longest lease must not lose its stored state")
+    interval = config["lbnode"]["interval_ms"]
+    if c["membership_ms"] < 3 * interval:
+        raise ConfigError(f"cluster.membership_ms: must be at least 3 x lbnode.interval_ms ({interval}): the "
+                          "membership is renewed at the end of an interval, at least three times per lease")
+    if c["membership_ms"] < 3 * c["timeout_ms"]:
+        raise ConfigError("cluster.membership_ms: must be at least 3 x cluster.timeout_ms (renewed every third "
+                          "of it, each renewal bounded by the timeout)")
+
+
 CROSS_CHECKS = (_check_segment_sizes, _check_segments_fit_mtu, _check_publish_key, _check_lease_bounds,
-                _check_arima_order, _check_agent_memory, _check_lbnode_memory)
+                _check_arima_order, _check_agent_memory, _check_lbnode_memory, _check_cluster)
 
 
 def reference_markdown(title: str, schema: dict[str, dict[str, Field]]) -> str:

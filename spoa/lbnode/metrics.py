@@ -59,6 +59,8 @@ class LbNodeCollector:
         if drops is not None:
             yield CounterMetricFamily(f"{p}_udp_drops", "datagrams the kernel dropped: receive buffer full "
                                       "(raise lbnode.receive_buffer)", value=drops)
+        if getattr(self._lbnode, "tier", None) is not None:
+            yield from tier_metrics(p, self._lbnode.tier)
         tcp = self._tcp
         if tcp is not None:
             yield GaugeMetricFamily(f"{p}_tcp_connections", "agents connected over TCP", value=len(tcp.streams))
@@ -69,6 +71,42 @@ class LbNodeCollector:
                                "lbnode.tcp_message_timeout"),
                               ("budget_closes", "TCP peers closed for exceeding lbnode.tcp_max_buffered_bytes")):
                 yield CounterMetricFamily(f"{p}_tcp_{name}", doc, value=getattr(tcp, name))
+
+
+def tier_metrics(p: str, tier) -> Iterator:
+    """An LB node in a tier (lbnode `cluster:`): what it owns, adopted, wrote, and whether it is fenced."""
+    store, membership = tier.store.stats, tier.membership
+    yield GaugeMetricFamily(f"{p}_slots_owned", "ownership slots this LB node owns", value=int(tier.owned.sum()))
+    yield GaugeMetricFamily(f"{p}_tier_members", "LB nodes in the live set last read", value=len(membership.live))
+    yield GaugeMetricFamily(f"{p}_fenced", "1 while this node's membership lapsed (it answers nothing)",
+                            value=int(tier.fenced))
+    yield GaugeMetricFamily(f"{p}_answering", "1 while this node sends hints (member, membership confirmed or "
+                            "store unreachable)", value=int(tier.answering()))
+    yield GaugeMetricFamily(f"{p}_store_unreachable", "1 while the last store call failed (serving from memory)",
+                            value=int(store.unreachable))
+    yield GaugeMetricFamily(f"{p}_store_write_last_seconds", "latency of the last acknowledged state write",
+                            value=store.last_write_seconds)
+    for name, doc, value in (
+            ("connections_adopted", "connections whose state was loaded from the store after an ownership change",
+             tier.loader.adopted),
+            ("connections_handed_over", "connections let go to their new owner", tier.handed_over),
+            ("records_not_owned", "records received for slots another LB node owns (not ingested)",
+             tier.records_not_owned),
+            ("fences", "times this node found its membership lapsed", membership.fences),
+            ("store_errors", "store calls that failed or timed out", store.errors),
+            ("store_write_batches", "state writes acknowledged (one pipeline per interval)", store.write_batches),
+            ("store_write_commands", "store commands in them", store.write_commands),
+            ("store_write_bytes", "field and value bytes in them", store.write_bytes),
+            ("store_write_rows", "connection states in them", store.rows_written),
+            ("store_write_errors", "state writes not acknowledged (kept for the next)", store.write_errors),
+            ("store_stale_writes", "slot writes the store refused: another LB node gained the slot",
+             store.stale_writes),
+            ("store_write_seconds", "summed latency of the acknowledged state writes", store.write_seconds),
+            ("state_loads", "loads of gained slots", store.load_batches),
+            ("state_load_errors", "loads of gained slots the store did not answer (retried)", store.load_errors),
+            ("state_load_seconds", "summed time of those loads", store.load_seconds),
+            ("state_rows_refused", "stored connections not adopted: another layout", store.rows_refused)):
+        yield CounterMetricFamily(f"{p}_{name}", doc, value=value)
 
 
 def serve_lbnode_metrics(address: str, lbnode, receiver, tcp_listener=None) -> tuple:

@@ -147,6 +147,9 @@ class LeaseTable:
         self.recently_expired: OrderedDict[tuple[int, bytes], int] = OrderedDict()
         self.remember_expired = remember_expired
         self.allocations = 0
+        # called with the rows of connections ending here (closed, expired) before they are
+        # released: the tier deletes their stored state (spoa/lbnode/cluster/writer.py)
+        self.on_release: Any = None
         self.stats = LbNodeStats()
         self._grow(min(capacity, INITIAL_CAPACITY))
 
@@ -261,13 +264,7 @@ class LeaseTable:
         unique, first, inverse = np.unique(pairs, axis=0, return_index=True, return_inverse=True)
         ids = np.empty(len(unique), np.int32)
         for u in np.argsort(first).tolist():  # classes get their ids in the order they are met
-            klass = (int(unique[u, 0]), batch.frontends[int(unique[u, 1])])
-            cid = self.classes.get(klass)
-            if cid is None:
-                cid = self.classes[klass] = len(self.class_names)
-                self.class_names.append(klass[1])
-                self.class_lease = np.append(self.class_lease, np.nan)
-            ids[u] = cid
+            ids[u] = self.class_of(int(unique[u, 0]), batch.frontends[int(unique[u, 1])])
         self.class_id[slots] = ids[inverse.reshape(-1)]
         self.stats.new_connections += len(slots)
         self._start(slots, now)
@@ -276,6 +273,35 @@ class LeaseTable:
             # its last record is new volume, not its whole cumulative count.
             self.last_total[slot] = last_total
         self.stats.premature_expiries += len(resumed)
+
+    def class_of(self, node_id: int, frontend: str) -> int:
+        """The id of a traffic class (server node + frontend), given one when first met."""
+        klass = (node_id, frontend)
+        cid = self.classes.get(klass)
+        if cid is None:
+            cid = self.classes[klass] = len(self.class_names)
+            self.class_names.append(frontend)
+            self.class_lease = np.append(self.class_lease, np.nan)
+        return cid
+
+    def adopt(self, node_ids: np.ndarray, conn_ids: np.ndarray, class_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows for connections another LB node held (the tier, spoa/lbnode/cluster: their state
+        loaded from the store), and which are new here (REFUSED: no room). A new row gets its
+        class and allocation order; the caller restores the rest of its state. Not new
+        connections: counted by the caller as adopted."""
+        slots, fresh = self._resolve(SimpleNamespace(n=len(node_ids), node_id=node_ids, conn_id=conn_ids),
+                                     np.ones(len(node_ids), bool))
+        rows = slots[fresh]
+        self.born[rows] = self.allocations + np.arange(len(rows))
+        self.allocations += len(rows)
+        self.class_id[rows] = class_ids[fresh]
+        self.refreshed[rows] = False
+        return slots, fresh
+
+    def hand_over(self, slots: np.ndarray) -> None:
+        """Let go of connections another LB node owns now: released, neither expired nor
+        closed, and not reported to on_release (their stored state is the new owner's)."""
+        self._release(slots, handed_over=True)
 
     def _refresh(self, batch: Any, rows: np.ndarray | slice, slots: np.ndarray, now: int) -> None:
         """Records `rows` of the batch (slice(None): all) refresh the distinct `slots`."""
@@ -318,7 +344,9 @@ class LeaseTable:
         if self.history is not None:
             self.history.reset(slots)
 
-    def _release(self, slots: np.ndarray) -> None:
+    def _release(self, slots: np.ndarray, handed_over: bool = False) -> None:
+        if self.on_release is not None and not handed_over and len(slots):
+            self.on_release(slots)  # while the rows still hold their keys
         self.keys.release(slots)
         self.refreshed[slots] = False
         self.segments.release_connections(slots)
@@ -440,17 +468,25 @@ class LbNode:
         # more than a million datagrams a second.
         self._sequence = time.time_ns() // 1000
         self.receiver: Any = None  # the BatchReceiver feeding on_batch: flushed before each interval ends
+        self.tier: Any = None  # with lbnode `cluster:`, its TierMember (spoa/lbnode/cluster/tier.py)
 
     def on_datagram(self, header: Any, addr: Any) -> None:
         self.addresses[header.node_id] = addr
 
     def on_batch(self, batch: Any) -> None:
+        if self.tier is not None:
+            batch = self.tier.owned_records(batch)
         self.table.ingest_batch(batch, now_ms())
 
     def tick(self) -> None:
         if self.receiver is not None:
             self.receiver.flush()  # what arrived this turn belongs to the interval ending now
+        tier = self.tier
+        changed = np.flatnonzero(self.table.refreshed) if tier is not None else None
         hints = self.table.end_interval(now_ms())
+        if tier is not None:  # in a tier: state to the store, hints only for what this node owns
+            tier.after_interval(changed)
+            hints = tier.own_hints(hints)
         stats = self.table.stats
         for node_id, node_hints in hints.items():
             addr = self.addresses.get(node_id)

@@ -101,10 +101,23 @@ async def open_lbnode(config: dict) -> LbNode:
     lbnode.receiver = receiver
     lbnode.transport = await open_batch_receiver(host, port, receiver)
     set_receive_buffer(lbnode.transport.sock, config["lbnode"]["receive_buffer"])
+    bound = lbnode.transport.get_extra_info("sockname")
     if lbnode.lbnode_id is None:
-        bound = lbnode.transport.get_extra_info("sockname")
         lbnode.lbnode_id = derived_node_id(f"{bound[0]}:{bound[1]}")
+    if config["cluster"]["store"]:
+        lbnode.tier = tier_from_config(config["cluster"], lbnode, f"{bound[0]}:{bound[1]}")
     return lbnode
+
+
+def tier_from_config(cluster: dict, lbnode: LbNode, bound: str):
+    """This node's part in the tier on the store `cluster.store` names (spoa/lbnode/cluster/)."""
+    try:
+        import redis  # noqa: F401 - say so at start, not at the first store call
+    except ImportError:
+        raise ConfigError("cluster.store: the tier needs redis-py (pip install 'spoa-lease[cluster]')") from None
+    from .cluster.tier import TierMember
+
+    return TierMember(lbnode.table, lbnode.lbnode_id, cluster, cluster["advertise"] or bound)
 
 
 async def _interval_loop(lbnode: LbNode, refit_every: int) -> None:
@@ -118,6 +131,8 @@ async def _interval_loop(lbnode: LbNode, refit_every: int) -> None:
         await asyncio.sleep(max(0.0, next_at - loop.time()))
         try:
             lbnode.tick()
+            if lbnode.tier is not None:
+                await lbnode.tier.round()  # bounded by cluster.timeout_ms per store call
         except Exception:
             log.exception("interval failed")
         ticks += 1
@@ -145,6 +160,8 @@ async def serve_lbnode(config: dict, reload=None) -> None:
 
         with startup_error("metrics.listen"):
             serve_lbnode_metrics(config["metrics"]["listen"], lbnode, receiver, tcp_server)
+    if lbnode.tier is not None:
+        await lbnode.tier.round()  # join (or find the store down) before the first interval
     ticker = loop.create_task(_interval_loop(lbnode, config["forecast"]["arima_refit_intervals"]))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -153,10 +170,13 @@ async def serve_lbnode(config: dict, reload=None) -> None:
         # Leases, policy and forecaster hold per-connection state built from
         # the old values: only logging changes live; the rest is named.
         loop.add_signal_handler(signal.SIGHUP, reload, lambda new: {"log"})
-    log.info("spoa-lease lbnode %s ready on udp %s (policy %s, forecaster %s)", __version__,
-             config["lbnode"]["listen"], config["lease"]["policy"], config["forecast"]["method"])
+    log.info("spoa-lease lbnode %s ready on udp %s (policy %s, forecaster %s%s)", __version__,
+             config["lbnode"]["listen"], config["lease"]["policy"], config["forecast"]["method"],
+             f", tier on {','.join(config['cluster']['store'])}" if lbnode.tier is not None else "")
     await stop.wait()
     ticker.cancel()
+    if lbnode.tier is not None:
+        await lbnode.tier.close()  # last changes written, membership given up: the others take over now
     transport.close()
     if tcp_server is not None:
         tcp_server.close()

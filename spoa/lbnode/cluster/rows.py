@@ -1,0 +1,112 @@
+"""A held connection's whole state as one fixed-size record: what a successor needs to go on.
+
+A record is a row of a numpy structured array: the connection's key (server node id and
+conn_id, 24 bytes), a deletion flag, and
+- the LeaseTable columns a lease and its history depend on (ROW_COLUMNS: deadline, last
+  cumulative total, lease and its source, volume not yet forecast, ...), plus the row's
+  frontend as an index into its slot's list of frontend names (the traffic class is
+  server node + frontend, the node id is in the field name);
+- every per-row array of the table's parts (forecaster, lease policy, rolling history,
+  and the parts they hold, such as the activity policy's ring of silences): found as the
+  numpy arrays whose first dimension is the table's capacity, the convention their
+  `resize` keeps. So the forecasters' and policies' state persists without each of them
+  declaring it, and a new forecaster's state is included the day it exists.
+
+Records of many connections are stored back to back as one blob (writer.py): a slot's
+state is its base blob then its chunks, applied in order (`latest`: each connection's last
+record counts, a deletion removes it). The layout (field names, dtypes, shapes) is written
+next to them; a loader whose layout differs (another forecaster, another history length)
+refuses the slot, counted, instead of reading it wrongly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .slots import CONN_KEY_BYTES
+
+# LeaseTable columns a successor needs (born, refreshed and position are this process's own).
+ROW_COLUMNS = ("expires", "refreshed_at", "last_total", "volume", "elapsed", "lease", "source", "level", "flagged")
+TABLE_PARTS = ("forecaster", "policy", "history")
+
+
+def _part_arrays(name: str, part: Any, capacity: int, found: list) -> None:
+    """(name.attr, array) of each per-row array of `part`, and of the parts it holds."""
+    for attr, value in sorted(vars(part).items()):
+        if isinstance(value, np.ndarray) and value.ndim >= 1 and value.shape[0] == capacity:
+            found.append((f"{name}.{attr}", part, attr))
+        elif hasattr(value, "resize") and getattr(value, "capacity", None) == capacity:
+            _part_arrays(f"{name}.{attr}", value, capacity, found)
+
+
+class RowCodec:
+    """Table rows to records (numpy structured rows: the connection's key, a deletion flag, its
+    frontend index, its state) and back, for one LeaseTable (its arrays are read at each call:
+    they are replaced when the table grows)."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    def _fields(self) -> list[tuple[str, Any, str]]:
+        table = self.table
+        fields = [(f"table.{column}", table, column) for column in ROW_COLUMNS]
+        for name in TABLE_PARTS:
+            part = getattr(table, name, None)
+            if part is not None:
+                _part_arrays(name, part, table.capacity, fields)
+        return fields
+
+    def dtype(self) -> np.dtype:
+        columns = [(name, getattr(owner, attr).dtype, getattr(owner, attr).shape[1:])
+                   for name, owner, attr in self._fields()]
+        # key: server node id (u64 LE) + conn_id; gone: 1 in a deletion (the connection ended)
+        return np.dtype([("key", f"V{CONN_KEY_BYTES}"), ("gone", np.uint8), ("frontend", np.uint32)] + columns)
+
+    def layout(self) -> bytes:
+        """What a record holds, as text: equal layouts read each other's records."""
+        return repr(self.dtype().descr).encode()
+
+    def pack(self, rows: np.ndarray, keys: np.ndarray, frontends: np.ndarray) -> np.ndarray:
+        """The records of `rows` (keys: uint8[n, 24]; frontends: each row's index into its
+        slot's frontend names)."""
+        packed = np.empty(len(rows), self.dtype())
+        for name, owner, attr in self._fields():
+            packed[name] = getattr(owner, attr)[rows]
+        packed["key"] = keys.view(f"V{CONN_KEY_BYTES}").reshape(-1)
+        packed["gone"] = 0
+        packed["frontend"] = frontends
+        return packed
+
+    def deletions(self, keys: np.ndarray) -> np.ndarray:
+        """Records saying these connections ended (keys: uint8[n, 24])."""
+        packed = np.zeros(len(keys), self.dtype())
+        packed["key"] = keys.view(f"V{CONN_KEY_BYTES}").reshape(-1)
+        packed["gone"] = 1
+        return packed
+
+    def unpack(self, blobs: bytes) -> np.ndarray:
+        """Records back to back (as `pack(...).tobytes()` gives them) as a structured array."""
+        return np.frombuffer(blobs, self.dtype())
+
+    def restore(self, rows: np.ndarray, packed: np.ndarray) -> None:
+        """Each row of the table (and of its parts) set from its record."""
+        for name, owner, attr in self._fields():
+            getattr(owner, attr)[rows] = packed[name]
+
+
+def record_keys(records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (server node ids uint64[n], conn_ids V16[n]) of records."""
+    raw = np.ascontiguousarray(records["key"]).view(np.uint8).reshape(len(records), CONN_KEY_BYTES)
+    return raw[:, :8].copy().view("<u8").reshape(-1).astype(np.uint64), raw[:, 8:].copy().view("V16").reshape(-1)
+
+
+def latest(records: np.ndarray) -> np.ndarray:
+    """Of records in the order they were written, each connection's last one, deletions dropped."""
+    if not len(records):
+        return records
+    reverse = records[::-1]
+    _, first = np.unique(reverse["key"], return_index=True)
+    last = reverse[np.sort(first)]
+    return last[last["gone"] == 0]

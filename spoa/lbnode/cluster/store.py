@@ -1,0 +1,109 @@
+"""The connection to the tier's Valkey/Redis Cluster, and what it did (the metrics read it).
+
+Every round trip goes through `Store.call`, bounded by `cluster.timeout_ms`: a store that is
+down, slow or between failovers makes the call return None (counted, logged once per outage,
+retried by the caller's next round), never raise into the LB node; the node goes on serving
+from memory. redis-py's cluster client follows the store's topology (MOVED, ASK, a replica
+promoted) by itself; after a failure the client is rebuilt from the seeds at the next call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("spoa.lbnode.cluster")
+
+
+@dataclass
+class StoreStats:
+    calls: int = 0
+    errors: int = 0  # calls that failed or timed out
+    unreachable: bool = False  # the last call failed
+    write_batches: int = 0  # pipelined writes of an interval's changes
+    write_commands: int = 0  # store commands in them
+    write_bytes: int = 0  # payload bytes of them (field names and values)
+    write_errors: int = 0  # batches not acknowledged (kept, sent with the next)
+    stale_writes: int = 0  # slot writes the store refused: another node owns the slot now
+    write_seconds: float = 0.0  # summed latency of the acknowledged batches
+    last_write_seconds: float = 0.0
+    load_batches: int = 0
+    load_errors: int = 0
+    load_seconds: float = 0.0  # summed time of the loads of gained slots
+    rows_written: int = 0
+    rows_loaded: int = 0
+    rows_refused: int = 0  # stored rows not adopted: their layout differs from this node's
+
+
+def parse_seed(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class Store:
+    """The cluster client, made at first use and rebuilt after a failure."""
+
+    def __init__(self, seeds: list[str], timeout_ms: int) -> None:
+        if not seeds:
+            raise ValueError("cluster.store: no seed node given")
+        self.seeds = [parse_seed(seed) for seed in seeds]
+        self.timeout = timeout_ms / 1000
+        self.stats = StoreStats()
+        self._client: Any = None
+
+    def _make_client(self) -> Any:
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+        from redis.backoff import NoBackoff
+        from redis.asyncio.retry import Retry
+
+        # No retries inside redis-py: a round is bounded by our timeout, and the next
+        # round is the retry (with what changed meanwhile).
+        return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in self.seeds],
+                            socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
+                            retry=Retry(NoBackoff(), 0), require_full_coverage=False)
+
+    async def call(self, what: str, operation: Callable[[Any], Awaitable[Any]]) -> Any:
+        """operation(client)'s result, or None when the store did not answer in time (counted)."""
+        stats = self.stats
+        stats.calls += 1
+        try:
+            if self._client is None:
+                self._client = self._make_client()
+            result = await asyncio.wait_for(operation(self._client), self.timeout)
+        except Exception as exc:  # any failure of the store is one: served from memory, retried
+            stats.errors += 1
+            if not stats.unreachable:
+                log.warning("store unreachable (%s: %s: %s); serving from memory, retrying", what,
+                            type(exc).__name__, exc)
+            stats.unreachable = True
+            await self._drop_client()
+            return None
+        if stats.unreachable:
+            log.warning("store reachable again (%s)", what)
+            stats.unreachable = False
+        return result
+
+    async def pipeline(self, what: str, build: Callable[[Any], None]) -> list | None:
+        """One pipeline (no transaction: its commands go to their shards in parallel) that
+        `build(pipe)` fills; its replies, or None (see call). A command that failed fails it."""
+
+        async def run(client: Any) -> list:
+            pipe = client.pipeline(transaction=False)
+            build(pipe)
+            return await pipe.execute(raise_on_error=True)
+
+        return await self.call(what, run)
+
+    async def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                await asyncio.wait_for(client.aclose(), self.timeout)
+            except Exception:  # closing a broken client may fail too; it is dropped either way
+                pass
+
+    async def close(self) -> None:
+        await self._drop_client()

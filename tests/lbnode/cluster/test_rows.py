@@ -1,0 +1,59 @@
+"""A row's whole state (table columns, forecaster, policy, history) as a blob, and back."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from spoa.lbnode.cluster.rows import RowCodec, latest, record_keys
+from spoa.lbnode.cluster.slots import conn_keys
+from spoa.lbnode.node import columns
+from spoa.lbnode.service import build_lbnode
+
+from .helpers import lbnode_config, record
+
+
+def test_rows_restore_into_another_table_exactly(tmp_path):
+    source = build_lbnode(lbnode_config(tmp_path, 1)).table
+    for now in (1000, 2000, 3000):
+        source.ingest_batch(columns(7, [record(i, i * now) for i in range(50)]), now)
+        source.end_interval(now)
+    rows = np.flatnonzero(source.keys.in_use)
+    codec = RowCodec(source)
+    keys = conn_keys(source.node[rows], source.conn_id[rows])
+    blobs = codec.pack(rows, keys, np.zeros(len(rows), np.uint32)).tobytes()
+    assert len(blobs) == codec.dtype().itemsize * len(rows)
+    target = build_lbnode(lbnode_config(tmp_path, 2)).table
+    into = np.arange(10, 10 + len(rows))
+    records = codec.unpack(blobs)
+    node_ids, conn_ids = record_keys(records)
+    assert (node_ids == source.node[rows]).all() and conn_ids.tobytes() == source.conn_id[rows].tobytes()
+    assert not records["gone"].any()
+    RowCodec(target).restore(into, records)
+    fields = codec._fields()
+    assert {name for name, _, _ in fields} >= {"table.expires", "table.last_total", "forecaster.size",
+                                                "policy.gap_q", "history.buf", "policy.silences.buf"}
+    for (name, owner, attr), (_, owner2, attr2) in zip(fields, RowCodec(target)._fields()):
+        np.testing.assert_array_equal(getattr(owner, attr)[rows], getattr(owner2, attr2)[into], err_msg=name)
+
+
+def test_another_history_length_is_another_layout(tmp_path):
+    a = RowCodec(build_lbnode(lbnode_config(tmp_path, 1)).table)
+    config = lbnode_config(tmp_path, 1)
+    config["forecast"]["history"] = 16
+    assert a.layout() != RowCodec(build_lbnode(config).table).layout()
+
+
+def test_latest_record_of_each_connection_counts_and_deletions_remove(tmp_path):
+    table = build_lbnode(lbnode_config(tmp_path, 1)).table
+    table.ingest_batch(columns(7, [record(i, 10 * (i + 1)) for i in range(3)]), 1000)
+    codec = RowCodec(table)
+    rows = np.array([table.slot(7, i.to_bytes(16, "big")) for i in range(3)])
+    keys = conn_keys(table.node[rows], table.conn_id[rows])
+    first = codec.pack(rows, keys, np.zeros(3, np.uint32))
+    table.last_total[rows] += 5
+    second = codec.pack(rows[:2], keys[:2], np.zeros(2, np.uint32))  # 0 and 1 refreshed again
+    gone = codec.deletions(keys[1:2])  # 1 ended
+    result = latest(np.concatenate([first, second, gone]))
+    by_key = {bytes(r["key"]): int(r["table.last_total"]) for r in result}
+    assert by_key == {bytes(keys[0]): 15, bytes(keys[2]): 30}
+    assert not len(latest(first[:0]))

@@ -1,0 +1,295 @@
+"""The tier against a real Valkey/Redis Cluster: state written per slot, adopted on failover with
+its totals and deadlines, a lapsed node fenced, an unreachable store survived."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+import redis
+
+from spoa.lbnode.cluster.membership import FENCED, MEMBER
+from spoa.lbnode.cluster.slots import conn_slots, slot_key
+from spoa.lbnode.cluster.writer import COMPACT_EVERY
+from spoa.lbnode.node import columns
+from spoa.netutil import now_ms
+from spoa.wire.records import ConnFlags
+
+from .helpers import namespace, record, tier_node
+
+SERVER_NODE = 7
+CONNECTIONS = 300
+# Short leases so the failover tests take seconds; timeout x 3 <= membership (the config's rule).
+FAST = {"membership_ms": 900, "timeout_ms": 300, "grace_ms": 3000, "slots": 64}
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def feed(lbnode, count: int, total_per_conn, closed=()) -> None:
+    """One interval: a record of each connection (cumulative total), then the node's tick."""
+    recs = [record(i, total_per_conn(i), ConnFlags.CLOSED if i in closed else 0) for i in range(count)]
+    lbnode.on_batch(columns(SERVER_NODE, recs))
+    lbnode.tick()
+
+
+def answered(lbnode, count: int, total_per_conn) -> int:
+    """One interval's records, then how many hints the node would send for them."""
+    lbnode.on_batch(columns(SERVER_NODE, [record(i, total_per_conn(i)) for i in range(count)]))
+    hints = lbnode.tier.own_hints(lbnode.table.end_interval(now_ms()))
+    return sum(len(entries) for entries in hints.values())
+
+
+async def rounds(*lbnodes, seconds: float) -> None:
+    """Every node's round, each interval (here 100 ms), for `seconds`."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for lbnode in lbnodes:
+            await lbnode.tier.round()
+        await asyncio.sleep(0.1)
+
+
+def store_view(store_cluster, lbnode, ns: str) -> tuple[dict[int, int], int]:
+    """conn number -> last total, as a loader reads the store (base, chunks, deletions); and
+    the most fields a slot's hash has."""
+    c = redis.RedisCluster.from_url(f"redis://{store_cluster.seeds[0]}")
+    try:
+        out, most = {}, 0
+        for slot in range(lbnode.tier.slots):
+            stored = c.hgetall(slot_key(ns, slot))
+            most = max(most, len(stored))
+            writer = lbnode.tier.writer
+            kept = {name: dict(getattr(writer, name)) for name in ("frontends", "chunks", "epochs")}
+            was_due = slot in writer.needs_base
+            records = lbnode.tier.loader.records(slot, stored)
+            for name, before in kept.items():  # records() hands the slot over as if gained: undo
+                setattr(writer, name, before)
+            if not was_due:
+                writer.needs_base.discard(slot)
+            out.update({int.from_bytes(bytes(r["key"])[8:], "big"): int(r["table.last_total"]) for r in records})
+        return out, most
+    finally:
+        c.close()
+
+
+_seen_commands: dict[int, int] = {}
+
+
+def new_commands(stats) -> int:
+    """Store commands written since the previous call (per stats object)."""
+    previous = _seen_commands.get(id(stats), 0)
+    _seen_commands[id(stats)] = stats.write_commands
+    return stats.write_commands - previous
+
+
+def test_a_lone_member_owns_every_slot_and_writes_what_changed(tmp_path, store_cluster):
+    ns = namespace("lone")
+    # a long membership: the test reads the store back between rounds, slower than the renewals
+    a = tier_node(tmp_path, 1, store=store_cluster.seeds, namespace=ns, **{**FAST, "membership_ms": 60_000})
+
+    async def scenario():
+        await a.tier.round()  # joins, owns everything (alone)
+        assert a.tier.membership.state == MEMBER and a.tier.owned.all()
+        stats = a.tier.store.stats
+        # gained slots get a base each (empty here): per slot one EVAL (base, layout, names, PEXPIRE)
+        assert stats.write_batches == 1 and new_commands(stats) == FAST["slots"]
+        feed(a, CONNECTIONS, lambda i: 1000 * i)
+        await a.tier.round()
+        assert stats.write_batches == 2 and stats.rows_written == CONNECTIONS and stats.write_errors == 0
+        # then one chunk per slot that changed: one EVAL setting one field
+        assert new_commands(stats) == FAST["slots"]
+        assert store_view(store_cluster, a, ns)[0] == {i: 1000 * i for i in range(CONNECTIONS)}
+        for step in range(2, 3 + COMPACT_EVERY):  # then chunks, and each slot compacted in its turn
+            first = 10 if step > 3 else 0  # 0..9 closed at step 3
+            a.on_batch(columns(SERVER_NODE, [record(i, step * 1000 * i, ConnFlags.CLOSED if step == 3 and i < 10
+                                                    else 0) for i in range(first, CONNECTIONS)]))
+            a.tick()
+            await a.tier.round()
+            expected = {i: step * 1000 * i for i in range(10 if step >= 3 else 0, CONNECTIONS)}
+            connections, most_fields = store_view(store_cluster, a, ns)
+            assert connections == expected, step
+            # per slot one EVAL: a chunk, or in its turn a base, an HDEL of the chunks and a PEXPIRE
+            assert new_commands(stats) == FAST["slots"]
+            assert most_fields <= COMPACT_EVERY + 4  # base, layout, names, epoch and at most COMPACT_EVERY chunks
+        assert a.tier.writer.flushes > COMPACT_EVERY and all(
+            len(chunks) < COMPACT_EVERY for chunks in a.tier.writer.chunks.values())
+        assert stats.write_errors == 0
+        await a.tier.close()
+
+    run(scenario())
+
+
+def two_nodes(tmp_path, store_cluster, name: str):
+    """LB nodes 1 and 2 of one tier on the shared store."""
+    ns = namespace(name)
+    return (tier_node(tmp_path, 1, store=store_cluster.seeds, namespace=ns, **FAST),
+            tier_node(tmp_path, 2, store=store_cluster.seeds, namespace=ns, **FAST))
+
+
+def test_killed_node_connections_are_adopted_with_totals_and_deadlines(tmp_path, store_cluster):
+    a, b = two_nodes(tmp_path, store_cluster, "failover")
+
+    async def scenario():
+        await rounds(a, b, seconds=0.5)  # both members; each owns about half
+        assert a.tier.owned.sum() + b.tier.owned.sum() == FAST["slots"] and not (a.tier.owned & b.tier.owned).any()
+        share = a.tier.owned.copy()
+        # the agent (not built yet) sends each connection to its owner: here, A's share to A
+        ids = np.arange(CONNECTIONS)
+        conn_ids = np.array([int(i).to_bytes(16, "big") for i in ids], "V16")
+        mine = ids[share[conn_slots(np.full(CONNECTIONS, SERVER_NODE, np.uint64), conn_ids, FAST["slots"])]]
+        assert 0.3 * CONNECTIONS < len(mine) < 0.7 * CONNECTIONS
+        for step in (1, 2, 3):
+            a.on_batch(columns(SERVER_NODE, [record(int(i), 1000 * step * int(i)) for i in mine]))
+            a.tick()
+            await a.tier.round()
+        table = a.table
+        before = {int(i): (int(table.last_total[table.slot(SERVER_NODE, int(i).to_bytes(16, "big"))]),
+                           int(table.expires[table.slot(SERVER_NODE, int(i).to_bytes(16, "big"))]))
+                  for i in mine}
+        history_before = table.history.series(table.slot(SERVER_NODE, int(mine[0]).to_bytes(16, "big")))
+        # A dies (no more rounds, its membership lapses); B takes over A's slots and loads them
+        died = now_ms()
+        began = time.monotonic()
+        while not b.tier.owned.all():
+            await b.tier.round()
+            await asyncio.sleep(0.05)
+            assert time.monotonic() - began < 5, "B did not take A's slots within 5 s"
+        failover = time.monotonic() - began
+        assert failover < 3 * FAST["membership_ms"] / 1000
+        assert b.tier.loader.adopted == len(mine)
+        assert b.table.stats.new_connections == 0 and b.table.stats.premature_expiries == 0
+        for i, (total, expires) in before.items():
+            row = b.table.slot(SERVER_NODE, i.to_bytes(16, "big"))
+            assert row is not None, f"connection {i} lost"
+            assert int(b.table.last_total[row]) == total
+            assert int(b.table.expires[row]) >= max(expires, died + FAST["grace_ms"])
+        row = b.table.slot(SERVER_NODE, int(mine[0]).to_bytes(16, "big"))
+        np.testing.assert_array_equal(b.table.history.series(row), history_before)
+        # the next records refresh them at B: cumulative totals continue, no premature expiry
+        b.on_batch(columns(SERVER_NODE, [record(int(i), 4000 * int(i)) for i in mine]))
+        b.tick()
+        assert b.table.stats.premature_expiries == 0 and b.table.stats.new_connections == 0
+        await b.tier.close()
+
+    run(scenario())
+
+
+def test_a_node_whose_membership_lapsed_is_fenced_and_rejoins(tmp_path, store_cluster):
+    a, b = two_nodes(tmp_path, store_cluster, "fence")
+
+    async def scenario():
+        await rounds(a, b, seconds=0.5)
+        feed(a, 50, lambda i: 100 * i)
+        assert 10 < len(a.table) < 40 and a.tier.answering()  # its share of the 50
+        assert a.tier.records_not_owned == 50 - len(a.table)
+        # A "frozen" longer than its lease: B takes everything meanwhile
+        end = time.monotonic() + 2 * FAST["membership_ms"] / 1000
+        while time.monotonic() < end:
+            await b.tier.round()
+            await asyncio.sleep(0.1)
+        assert b.tier.owned.all()
+        assert not a.tier.answering()  # awake, but its membership is unconfirmed: silent
+        assert answered(a, 50, lambda i: 200 * i) == 0  # refreshed, but it sends no hint
+        await a.tier.round()  # its renewal finds the key lapsed
+        assert a.tier.membership.state == FENCED and a.tier.membership.fences == 1
+        assert len(a.table) == 0 and not a.tier.owned.any()
+        await rounds(a, b, seconds=0.6)  # rejoins as a new incarnation; the slots split again
+        assert a.tier.membership.state == MEMBER and a.tier.membership.incarnations == 2
+        assert a.tier.owned.any() and (a.tier.owned ^ b.tier.owned).all()
+        await a.tier.close()
+        await b.tier.close()
+
+    run(scenario())
+
+
+def test_store_down_keeps_serving_from_memory_and_catches_up(tmp_path, new_store_cluster):
+    cluster = new_store_cluster(primaries=1, replicas=0)
+    ns = namespace("down")
+    a = tier_node(tmp_path, 1, store=cluster.seeds, namespace=ns, **FAST)
+
+    async def scenario():
+        await a.tier.round()
+        assert a.tier.owned.all()
+        cluster.kill(cluster.nodes[0])  # the whole store gone
+        for step in (1, 2, 3):
+            assert answered(a, 20, lambda i: 100 * step * i) == 20  # from memory
+            a.tier.after_interval(np.flatnonzero(a.table.keys.in_use))
+            await rounds(a, seconds=0.4)
+        stats = a.tier.store.stats
+        assert stats.unreachable and stats.write_errors >= 2 and stats.errors >= 3
+        assert len(a.table) == 20 and a.tier.answering()
+        # kept for when it is back: the newest state of each row, once
+        assert sum(len(fields) for fields in a.tier.writer.pending.values()) >= 20
+        await a.tier.close()  # does not hang on a dead store
+
+    run(scenario())
+
+
+def test_unreachable_seed_never_joins_and_never_raises(tmp_path):
+    from spoa.testing import free_port
+
+    a = tier_node(tmp_path, 1, store=[f"127.0.0.1:{free_port()}"], namespace="down", **FAST)
+
+    async def scenario():
+        await rounds(a, seconds=0.5)
+        assert a.tier.membership.state != MEMBER and not a.tier.answering()
+        assert a.tier.store.stats.errors >= 1
+
+    run(scenario())
+
+
+def test_node_dying_with_a_store_primary_loses_nothing_acknowledged(tmp_path, new_store_cluster):
+    cluster = new_store_cluster(primaries=3, replicas=1)
+    ns = namespace("both")
+    a, b = (tier_node(tmp_path, n, store=cluster.seeds, namespace=ns, **FAST) for n in (1, 2))
+
+    async def scenario():
+        await rounds(a, b, seconds=0.5)
+        feed(a, CONNECTIONS, lambda i: 100 * i)  # A ingests its share
+        for _ in range(3):
+            feed(a, CONNECTIONS, lambda i: 200 * i)
+            await a.tier.round()
+        held = len(a.table)
+        # A dies, and with it the store primary of A's slot 0 (its replica takes over)
+        victim = cluster.primary_for_slot(redis.crc.key_slot(slot_key(ns, int(np.flatnonzero(a.tier.owned)[0]))
+                                                             .encode()))
+        cluster.kill(victim)
+        began = time.monotonic()
+        while not b.tier.owned.all():  # loads from the dead primary fail and are retried until promotion
+            await b.tier.round()
+            await asyncio.sleep(0.1)
+            assert time.monotonic() - began < 20, "B did not load A's slots within 20 s of the failover"
+        assert b.tier.loader.adopted == held and b.table.stats.new_connections == 0
+        assert b.tier.store.stats.errors > 0  # it did meet the failover
+        await b.tier.close()
+
+    run(scenario())
+
+
+def test_a_former_owner_that_has_not_noticed_yet_cannot_overwrite_the_new_one(tmp_path, store_cluster):
+    a, b = two_nodes(tmp_path, store_cluster, "stale")
+    ns = a.tier.writer.namespace
+
+    async def scenario():
+        await a.tier.round()  # A alone: every slot
+        feed(a, CONNECTIONS, lambda i: 100 * i)
+        await a.tier.round()
+        await b.tier.round()  # B joins and gains about half, loading it (epochs incremented)
+        assert b.tier.loader.adopted > 0 and not a.tier.owned.sum() < FAST["slots"]
+        feed(b, CONNECTIONS, lambda i: 300 * i)  # B's share moves on
+        await b.tier.writer.flush()
+        feed(a, CONNECTIONS, lambda i: 200 * i)  # A, not rebalanced yet, writes every slot
+        await a.tier.writer.flush()
+        assert a.tier.store.stats.stale_writes == int(b.tier.owned.sum())  # refused by the store
+        view = store_view(store_cluster, b, ns)[0]
+        for i, total in view.items():
+            slot = int(conn_slots(np.array([SERVER_NODE], np.uint64), np.array([i.to_bytes(16, "big")], "V16"),
+                                  FAST["slots"])[0])
+            assert total == (300 if b.tier.owned[slot] else 200) * i
+        await a.tier.close()
+        await b.tier.close()
+
+    run(scenario())
