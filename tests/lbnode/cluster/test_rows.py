@@ -30,8 +30,10 @@ def test_rows_restore_into_another_table_exactly(tmp_path):
     assert not records["gone"].any()
     RowCodec(target).restore(into, records)
     fields = codec._fields()
-    assert {name for name, _, _ in fields} >= {"table.expires", "table.last_total", "forecaster.size",
-                                                "policy.gap_q", "history.buf", "policy.silences.buf"}
+    # the default forecaster's level (SES), the activity policy's silences and their forecaster
+    assert {name for name, _, _ in fields} >= {"table.expires", "table.last_total", "forecaster.level",
+                                                "policy.gap_q", "policy.since_ms", "history.buf",
+                                                "policy.silences.buf", "policy.gap_forecaster.level"}
     for (name, owner, attr), (_, owner2, attr2) in zip(fields, RowCodec(target)._fields()):
         np.testing.assert_array_equal(getattr(owner, attr)[rows], getattr(owner2, attr2)[into], err_msg=name)
 
