@@ -336,13 +336,18 @@ class LeaseModule:
     def _note_published(self, records: list, now: int) -> list:
         """What publish(now) returned goes out: closed connections are forgotten,
         each live one's next refresh time is set in the tracker (see _publish_after)."""
-        keys, last_published = self._keys, self._last_published
+        keys, last_published, hints = self._keys, self._last_published, self._hints
         for rec in records:
             conn_id = rec.conn_id
             if rec.flags & _FINAL:
                 self._forget(conn_id)
                 continue
             last_published[conn_id] = now
+            # Without a hint the lease is the standard one, refreshed every
+            # interval: its publish-after time is 0 and stays so (only
+            # on_hints sets another), no need to set it again.
+            if conn_id not in hints:
+                continue
             key = keys.get(conn_id)
             if key is not None:
                 lease_ms, source, _, _ = self.lease_for(conn_id, now)
