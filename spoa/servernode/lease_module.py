@@ -417,6 +417,5 @@ class LeaseModule:
         tracker.update_batch(present, DIR_OUT, array("Q", [i.bytes_acked for i in infos]),
                              array("Q", [i.data_segs_out for i in infos]),
                              array("q", [now - i.last_data_sent_ms for i in infos]), kernel)
-        for key in present:
-            tracker.touch(key, now)
+        tracker.touch_batch(present, now)
         self.stats.sources["kernel"] += len(present)
