@@ -51,9 +51,15 @@ class _Message:
 
     get_address = get
 
+    def get_addresses(self, names):
+        return [self._args.get(name) for name in names]
+
 
 class _Actions:
     def set_var(self, *args):
+        pass
+
+    def put_raw(self, data):
         pass
 
 

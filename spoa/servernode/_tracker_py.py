@@ -326,6 +326,16 @@ class SegmentTracker:
         if conn is not None and now_ms > conn.last_seen:
             conn.last_seen = now_ms
 
+    def touch_batch(self, keys: list, now_ms: int) -> None:
+        """touch() for many connections at once (e.g. every socket of a kernel
+        sample): one call instead of one per connection. Every key is checked
+        before any is touched, as in update_batch()."""
+        keys = list(keys)
+        for key in keys:
+            _check_key(key)
+        for key in keys:
+            self.touch(key, now_ms)
+
     def _attribute(self, conn: _Connection, d: _Direction, delta_bytes: int, delta_packets: int,
                    stamp: int) -> None:
         segs = d.segments

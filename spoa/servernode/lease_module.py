@@ -27,7 +27,8 @@ from itertools import count
 from typing import Any
 
 from ..netutil import now_ms
-from ..spop.constants import Scope
+from ..spop.codec import FrameWriter
+from ..spop.constants import FrameType, Scope
 from ..wire.records import DIR_IN, DIR_OUT, ConnFlags, CounterSource, LeaseSource, PacketHeader
 from .sampler import pack_key
 from .tracker import SegmentTracker
@@ -38,6 +39,11 @@ log = logging.getLogger("spoa.servernode.lease_module")
 LEASE_MESSAGES = ("lease-session", "lease-request")
 # TCP states (include/net/tcp_states.h) in which the socket is closing.
 _CLOSING_STATES = frozenset((4, 5, 8, 9, 11))  # FIN_WAIT1/2, CLOSE_WAIT, LAST_ACK, CLOSING
+# The arguments on_message reads, in one Message.get_addresses() pass.
+_IDENTITY_ARGS = ("cid", "src", "src_port", "dst", "dst_port", "frontend")
+_COUNTER_ARGS = ("bytes_in", "bytes_out")
+# Distinct encoded answers kept (lease ms x source x level x anomaly).
+_MAX_ENCODED_ANSWERS = 4096
 # A plain int: IntFlag operators cost ~1 µs, paid per connection per interval.
 _FINAL = int(ConnFlags.CLOSED | ConnFlags.EXPIRED)
 
@@ -45,16 +51,16 @@ _FINAL = int(ConnFlags.CLOSED | ConnFlags.EXPIRED)
 
 def connection_id(cid: Any) -> bytes:
     """16 bytes for HAProxy's sess.cid: the UUID itself, or a hash of any other text."""
-    if isinstance(cid, bytes):
-        cid = cid.decode("utf-8", "surrogateescape")
-    text = str(cid)
-    if len(text) == 36:
+    # The codec gives a str: tested first and by type, it is every message's case.
+    if type(cid) is not str:
+        cid = cid.decode("utf-8", "surrogateescape") if isinstance(cid, bytes) else str(cid)
+    if len(cid) == 36:
         # HAProxy's uuid: 8-4-4-4-12 hex digits (10x cheaper than uuid.UUID)
         try:
-            return bytes.fromhex(text.replace("-", ""))
+            return bytes.fromhex(cid.replace("-", ""))
         except ValueError:
             pass
-    return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=16).digest()
+    return hashlib.blake2b(cid.encode("utf-8", "surrogateescape"), digest_size=16).digest()
 
 
 @dataclass(frozen=True)
@@ -136,12 +142,23 @@ class LeaseModule:
         self._silent_since: int | None = None
         self._started_ms = now_ms()
 
+    @property
+    def lease(self) -> LeaseSettings:
+        return self._lease
+
+    @lease.setter
+    def lease(self, lease: LeaseSettings) -> None:
+        """Also on a live reload (SIGHUP): the encoded answers follow the new settings."""
+        self._lease = lease
+        self._standard_answer = self._encode_answer(lease.standard_ms, "standard", None, None)
+        self._encoded_answers: dict[tuple, bytes] = {}
+
     # -- SPOE side ------------------------------------------------------------------
     def on_message(self, message: Any, actions: Any) -> None:
         """Handler for the lease-* messages: register, answer with the lease in force."""
-        src, src_port = message.get_address("src"), message.get("src_port")
-        dst, dst_port = message.get_address("dst"), message.get("dst_port")
-        cid = message.get("cid")
+        # One pass over the arguments for all of them (Message.get_addresses).
+        cid, src, src_port, dst, dst_port, frontend = message.get_addresses(_IDENTITY_ARGS)
+        now = now_ms()
         conn_id = None
         try:
             if not 0 < dst_port < 65536:  # HAProxy's listening port: 0 is no socket's
@@ -150,30 +167,53 @@ class LeaseModule:
         except (TypeError, ValueError, OSError, struct.error):  # missing, or not an address / port
             self.stats.registrations_bad += 1
         else:
-            now = now_ms()
             # Without a cid, a hash of the 4-tuple: the same id for every message of the connection.
             conn_id = connection_id(cid) if cid is not None else hashlib.blake2b(key, digest_size=16).digest()
-            if self.tracker.register(key, conn_id, src, src_port, dst, dst_port,
-                                     str(message.get("frontend") or ""), now):
+            if self.tracker.register(key, conn_id, src, src_port, dst, dst_port, str(frontend or ""), now):
                 self._keys[conn_id] = key
                 self.stats.registrations += 1
                 if dst_port not in self._ports:
                     # The sampler's filter is rebuilt once per interval, not per new port.
                     self._ports.add(dst_port)
                     self._ports_changed = True
-                self._spoe_counters(key, message, now)
-        lease_ms, source, level, anomaly = self.lease_for(conn_id, now_ms())
-        self.stats.leases[source] += 1
-        actions.set_var(Scope.SESS, "duration_ms", lease_ms)
-        actions.set_var(Scope.SESS, "source", source)
-        actions.set_var(Scope.SESS, "class", self.lease.lease_class(lease_ms))
-        if level is not None:
-            actions.set_var(Scope.SESS, "granularity", level)
-            # Always 0 or 1 once hints flow, never only-when-1: a sess variable
-            # outlives the request, so a flag that clears must be overwritten.
-            actions.set_var(Scope.SESS, "anomaly", anomaly)
+                if self.sampler is None:
+                    self._spoe_counters(key, message, now)
+        entry = self._hints.get(conn_id) if conn_id is not None else None
+        if entry is None:
+            # No hint (yet): the standard answer, the same bytes every time.
+            self.stats.leases["standard"] += 1
+            actions.put_raw(self._standard_answer)
+        else:
+            lease = self._lease_of(entry, now)
+            self.stats.leases[lease[1]] += 1
+            actions.put_raw(self._answer_bytes(lease))
         # A fresh number per answer: shows in HAProxy that the value is live.
         actions.set_var(Scope.TXN, "seq", next(self._answers))
+
+    def _answer_bytes(self, lease: tuple) -> bytes:
+        """The sess.lease.* set-var actions for (lease ms, source, level,
+        anomaly), encoded once per distinct lease and reused."""
+        answer = self._encoded_answers.get(lease)
+        if answer is None:
+            if len(self._encoded_answers) >= _MAX_ENCODED_ANSWERS:
+                self._encoded_answers.clear()  # predicted leases vary: bounded, not per connection
+            answer = self._encoded_answers[lease] = self._encode_answer(*lease)
+        return answer
+
+    def _encode_answer(self, lease_ms: int, source: str, level: int | None, anomaly: int | None) -> bytes:
+        w = FrameWriter()
+        w.begin_frame(FrameType.ACK, 0, 0)
+        start = w.mark()
+        w.set_var(Scope.SESS, "duration_ms", lease_ms)
+        w.set_var(Scope.SESS, "source", source)
+        w.set_var(Scope.SESS, "class", self.lease.lease_class(lease_ms))
+        if level is not None:
+            w.set_var(Scope.SESS, "granularity", level)
+            # Always 0 or 1 once hints flow, never only-when-1: a sess variable
+            # outlives the request, so a flag that clears must be overwritten.
+            w.set_var(Scope.SESS, "anomaly", anomaly)
+        w.end_frame()
+        return w.take()[start:]
 
     # -- hints from the LB nodes ------------------------------------------------------
     def on_hints(self, header: Any, hints: list) -> None:
@@ -211,6 +251,10 @@ class LeaseModule:
         entry = self._hints.get(conn_id) if conn_id is not None else None
         if entry is None:
             return self.lease.standard_ms, "standard", None, None
+        return self._lease_of(entry, now)
+
+    def _lease_of(self, entry: tuple, now: int) -> tuple[int, str, int | None, int | None]:
+        """lease_for() of a connection whose last hint is entry (Hint, received unix ms)."""
         hint, received = entry
         fresh = now - received <= self.lease.hint_ttl_ms
         anomaly = 1 if fresh and hint.anomaly else 0
@@ -220,9 +264,7 @@ class LeaseModule:
 
     def _spoe_counters(self, key: bytes, message: Any, now: int) -> None:
         """3.0+ sends bytes_in/bytes_out: the fallback when the kernel cannot be read."""
-        if self.sampler is not None:
-            return
-        bytes_in, bytes_out = message.get("bytes_in"), message.get("bytes_out")
+        bytes_in, bytes_out = message.get_addresses(_COUNTER_ARGS)
         if isinstance(bytes_in, int) and isinstance(bytes_out, int) and bytes_in >= 0 and bytes_out >= 0:
             self.tracker.update(key, DIR_IN, bytes_in, 0, now, CounterSource.SPOE)
             self.tracker.update(key, DIR_OUT, bytes_out, 0, now, CounterSource.SPOE)
@@ -294,13 +336,18 @@ class LeaseModule:
     def _note_published(self, records: list, now: int) -> list:
         """What publish(now) returned goes out: closed connections are forgotten,
         each live one's next refresh time is set in the tracker (see _publish_after)."""
-        keys, last_published = self._keys, self._last_published
+        keys, last_published, hints = self._keys, self._last_published, self._hints
         for rec in records:
             conn_id = rec.conn_id
             if rec.flags & _FINAL:
                 self._forget(conn_id)
                 continue
             last_published[conn_id] = now
+            # Without a hint the lease is the standard one, refreshed every
+            # interval: its publish-after time is 0 and stays so (only
+            # on_hints sets another), no need to set it again.
+            if conn_id not in hints:
+                continue
             key = keys.get(conn_id)
             if key is not None:
                 lease_ms, source, _, _ = self.lease_for(conn_id, now)
@@ -370,6 +417,5 @@ class LeaseModule:
         tracker.update_batch(present, DIR_OUT, array("Q", [i.bytes_acked for i in infos]),
                              array("Q", [i.data_segs_out for i in infos]),
                              array("q", [now - i.last_data_sent_ms for i in infos]), kernel)
-        for key in present:
-            tracker.touch(key, now)
+        tracker.touch_batch(present, now)
         self.stats.sources["kernel"] += len(present)

@@ -201,6 +201,17 @@ def _skip_typed(buf: bytes, pos: int, end: int) -> int:
 # -- decoded objects ---------------------------------------------------------------
 
 
+# Names one Message.get_addresses() call may ask for (the compiled twin's stack arrays).
+MAX_LOOKUP = 16
+
+
+def _address_text(value: Any) -> Any:
+    """An IPv4/IPv6 address as its text (what get_address() returns), any other value as it is."""
+    if isinstance(value, IPv6Address):
+        return socket.inet_ntop(socket.AF_INET6, value.packed)  # glibc's text, as the compiled twin
+    return str(value) if isinstance(value, IPv4Address) else value
+
+
 class Message:
     """One SPOE message of a NOTIFY; arguments are decoded on access."""
 
@@ -234,10 +245,35 @@ class Message:
         Cheaper than str(get(name)) for the per-message identity arguments;
         an argument that is not an IP address is returned as get() would.
         """
-        value = self.get(name, default)
-        if isinstance(value, IPv6Address):
-            return socket.inet_ntop(socket.AF_INET6, value.packed)  # glibc's text, as the compiled twin
-        return str(value) if isinstance(value, IPv4Address) else value
+        return _address_text(self.get(name, default))
+
+    def get_addresses(self, names: tuple) -> list:
+        """[get_address(name) for name in names] (None for an absent one) in
+        one pass over the arguments instead of one per name: the lease
+        handler reads 5 identity arguments per message."""
+        if not isinstance(names, tuple):
+            raise TypeError("get_addresses takes a tuple of names")
+        if len(names) > MAX_LOOKUP:
+            raise ValueError(f"at most {MAX_LOOKUP} names per get_addresses()")
+        wanted = {}
+        for j, name in enumerate(names):
+            if not isinstance(name, str):
+                raise TypeError("argument names are str")
+            wanted.setdefault(name.encode("utf-8", "surrogateescape"), []).append(j)
+        out: list = [None] * len(names)
+        buf, pos, end = self._buf, self._start, self._end
+        for _ in range(self.nargs):
+            if not wanted:
+                break
+            start, stop = _read_name(buf, pos, end)
+            slots = wanted.pop(buf[start:stop], None)
+            if slots is None:
+                pos = _skip_typed(buf, stop, end)
+                continue
+            value, pos = _decode_typed(buf, stop, end)
+            for j in slots:
+                out[j] = _address_text(value)
+        return out
 
     def items(self) -> list[tuple[str, Any]]:
         """Every argument in order, duplicates and unnamed ones included."""
@@ -488,6 +524,13 @@ class FrameWriter:
         """An untyped string: varint length + bytes (keys, names)."""
         data = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else _as_bytes(name)
         self._buf += encode_varint(len(data))
+        self._buf += data
+
+    def put_raw(self, data: bytes) -> None:
+        """Bytes already encoded, appended as they are: e.g. a run of actions
+        built once and cached by a handler (an answer that repeats)."""
+        if not isinstance(data, bytes):
+            raise TypeError(f"put_raw takes bytes, not {type(data).__name__}")
         self._buf += data
 
     def put_typed(self, value: Any) -> None:

@@ -199,3 +199,24 @@ def test_a_stale_anomaly_flag_is_cleared():
     time.sleep(0.05)  # the LB node went quiet: its old judgement must not hold the connection flagged
     stale = _vars(answer(module, message(**IDENTITY)))
     assert stale[(Scope.SESS, "anomaly")] == 0 and stale[(Scope.SESS, "source")] == "fallback"
+
+
+def test_answers_are_the_set_vars_in_order_and_follow_a_reload():
+    # The encoded answers are cached (LeaseModule._answer_bytes): what
+    # HAProxy reads must be exactly the actions, in order, of the settings in force.
+    from spoa.wire.records import PacketHeader
+
+    module = LeaseModule(SegmentTracker(), None, None, 1000, 1, LeaseSettings())
+    first, second = answer(module, message(**IDENTITY)), answer(module, message(**IDENTITY))
+    assert first[:3] == second[:3] == [("set-var", Scope.SESS, "duration_ms", 30000),
+                                       ("set-var", Scope.SESS, "source", "standard"),
+                                       ("set-var", Scope.SESS, "class", "short")]
+    assert [a[2] for a in first] == ["duration_ms", "source", "class", "seq"]
+    assert second[3][3] == first[3][3] + 1  # seq is fresh per answer
+    module.lease = LeaseSettings(standard_ms=90_000)  # what a SIGHUP does (spoa.cli.on_reload)
+    assert _vars(answer(module, message(**IDENTITY)))[(Scope.SESS, "class")] == "medium"
+    module.on_hints(PacketHeader(node_id=3, sequence=1, timestamp_ms=0, interval_ms=0), [_hint(anomaly=True)])
+    hinted = answer(module, message(**IDENTITY))
+    assert [a[2] for a in hinted] == ["duration_ms", "source", "class", "granularity", "anomaly", "seq"]
+    assert hinted[:5] == answer(module, message(**IDENTITY))[:5]
+    assert module.stats.leases == {"standard": 3, "predicted": 2, "fallback": 0}

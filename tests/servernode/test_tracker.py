@@ -253,6 +253,24 @@ def test_unseen_connections_expire(tracker_cls):
     assert K not in t and recs[0].flags & ConnFlags.EXPIRED
 
 
+def test_touch_batch_keeps_connections_alive_like_touch(tracker_cls):
+    batch, single = tracker_cls(expire_ms=1000), tracker_cls(expire_ms=1000)
+    for t in (batch, single):
+        for k in (1, 2):
+            t.register(KEYS[k], bytes([k]) * 16, "10.0.0.1", k, "10.0.0.2", 80, "fe", 0)
+    batch.touch_batch((KEYS[1], b"unknown"), 600)  # any sequence; unknown keys are no error
+    single.touch(KEYS[1], 600)
+    single.touch(b"unknown", 600)
+    for t in (batch, single):
+        t.touch_batch([KEYS[1]], 100)  # never back in time
+        t.end_interval(1000)
+        assert KEYS[1] in t and KEYS[2] not in t
+        t.end_interval(1599)
+        assert KEYS[1] in t
+        t.end_interval(1600)
+        assert KEYS[1] not in t
+
+
 def test_reused_four_tuple_closes_the_old_connection(tracker_cls):
     t = tracker_cls()
     t.register(K, b"a" * 16, "10.0.0.1", 1, "10.0.0.2", 80, "fe", 0)

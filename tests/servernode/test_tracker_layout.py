@@ -103,6 +103,7 @@ def calls_with(k):
         "update_batch": lambda t: t.update_batch([b"ok", k], DIR_IN, array("Q", [1, 1]), array("Q", [1, 1]),
                                                  array("q", [0, 0]), 0),
         "touch": lambda t: t.touch(k, 0),
+        "touch_batch": lambda t: t.touch_batch([b"ok", k], 0),
         "snapshot": lambda t: t.snapshot(k),
         "contains": lambda t: k in t,
     }

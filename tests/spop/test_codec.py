@@ -1187,3 +1187,44 @@ def test_get_address_ipv6_is_inet_ntop_text(codec, raw):
     reader = codec.FrameReader(16380)
     reader.feed(writer.take())
     assert reader.next_frame().messages()[0].get_address("v6") == socket.inet_ntop(socket.AF_INET6, raw)
+
+
+def test_get_addresses_is_get_address_per_name_in_one_pass(codec):
+    writer = codec.FrameWriter()
+    frames.write_notify(writer, 1, 1, [("m", [
+        ("v4", IPv4Address("192.0.2.254")), ("v6", IPv6Address("2001:db8::1")), ("s", "text"), ("i", 7),
+        ("s", "second"),  # a duplicated name: the first wins, as in get()
+    ])])
+    reader = codec.FrameReader(16380)
+    reader.feed(writer.take())
+    message = reader.next_frame().messages()[0]
+    names = ("i", "absent", "v6", "s", "v4", "s")
+    assert message.get_addresses(names) == [message.get_address(n) for n in names]
+    assert message.get_addresses(names) == [7, None, "2001:db8::1", "text", "192.0.2.254", "text"]
+    assert message.get_addresses(()) == []
+    with pytest.raises(TypeError):
+        message.get_addresses(["v4"])  # a tuple: the handler's constant
+    with pytest.raises(TypeError):
+        message.get_addresses((b"v4",))
+    with pytest.raises(ValueError):
+        message.get_addresses(("v4",) * 17)
+
+
+def test_put_raw_appends_encoded_actions(codec):
+    cached = codec.FrameWriter()
+    cached.begin_frame(FrameType.ACK, 0, 0)
+    start = cached.mark()
+    cached.set_var(Scope.SESS, "duration_ms", 30000)
+    cached.end_frame()
+    actions = cached.take()[start:]
+    direct, raw = codec.FrameWriter(), codec.FrameWriter()
+    for writer in (direct, raw):
+        writer.begin_frame(FrameType.ACK, 1, 2)
+    direct.set_var(Scope.SESS, "duration_ms", 30000)
+    raw.put_raw(actions)
+    for writer in (direct, raw):
+        writer.set_var(Scope.TXN, "seq", 1)
+        writer.end_frame()
+    assert raw.take() == direct.take()
+    with pytest.raises(TypeError):
+        raw.put_raw(bytearray(b"x"))

@@ -729,6 +729,24 @@ cdef class SegmentTracker:
         if c is not NULL and now_ms > c.last_seen:
             c.last_seen = now_ms
 
+    def touch_batch(self, keys, int64_t now_ms):
+        """touch() for many connections at once (e.g. every socket of a kernel
+        sample): one call instead of one per connection. Every key is checked
+        before any is touched, as in update_batch()."""
+        cdef Py_ssize_t n, i, klen
+        cdef Conn *c
+        if not isinstance(keys, list):
+            keys = list(keys)
+        n = PyList_GET_SIZE(keys)
+        for i in range(n):
+            item = <object>PyList_GET_ITEM(keys, i)
+            if not PyBytes_Check(item) or not 1 <= PyBytes_GET_SIZE(item) <= C_KEY_MAX:
+                key_bytes(item, &klen)  # raises
+        for i in range(n):
+            c = self._lookup(<object>PyList_GET_ITEM(keys, i))
+            if c is not NULL and now_ms > c.last_seen:
+                c.last_seen = now_ms
+
     cdef int _count_update(self, Conn *c, int k, uint64_t bytes_total, uint64_t packets_total,
                            int64_t last_activity_ms, uint8_t source) except -1:
         """Apply one cumulative counter pair; 1 when it went backwards (a reset), else 0."""
