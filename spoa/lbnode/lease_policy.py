@@ -232,8 +232,9 @@ class _Policy:
             getattr(self, attr)[idx] = np.nan
         self.since_ms[idx] = now_ms
 
-    def _mark_active(self, slots, per_interval, now_ms) -> tuple[np.ndarray, np.ndarray]:
-        """The active slots and their gap since their previous active interval (NaN: first)."""
+    def _mark_active(self, slots, per_interval, now_ms) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Which entries carried traffic, their slots, and their gap since their previous active
+        interval (NaN: first)."""
         per = np.asarray(per_interval, dtype=np.float64)
         active = per > 0.0
         act = np.flatnonzero(active) if slots is None else np.asarray(slots, dtype=np.intp)[active]
@@ -241,7 +242,7 @@ class _Policy:
         gap = now - self.last_ms[act]
         self.last_ms[act] = now
         self.since_ms[act] = now
-        return act, gap
+        return active, act, gap
 
     def closed(self, slots, classes, now_ms) -> None:
         """Close records of these slots arrived at ``now_ms``: the end bound learns how idle they were."""
@@ -277,14 +278,14 @@ class VolumePolicy(_Policy):
 
     def observe(self, slots, per_interval, now_ms, classes=None) -> None:
         """One interval's volumes of the refreshed ``slots`` (their ``classes``) at ``now_ms``."""
-        act, _gap = self._mark_active(slots, per_interval, now_ms)
+        active, act, _gap = self._mark_active(slots, per_interval, now_ms)
         if self.calibrated_lease_ms is None or classes is None or not act.size:
             return
-        per = np.asarray(per_interval, dtype=np.float64)
-        cls = np.asarray(classes, dtype=np.intp)[per > 0.0]
+        cls = np.asarray(classes, dtype=np.intp)[active]
         self.class_log_volume = _per_class(self.class_log_volume, cls, np.nan)
         counts = np.bincount(cls, minlength=self.class_log_volume.size)
-        sums = np.bincount(cls, weights=np.log(per[per > 0.0]), minlength=self.class_log_volume.size)
+        sums = np.bincount(cls, weights=np.log(np.asarray(per_interval, dtype=np.float64)[active]),
+                           minlength=self.class_log_volume.size)
         seen = counts > 0
         mean = sums[seen] / counts[seen]
         old = self.class_log_volume[seen]
@@ -344,7 +345,7 @@ class ActivityPolicy(_Policy):
 
     def observe(self, slots, per_interval, now_ms, classes=None) -> None:
         """One interval's volumes of the refreshed ``slots`` at ``now_ms`` (traffic or not is what counts)."""
-        act, gap = self._mark_active(slots, per_interval, now_ms)
+        _active, act, gap = self._mark_active(slots, per_interval, now_ms)
         if act.size == 0:
             return
         with np.errstate(invalid="ignore"):

@@ -67,20 +67,9 @@ def _lbnode(tmp, port=None) -> LbNodeProcess:
 
 def _changes(lbnode: LbNodeProcess, seconds: float) -> dict[str, list[float]]:
     """Wall times at which the LB node's record and hint counters moved."""
-    names = ("spoa_lbnode_records_total", "spoa_lbnode_hint_datagrams_total")
-    out = {n: [] for n in names}
-    last = lbnode.metrics()
-    prev_t = time.time()
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        m = lbnode.metrics()
-        t = time.time()
-        for n in names:
-            if m[n] != last[n]:
-                out[n].append((prev_t + t) / 2)
-        last, prev_t = m, t
-        time.sleep(0.002)
-    return out
+    with _Counters(lbnode, ("spoa_lbnode_records_total", "spoa_lbnode_hint_datagrams_total"), 0.002) as counters:
+        time.sleep(seconds)
+    return {n: [t for t, _increase in moves] for n, moves in counters.moves.items()}
 
 
 def _phase(times: list[float], ref: float, interval_s: float) -> float:
@@ -125,23 +114,23 @@ def _settled(lbnode):
 
 
 class _Counters:
-    """The LB node's counters sampled every few ms from another thread: when each moved."""
+    """LB node counters sampled every ``period`` s from another thread: when each moved, by how much."""
 
-    NAMES = ("spoa_lbnode_expired_total", "spoa_lbnode_premature_expiries_total")
-
-    def __init__(self, lbnode: LbNodeProcess) -> None:
+    def __init__(self, lbnode: LbNodeProcess, names: tuple[str, ...], period: float = 0.005) -> None:
         self.lbnode = lbnode
-        self.moves: dict[str, list[tuple[float, float]]] = {n: [] for n in self.NAMES}  # (wall time, increase)
+        self.names = names
+        self.period = period
+        self.moves: dict[str, list[tuple[float, float]]] = {n: [] for n in names}  # (wall time, increase)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         last = self.lbnode.metrics()
         prev_t = time.time()
-        while not self._stop.wait(0.005):
+        while not self._stop.wait(self.period):
             m = self.lbnode.metrics()
             t = time.time()
-            for n in self.NAMES:
+            for n in self.names:
                 if m[n] != last[n]:
                     self.moves[n].append(((prev_t + t) / 2, m[n] - last[n]))
             last, prev_t = m, t
@@ -190,7 +179,8 @@ def _replay_through_stack(app_server, tmp_path, trace, relay_drop=None):
 
         origin = aligned_origin(tick, INTERVAL_MS, lead_s=0.5)
         origin_box["origin"] = origin
-        with _Counters(stack.lbnode) as counters:
+        expiries = ("spoa_lbnode_expired_total", "spoa_lbnode_premature_expiries_total")
+        with _Counters(stack.lbnode, expiries) as counters:
             stats = replay(trace, stack.haproxy.http_port, origin=origin)
             assert not stats.errors, stats.errors[:5]
             assert stats.late == 0, stats

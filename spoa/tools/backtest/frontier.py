@@ -74,16 +74,19 @@ def sweep(traces: list[Connections], conf: SimConfig, policies, forecasters, job
     tasks = [("fixed", (None,))] if "fixed" in policies else []
     tasks += [(p, tuple(forecasters)) for p in policies if p != "fixed"]
     reference = _total(traces, replace(conf, lease=_bounds(conf.lease, REFERENCE[1], REFERENCE[2])),
-                       ("fixed",), (), jobs, progress)["fixed"]
+                       ("fixed",), (), jobs, progress)
     points = []
     for policy, fcs in tasks:
         for knob, values in KNOBS[policy]:
             for value in values:
-                c = replace(conf, lease=_bounds(conf.lease, knob, value))
-                results = _total(traces, c, (policy,), () if policy == "fixed" else fcs, jobs, progress)
+                if (policy, knob, value) == REFERENCE:  # the reference is a point of the fixed sweep: run once
+                    results = reference
+                else:
+                    c = replace(conf, lease=_bounds(conf.lease, knob, value))
+                    results = _total(traces, c, (policy,), () if policy == "fixed" else fcs, jobs, progress)
                 for f in fcs:
                     name = run_name(policy, f)
-                    points.append(_point(name, policy, f, knob, value, results[name], reference))
+                    points.append(_point(name, policy, f, knob, value, results[name], reference["fixed"]))
     return points
 
 
@@ -92,8 +95,7 @@ def _total(traces, conf, policies, forecasters, jobs, progress) -> dict[str, Res
     for conns in traces:
         if not len(conns):
             continue
-        for name, r in simulate_all(conns, conf, policies, forecasters or ("naive",), jobs=jobs,
-                                    progress=progress).items():
+        for name, r in simulate_all(conns, conf, policies, forecasters, jobs=jobs, progress=progress).items():
             total[name] = r if name not in total else total[name].merge(r)
     return total
 
