@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .rows import RowCodec, latest, record_keys
-from .slots import slot_key
+from .store import slot_key
 from .store import Store
 from .writer import BASE_FIELD, EPOCH_FIELD, FRONTENDS_FIELD, LAYOUT_FIELD, StoreWriter, chunk_number
 

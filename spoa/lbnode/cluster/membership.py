@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Any
 
 from .store import Store
 

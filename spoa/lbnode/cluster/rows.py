@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .slots import CONN_KEY_BYTES
+from ...wire.slots import CONN_KEY_BYTES
 
 # LeaseTable columns a successor needs (born, refreshed and position are this process's own).
 ROW_COLUMNS = ("expires", "refreshed_at", "last_total", "volume", "elapsed", "lease", "source", "level", "flagged")

@@ -18,6 +18,12 @@ from typing import Any
 log = logging.getLogger("spoa.lbnode.cluster")
 
 
+def slot_key(namespace: str, slot: int) -> str:
+    """The store key of a slot's state, `NS:{NS.SLOT}:rows` (one hash; the braces are the hash
+    tag: the whole slot is one key on one shard, one command writes it)."""
+    return f"{namespace}:{{{namespace}.{slot}}}:rows"
+
+
 @dataclass
 class StoreStats:
     calls: int = 0

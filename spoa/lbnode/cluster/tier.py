@@ -28,7 +28,7 @@ from ...netutil import now_ms
 from ...wire.packet import CONN_COLUMNS, SEG_COLUMNS
 from .loader import StateLoader
 from .membership import FENCED, MEMBER, Membership
-from .slots import conn_slots, owners
+from ...wire.slots import conn_slots, owners
 from .store import Store
 from .writer import StoreWriter
 

@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from .rows import RowCodec
-from .slots import conn_keys, conn_slots, slot_key
+from ...wire.slots import conn_keys, conn_slots
+from .store import slot_key
 from .store import Store
 
 LAYOUT_FIELD = b"layout"

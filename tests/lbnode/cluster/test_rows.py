@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from spoa.lbnode.cluster.rows import RowCodec, latest, record_keys
-from spoa.lbnode.cluster.slots import conn_keys
+from spoa.wire.slots import conn_keys
 from spoa.lbnode.node import columns
 from spoa.lbnode.service import build_lbnode
 

@@ -7,11 +7,11 @@ import asyncio
 import time
 
 import numpy as np
-import pytest
 import redis
 
 from spoa.lbnode.cluster.membership import FENCED, MEMBER
-from spoa.lbnode.cluster.slots import conn_slots, slot_key
+from spoa.lbnode.cluster.store import slot_key
+from spoa.wire.slots import conn_slots
 from spoa.lbnode.cluster.writer import COMPACT_EVERY
 from spoa.lbnode.node import columns
 from spoa.netutil import now_ms

@@ -1,4 +1,4 @@
-"""Which slot a connection is in, which LB node owns a slot, and where a slot's state is stored.
+"""Which slot a connection is in and which LB node owns a slot: what agents and LB nodes both compute.
 
 A connection's slot is the store's own hash, CRC16 (XMODEM, as Redis Cluster computes key
 slots), of its key: the server node id (8 bytes, little endian) then the conn_id (16 bytes),
@@ -10,8 +10,8 @@ and slot): every node computes the same owners from the same live set with no co
 and when a node leaves only its slots move (each to the next-highest weight), when one joins
 it takes about 1/N from every other.
 
-All of one slot's state is one hash in the store, `NS:{NS.SLOT}:rows`: the braces are the
-hash tag, so the whole slot is one store key on one shard (one command writes it).
+The agent routes each record to its slot's owner by the same functions the LB nodes own slots
+by (spoa.lbnode.cluster.tier), from the live set the LB nodes announce (spoa.wire.slot_map).
 """
 
 from __future__ import annotations
@@ -74,8 +74,3 @@ def owners(live: list[int], slots: int) -> np.ndarray:
     # back to positions in `live` as given
     position = {node: i for i, node in enumerate(live)}
     return np.array([position[int(ids[b])] for b in range(len(ids))], np.int64)[best]
-
-
-def slot_key(namespace: str, slot: int) -> str:
-    """The store key of a slot's state (one hash; the braces make it one key on one shard)."""
-    return f"{namespace}:{{{namespace}.{slot}}}:rows"

@@ -7,7 +7,8 @@ import binascii
 import numpy as np
 import redis
 
-from spoa.lbnode.cluster.slots import conn_keys, conn_slots, crc16, owners, slot_key
+from spoa.lbnode.cluster.store import slot_key
+from spoa.wire.slots import conn_keys, conn_slots, crc16, owners
 
 
 def _connections(n: int, seed: int = 1):
