@@ -117,6 +117,8 @@ def tier_metrics(p: str, tier) -> Iterator:
             ("state_loads", "loads of gained slots", store.load_batches),
             ("state_load_errors", "loads of gained slots the store did not answer (retried)", store.load_errors),
             ("state_load_seconds", "summed time of those loads", store.load_seconds),
+            ("class_priors_written", "traffic-class priors written to the store", tier.priors.written),
+            ("class_priors_seeded", "traffic classes seeded from the store's priors on joining", tier.priors.seeded),
             ("state_rows_refused", "stored connections not adopted: another layout", store.rows_refused)):
         yield CounterMetricFamily(f"{p}_{name}", doc, value=value)
 

@@ -2,13 +2,15 @@
 
 `TierMember.round()` runs once per interval, after the node's interval (LbNode.tick, whose
 `after_interval` hook has snapshotted what changed):
-1. every third of the membership lease: renew (or join); read the live set;
+1. every third of the membership lease: renew (or join); read the live set; at the first
+   renewal as a member (each join), read the traffic classes' priors (priors.py);
 2. fenced (its membership lapsed): drop everything it holds, own nothing, answer nothing;
    the next round joins again;
 3. ownership from the live set (rendezvous, slots.owners): slots lost are handed over
    (rows released, nothing deleted from the store: it is the new owner's state now); slots
    gained are loaded and adopted before the next interval can expire anything in them;
-4. one pipelined write of the interval's changes (writer.StoreWriter).
+4. one pipelined write of the interval's changes (writer.StoreWriter); every PRIORS_EVERY
+   rounds, the classes' priors.
 
 With the store unreachable nothing of this blocks the node: each step is bounded by
 `cluster.timeout_ms`, the node keeps what it owns and answers from memory, and the next
@@ -30,6 +32,7 @@ from ...wire.packet import CONN_COLUMNS, SEG_COLUMNS
 from ...wire.tier_map import TierMap
 from .loader import StateLoader
 from .membership import FENCED, MEMBER, Membership
+from .priors import PRIORS_EVERY, ClassPriors
 from ...wire.slots import conn_slots, owners
 from .store import Store
 from .writer import StoreWriter
@@ -61,6 +64,9 @@ class TierMember:
         self.membership = Membership(self.store, cluster["namespace"], node_id, advertise, cluster["membership_ms"])
         self.writer = StoreWriter(self.store, table, cluster["namespace"], self.slots, cluster["gc_ms"])
         self.loader = StateLoader(self.store, table, self.writer, cluster["namespace"], cluster["grace_ms"])
+        self.priors = ClassPriors(self.store, table, cluster["namespace"])
+        self._priors_due = True  # read the classes' priors at the next round as a member (each join)
+        self._rounds = 0
         self.owned = np.zeros(self.slots, bool)  # slots this node owns (and has loaded)
         self.owner_ids = np.zeros(self.slots, np.uint64)  # each slot's owner by the last live set (0: none)
         self.handed_over = 0  # connections let go to a new owner
@@ -167,11 +173,17 @@ class TierMember:
                 self.handed_over += len(rows)
                 self.writer.drop(list(range(self.slots)))
                 self._next_renewal = now  # join again next round
+                self._priors_due = True
                 return
+            if self._priors_due and state == MEMBER:
+                self._priors_due = not await self.priors.load()  # retried next renewal when not answered
             if await membership.read_live() is not None and state == MEMBER:
                 await self._rebalance(membership.live)
         if self.answering():
             await self.writer.flush()
+            self._rounds += 1
+            if self._rounds % PRIORS_EVERY == 0:
+                await self.priors.write()
 
     async def _rebalance(self, live: list[int]) -> None:
         self._resolve_members()
@@ -218,5 +230,6 @@ class TierMember:
         """A clean stop: what changed is written, the membership given up (others take over at once)."""
         if self.answering():
             await self.writer.flush()
+            await self.priors.write()
         await self.membership.leave()
         await self.store.close()

@@ -359,3 +359,43 @@ def test_a_record_routed_to_a_former_owner_is_forwarded_to_the_owner_with_the_ag
         for sock in socks.values():
             sock.close()
         loop.close()
+
+
+def test_a_joining_node_starts_from_the_tiers_class_priors_not_from_nothing(tmp_path, store_cluster):
+    ns = namespace("priors")
+    a = tier_node(tmp_path, 1, store=store_cluster.seeds, namespace=ns, **FAST)
+
+    async def scenario():
+        await rounds(a, seconds=0.4)
+        # A learns the class "fe" of server node 7: leases granted, and closes for its end bound
+        closes = range(0, 40, 2)
+        for step in (1, 2, 3, 4):
+            feed(a, 40, lambda i: 1000 * step * (i + 1) if step < 3 or i % 2 else 3000 * (i + 1),
+                 closed=closes if step == 4 else ())
+        cid = a.table.classes[(SERVER_NODE, "fe")]
+        learnt = a.table.class_lease[cid]
+        assert not np.isnan(learnt)
+        bound = a.table.policy.end_bound
+        assert bound.idle_at_close.count[cid] == len(closes)
+        await a.tier.close()  # a clean stop writes the priors too
+        assert a.tier.priors.written == 1
+        # C joins a tier that has seen the class: it knows it before any of its connections
+        c = tier_node(tmp_path, 3, store=store_cluster.seeds, namespace=ns, **FAST)
+        c.table.class_of(SERVER_NODE, "other")  # a class of its own: kept as it is
+        await rounds(c, seconds=0.4)
+        assert c.tier.priors.seeded == 1
+        cc = c.table.classes[(SERVER_NODE, "fe")]
+        assert c.table.class_lease[cc] == learnt
+        ring = c.table.policy.end_bound.idle_at_close
+        assert ring.count[cc] == len(closes)
+        np.testing.assert_array_equal(ring.series(cc), bound.idle_at_close.series(cid))
+        assert np.isnan(c.table.class_lease[c.table.classes[(SERVER_NODE, "other")]])
+        # what C learnt itself is never overwritten by a later read
+        c.table.class_lease[cc] = 1234.0
+        assert c.tier.priors.seed(c.tier.priors.encode() | {b"7|fe": a.tier.priors.encode()[b"7|fe"]}) == 0
+        assert c.table.class_lease[cc] == 1234.0
+        # records of another layout (another end-bound window) or a bad name are refused
+        assert c.tier.priors.seed({b"7|new": b"short", b"x|fe": a.tier.priors.encode()[b"7|fe"]}) == 0
+        await c.tier.close()
+
+    run(scenario())
