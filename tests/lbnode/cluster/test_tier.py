@@ -135,8 +135,10 @@ def two_nodes(tmp_path, store_cluster, name: str):
             tier_node(tmp_path, 2, store=store_cluster.seeds, namespace=ns, **FAST))
 
 
-def test_killed_node_connections_are_adopted_with_totals_and_deadlines(tmp_path, store_cluster):
-    a, b = two_nodes(tmp_path, store_cluster, "failover")
+@pytest.mark.parametrize("engine", ["valkey", "redis-7.0"])
+def test_killed_node_connections_are_adopted_with_totals_and_deadlines(tmp_path, request, engine):
+    store = request.getfixturevalue("store_cluster" if engine == "valkey" else "redis7_store_cluster")
+    a, b = two_nodes(tmp_path, store, "failover")
 
     async def scenario():
         await rounds(a, b, seconds=0.5)  # both members; each owns about half
