@@ -18,8 +18,8 @@ Where each figure comes from:
                          adopted, hints_sent, premature_expiries, fenced, answering,
                          members; slots_owned and members null for the single LB node),
                          from its own /metrics at the end
-    store                the tier's store cluster (seeds, primaries, replicas, started_s);
-                         null for the single LB node
+    store                the tier's store cluster (seeds, primaries, replicas, started_s,
+                         pids); null for the single LB node
     errors               anything that went wrong: a process that died or exited
                          non-zero, error lines in its log, a client error, an SPOE
                          error, HAProxy alerts, rejected packets; empty on success
@@ -118,4 +118,5 @@ def _store(store) -> dict | None:
     if store is None:
         return None
     return {"seeds": store.seeds, "primaries": store.primaries, "replicas": store.replicas,
-            "started_s": round(store.started_s, 2)}
+            "started_s": round(store.started_s, 2),
+            "pids": [node.process.pid for node in store.nodes if node.process is not None]}
