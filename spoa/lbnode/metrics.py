@@ -61,6 +61,16 @@ class LbNodeCollector:
                                       "(raise lbnode.receive_buffer)", value=drops)
         if getattr(self._lbnode, "tier", None) is not None:
             yield from tier_metrics(p, self._lbnode.tier)
+            node = self._lbnode
+            yield CounterMetricFamily(f"{p}_tier_maps_sent", "tier map datagrams sent to server nodes",
+                                      value=node.maps_sent)
+            yield CounterMetricFamily(f"{p}_forwarded_datagrams_received", "datagrams another LB node forwarded "
+                                      "here (records of slots this node owns)", value=r.forwarded_in)
+            errors = CounterMetricFamily(f"{p}_send_errors", "datagrams the socket refused, by kind (hint, map, "
+                                         "forward)", labels=["kind"])
+            for kind, n in sorted(node.send_errors.items()):
+                errors.add_metric([kind], n)
+            yield errors
         tcp = self._tcp
         if tcp is not None:
             yield GaugeMetricFamily(f"{p}_tcp_connections", "agents connected over TCP", value=len(tcp.streams))
@@ -92,6 +102,8 @@ def tier_metrics(p: str, tier) -> Iterator:
             ("connections_handed_over", "connections let go to their new owner", tier.handed_over),
             ("records_not_owned", "records received for slots another LB node owns (not ingested)",
              tier.records_not_owned),
+            ("records_forwarded", "of those, records passed on to their owner (sent here by a server node's "
+             "older tier map)", tier.records_forwarded),
             ("fences", "times this node found its membership lapsed", membership.fences),
             ("store_errors", "store calls that failed or timed out", store.errors),
             ("store_write_batches", "state writes acknowledged (one pipeline per interval)", store.write_batches),
@@ -105,6 +117,8 @@ def tier_metrics(p: str, tier) -> Iterator:
             ("state_loads", "loads of gained slots", store.load_batches),
             ("state_load_errors", "loads of gained slots the store did not answer (retried)", store.load_errors),
             ("state_load_seconds", "summed time of those loads", store.load_seconds),
+            ("class_priors_written", "traffic-class priors written to the store", tier.priors.written),
+            ("class_priors_seeded", "traffic classes seeded from the store's priors on joining", tier.priors.seeded),
             ("state_rows_refused", "stored connections not adopted: another layout", store.rows_refused)):
         yield CounterMetricFamily(f"{p}_{name}", doc, value=value)
 

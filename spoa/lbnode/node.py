@@ -35,9 +35,11 @@ from typing import Any
 import numpy as np
 
 from ..netutil import now_ms
+from ..wire.forward import encode_forward
 from ..wire.hints import ANOMALY, HINT_DTYPE, encode_hints
 from ..wire.records import ConnectionRecord, ConnFlags, LeaseSource
 from ..wire.stream_transport import DatagramStream
+from ..wire.tier_map import encode_tier_map
 from .anomaly import class_key
 from .segment_history import SegmentHistory
 from .slotmap import REFUSED, SlotMap, doubled_capacity
@@ -93,6 +95,9 @@ def columns(node_id: int, records: Sequence[ConnectionRecord]) -> SimpleNamespac
 
 # Slots a table starts with; it doubles from there up to its bound.
 INITIAL_CAPACITY = 1024
+# A tier's LB node sends its map to the server nodes when its view changes and every this
+# many intervals (a lost map datagram is made good this soon).
+MAP_EVERY_INTERVALS = 4
 
 # The per-connection arrays of a LeaseTable: (name, dtype, value of a fresh slot, what).
 _PER_SLOT = (
@@ -469,14 +474,48 @@ class LbNode:
         self._sequence = time.time_ns() // 1000
         self.receiver: Any = None  # the BatchReceiver feeding on_batch: flushed before each interval ends
         self.tier: Any = None  # with lbnode `cluster:`, its TierMember (spoa/lbnode/cluster/tier.py)
+        self.send_errors = {"hint": 0, "map": 0, "forward": 0}  # datagrams the socket refused, by kind
+        self.maps_sent = 0  # tier map datagrams sent to server nodes
+        self._announced: tuple = ()  # the members of the last tier map sent
+        self._intervals = 0
 
     def on_datagram(self, header: Any, addr: Any) -> None:
         self.addresses[header.node_id] = addr
 
     def on_batch(self, batch: Any) -> None:
         if self.tier is not None:
-            batch = self.tier.owned_records(batch)
+            batch, forwards = self.tier.owned_records(batch, self.receiver.routed if self.receiver else [])
+            for datagram, sender, owner in forwards:
+                self._send(encode_forward(datagram, sender, self.key), owner, "forward")
         self.table.ingest_batch(batch, now_ms())
+
+    def _send(self, datagram: bytes, addr: Any, what: str) -> bool:
+        """One datagram to a server node (a UDP address or its TCP stream) or, forwarded, to
+        another LB node; a failure is counted by `what` (hint, map, forward), never raised."""
+        try:
+            if isinstance(addr, DatagramStream):
+                addr.send(datagram)
+            else:
+                self.transport.sendto(datagram, addr)
+        except OSError:
+            self.send_errors[what] += 1
+            return False
+        return True
+
+    def _announce(self, tier: Any) -> None:
+        """The tier's map (its live members, spoa.wire.tier_map) to every server node heard from, when this node's view changed and
+        every MAP_EVERY_INTERVALS intervals (a lost one is sent again soon)."""
+        self._intervals += 1
+        tier_map = tier.tier_map(self.lbnode_id)
+        if tier_map is None:
+            return
+        if tier_map.members == self._announced and self._intervals % MAP_EVERY_INTERVALS:
+            return
+        self._announced = tier_map.members
+        datagram = encode_tier_map(tier_map, self.key)
+        for addr in self.addresses.values():
+            if self._send(datagram, addr, "map"):
+                self.maps_sent += 1
 
     def tick(self) -> None:
         if self.receiver is not None:
@@ -495,13 +534,10 @@ class LbNode:
             datagrams = encode_hints(self.lbnode_id, self._sequence, now_ms(), node_hints, self.key, self.mtu)
             self._sequence += len(datagrams)
             for datagram in datagrams:
-                try:
-                    if isinstance(addr, DatagramStream):
-                        addr.send(datagram)
-                    else:
-                        self.transport.sendto(datagram, addr)
-                except OSError:
-                    stats.hint_send_errors += 1
-                else:
+                if self._send(datagram, addr, "hint"):
                     stats.hint_datagrams += 1
+                else:
+                    stats.hint_send_errors += 1
             stats.hints_sent += len(node_hints)
+        if tier is not None:
+            self._announce(tier)

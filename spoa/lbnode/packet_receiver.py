@@ -39,8 +39,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..wire.forward import decode_forward, is_forward
 from ..wire.packet import MAX_DATAGRAM, REASONS, ColumnBatch, PacketError, ReplayGuard, decode_datagram
-from ..wire.records import ConnectionRecord, PacketHeader
+from ..wire.records import ConnectionRecord, HeaderFlags, PacketHeader
 
 log = logging.getLogger("spoa.lbnode.packet_receiver")
 
@@ -141,7 +142,15 @@ class PacketReceiver(asyncio.DatagramProtocol):
 class BatchReceiver(PacketReceiver):
     """Decode, verify and replay-check publishing datagrams into one ColumnBatch;
     `on_datagram(header, addr)` per accepted datagram, `on_batch(batch)` per
-    flush (the batch is cleared after it returns)."""
+    flush (the batch is cleared after it returns).
+
+    In a tier, a datagram may come wrapped in a forward envelope (spoa.wire.forward) from
+    another LB node: it is unwrapped (its tag checked) and taken as if it came from the
+    address inside, the server node's. Until each flush, `routed` lists the datagrams whose
+    sender routed them here by its tier map and that were not forwarded already, as
+    (datagram, sender, first record, end record) in the batch: what the tier forwards
+    when records of them belong to another node.
+    """
 
     def __init__(
         self,
@@ -160,9 +169,18 @@ class BatchReceiver(PacketReceiver):
         self.batch = batch if batch is not None else ColumnBatch()
         self.flush_records = flush_records
         self.flushes = 0  # batches handed to on_batch
+        self.forwarded_in = 0  # datagrams accepted from another LB node's forward envelope
+        self.routed: list[tuple[bytes, Any, int, int]] = []
         self._scheduled = False  # a flush is queued on the event loop
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
+        forwarded = is_forward(data)
+        if forwarded:
+            try:
+                data, addr = decode_forward(data, self.key)
+            except PacketError as exc:
+                self._reject(exc.reason, addr, str(exc))
+                return
         batch = self.batch
         held = batch.n
         try:
@@ -181,7 +199,12 @@ class BatchReceiver(PacketReceiver):
             return
         self.accepted += 1
         self.records += batch.n - held
-        if self.callback is not None:
+        if forwarded:
+            self.forwarded_in += 1
+        elif header.flags & HeaderFlags.ROUTED:
+            self.routed.append((data, addr, held, batch.n))
+        # a forwarded datagram of a TCP sender has no address: the sender's stream is where it is
+        if self.callback is not None and not (forwarded and addr is None):
             try:
                 self.callback(header, addr)
             except Exception:
@@ -229,6 +252,7 @@ class BatchReceiver(PacketReceiver):
             log.exception("batch callback failed on %d records", batch.n)
         finally:
             batch.clear()
+            self.routed.clear()
 
 
 async def open_receiver(

@@ -138,6 +138,21 @@ class ModuleCollector:
             for reason, n in sorted(m.publisher.hints_rejected.items()):
                 rejected.add_metric([reason], n)
             yield rejected
+            router = m.publisher.router
+            yield CounterMetricFamily(f"{p}_records_routed", "records sent only to their slot's owner by the tier "
+                                      "map (the others went to every LB node)", value=m.publisher.records_routed)
+            yield GaugeMetricFamily(f"{p}_tier_members", "LB nodes in the tier map routed by (0: no map, every "
+                                    "record to every LB node)", value=len(router.map.members) if router.fresh else 0)
+            for name, doc in (("maps_accepted", "tier maps taken (a view not older than the one held)"),
+                              ("maps_stale", "tier maps ignored: an older view than the one held"),
+                              ("maps_unresolved", "tier maps ignored: a member's address does not resolve"),
+                              ("changes", "tier map changes (records re-routed)")):
+                yield CounterMetricFamily(f"{p}_tier_{name}", doc, value=getattr(router, name))
+            maps = CounterMetricFamily(f"{p}_tier_maps_rejected", "tier map datagrams refused, by reason",
+                                       labels=["reason"])
+            for reason, n in sorted(m.publisher.maps_rejected.items()):
+                maps.add_metric([reason], n)
+            yield maps
             last = m.publisher.last_hint_ms
             yield GaugeMetricFamily(f"{p}_last_hint_timestamp_seconds", "unix time of the last hint datagram "
                                     "accepted (0: none yet)", value=0 if last is None else last / 1000)

@@ -4,6 +4,12 @@ UDP because a lost packet costs one interval of freshness, never
 correctness: every record carries cumulative totals and the full current
 segmentation. The LB nodes answer with lease hints on the same socket, to the
 address the packets came from.
+
+LB nodes of a tier also send their tier map on that socket: from then on each record goes
+only to its slot's owner (spoa.servernode.routing), one packet per owner, each with its own
+sequence and the ROUTED header flag. Without a map (no tier, none yet, or gone stale) every
+record goes to every configured LB node. The TCP option keeps to the configured nodes:
+routing needs the UDP transport.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ from ..netutil import set_receive_buffer
 from ..netutil import parse_address
 from ..wire.hints import decode_hints, hint_count
 from ..wire.packet import REASONS, PacketError, ReplayGuard, encode_packet
-from ..wire.records import ConnectionRecord, PacketHeader
+from ..wire.records import ConnectionRecord, HeaderFlags, PacketHeader
 from ..wire.stream_transport import StreamClient
+from ..wire.tier_map import decode_tier_map, is_tier_map
+from .routing import Router
 
 log = logging.getLogger("spoa.servernode.publisher")
 
@@ -28,6 +36,8 @@ log = logging.getLogger("spoa.servernode.publisher")
 HINT_REPLAY_WINDOW = 1024
 # An interval's hints arrive as a burst (56 entries per 1400-byte datagram).
 HINT_RECEIVE_BUFFER = 4 << 20
+# A tier map not renewed for this long is stale (LB nodes resend theirs every 4 intervals).
+DEFAULT_MAP_TTL_MS = 10_000
 
 
 class _HintEndpoint(asyncio.DatagramProtocol):
@@ -45,7 +55,8 @@ class _HintEndpoint(asyncio.DatagramProtocol):
 
 class Publisher:
     def __init__(self, targets: Sequence[str], key: bytes, mtu: int,
-                 on_hints: Callable[[Any, list], None] | None = None, transport: str = "udp") -> None:
+                 on_hints: Callable[[Any, list], None] | None = None, transport: str = "udp",
+                 map_ttl_ms: int = DEFAULT_MAP_TTL_MS) -> None:
         self.key = key
         self.mtu = mtu
         self.on_hints = on_hints
@@ -75,6 +86,9 @@ class Publisher:
         self.hints_rejected: dict[str, int] = dict.fromkeys(REASONS, 0)
         self.hint_entries_rejected: dict[str, int] = dict.fromkeys(REASONS, 0)
         self.last_hint_ms: int | None = None  # unix ms of the last accepted hint datagram
+        self.router = Router(map_ttl_ms)
+        self.maps_rejected: dict[str, int] = dict.fromkeys(REASONS, 0)  # tier map datagrams refused, by reason
+        self.records_routed = 0  # records sent to their slot's owner only (the others went to every LB node)
         self._described = ", ".join(targets)
 
     async def open(self) -> None:
@@ -86,8 +100,24 @@ class Publisher:
             set_receive_buffer(transport.get_extra_info("socket"), HINT_RECEIVE_BUFFER)
             self._transports[family] = transport
 
-    def send(self, header: PacketHeader, records: Sequence[ConnectionRecord]) -> None:
+    def send(self, header: PacketHeader, records: Sequence[ConnectionRecord]) -> int:
+        """Publish the interval's records; the last packet sequence used (header.sequence, one
+        more per further LB node routed to)."""
+        router = self.router
+        if not self._streams and records and router.route():
+            sequence = header.sequence - 1
+            for target, group in router.split(header.node_id, records):
+                sequence += 1
+                routed = PacketHeader(header.node_id, sequence, header.timestamp_ms, header.interval_ms,
+                                      header.flags | HeaderFlags.ROUTED)
+                self._send_datagrams(encode_packet(routed, group, self.key, self.mtu), [router.targets[target]])
+                self.records_routed += len(group)
+            return sequence
         datagrams = encode_packet(header, records, self.key, self.mtu)
+        self._send_datagrams(datagrams, self.targets)
+        return header.sequence
+
+    def _send_datagrams(self, datagrams: list[bytes], targets: list[tuple[int, Any]]) -> None:
         for stream in self._streams:
             for datagram in datagrams:
                 if stream.send(datagram):
@@ -95,8 +125,11 @@ class Publisher:
                     self.bytes_sent += len(datagram)
                 else:
                     self.send_errors += 1
-        for family, address in self.targets:
-            transport = self._transports[family]
+        for family, address in targets:
+            transport = self._transports.get(family)
+            if transport is None:  # a tier member of an address family no configured LB node has
+                self.send_errors += len(datagrams)
+                continue
             for datagram in datagrams:
                 try:
                     transport.sendto(datagram, address)
@@ -108,6 +141,14 @@ class Publisher:
                     self.bytes_sent += len(datagram)
 
     def _on_datagram(self, data: bytes) -> None:
+        if is_tier_map(data):
+            try:
+                tier_map = decode_tier_map(data, self.key)
+            except PacketError as exc:
+                self.maps_rejected[exc.reason] += 1
+                return
+            self.router.take(tier_map)
+            return
         try:
             header, hints = decode_hints(data, self.key)
             self.guard.check(header, 0)

@@ -107,10 +107,19 @@ class ConnectionRecord:
     segments: tuple[SegmentRecord, ...] = field(default_factory=tuple)
 
 
+class HeaderFlags(IntFlag):
+    """PacketHeader.flags bits (docs/publishing-packet.md §2); the others are reserved (0)."""
+
+    # Sent to its records' owner by the sender's tier map (spoa.wire.tier_map): an LB node
+    # that does not own a record of it forwards it (spoa.wire.forward). Without the bit the
+    # sender sends to every LB node (no map yet), and each takes only its own.
+    ROUTED = 0x01
+
+
 @dataclass(frozen=True, slots=True)
 class PacketHeader:
     node_id: int  # server node id (u64)
     sequence: int  # per-node packet sequence, strictly increasing (u64)
     timestamp_ms: int  # unix ms the interval ended
     interval_ms: int  # length of the reporting interval
-    flags: int = 0  # reserved, 0
+    flags: int = 0  # HeaderFlags

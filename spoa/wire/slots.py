@@ -11,7 +11,7 @@ and when a node leaves only its slots move (each to the next-highest weight), wh
 it takes about 1/N from every other.
 
 The agent routes each record to its slot's owner by the same functions the LB nodes own slots
-by (spoa.lbnode.cluster.tier), from the live set the LB nodes announce (spoa.wire.slot_map).
+by (spoa.lbnode.cluster.tier), from the live set the LB nodes announce (spoa.wire.tier_map).
 """
 
 from __future__ import annotations

@@ -2,10 +2,9 @@
 
 Real processes only, on loopback: a 3-primary/3-replica Valkey Cluster (cluster-node-timeout
 1 s), three `python -m spoa lbnode` of one tier (`cluster:`, membership 900 ms), the agent
-behind HAProxy publishing to all three (`publish.lb_nodes`: today every record goes to every
-LB node and each ingests and hints only the slots it owns; once agents route by the slot map,
-the same list is their bootstrap), and 200 keep-alive client connections held open for the
-whole test, each sending one request every ROUND_S.
+behind HAProxy with the three in `publish.lb_nodes` (its bootstrap list: every record to each
+until an LB node's tier map comes, then each record to its owner only), and 200 keep-alive
+client connections held open for the whole test, each sending one request every ROUND_S.
 
 Faults, one test each: SIGKILL of one LB node; SIGKILL of one LB node together with the store
 primary serving the membership keys' slot (every node's renewals and the live-set reads fail
@@ -35,10 +34,10 @@ import pytest
 
 from spoa.lbnode.cluster.membership import members_prefix
 from spoa.tools import provision
-from spoa.tools.demo.loadgen import HttpConn, parse_lease
+from spoa.tools.demo.loadgen import HttpConn
 
 from .conftest import Stack
-from .harness import LbNodeProcess, wait_until
+from .harness import LbNodeProcess, request_round, wait_until
 
 KEY = b"tier-e2e-shared-key-0123456789abc"
 CLIENTS = 200
@@ -100,24 +99,12 @@ class Clients:
             self.opened.set()
             while not self.stopping.is_set():
                 started = time.monotonic()
-                self.rounds.append(await self._round(conns, started))
+                self.rounds.append(Round(started, *await request_round(conns)))
                 await asyncio.sleep(max(0.0, ROUND_S - (time.monotonic() - started)))
         except Exception as exc:  # noqa: BLE001 - reported by the test, which fails on any
             self.errors.append(f"{type(exc).__name__}: {exc}")
         finally:
             await asyncio.gather(*(conn.close() for conn in conns), return_exceptions=True)
-
-    async def _round(self, conns: list[HttpConn], started: float) -> Round:
-        sources, statuses = Counter(), Counter()
-
-        async def one(conn: HttpConn) -> None:
-            status, headers, _ = await conn.request("/")
-            statuses[status] += 1
-            lease = parse_lease(headers.get("x-lease"))
-            sources[lease[1] if lease else "none"] += 1
-
-        await asyncio.gather(*(one(conn) for conn in conns))
-        return Round(started, sources, statuses)
 
     def since(self, moment: float) -> list[Round]:
         return [r for r in self.rounds if r.started >= moment]

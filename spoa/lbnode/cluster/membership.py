@@ -49,6 +49,7 @@ class Membership:
         self.renewed_at = -float("inf")  # monotonic time the last acknowledged renewal was sent
         self.renew_failed = False  # the last renewal got no answer (store unreachable)
         self.live: list[int] = []  # the last live set read (node ids, sorted)
+        self.read_ms = 0  # unix ms that read was sent: the view's age in the slot map (newest wins)
         self.addresses: dict[int, str] = {}  # node id -> advertised address, of the live set
 
     @property
@@ -93,6 +94,7 @@ class Membership:
     async def read_live(self) -> list[int] | None:
         """The live set (sorted ids, this node included only while it is a member), or None
         when the store did not answer (the previous one stays)."""
+        read_ms = time.time_ns() // 1_000_000
         ids = await self.store.call("membership read", lambda c: c.smembers(self.ids_key))
         if ids is None:
             return None
@@ -107,7 +109,7 @@ class Membership:
             await self.store.call("membership prune", lambda c: c.srem(self.ids_key, *lapsed))
         if self.state != MEMBER:
             live.pop(self.node_id, None)
-        self.live, self.addresses = sorted(live), live
+        self.live, self.addresses, self.read_ms = sorted(live), live, read_ms
         return self.live
 
     async def leave(self) -> None:

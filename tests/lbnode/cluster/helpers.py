@@ -31,7 +31,8 @@ def tier_node(tmp_path, node_id: int, **cluster):
     """An LbNode with its TierMember attached (no sockets: records go straight to its table)."""
     config = lbnode_config(tmp_path, node_id, **cluster)
     lbnode = build_lbnode(config)
-    lbnode.tier = TierMember(lbnode.table, node_id, config["cluster"], config["lbnode"]["listen"])
+    lbnode.tier = TierMember(lbnode.table, node_id, config["cluster"],
+                             config["cluster"]["advertise"] or config["lbnode"]["listen"])
     return lbnode
 
 

@@ -4,9 +4,11 @@ its totals and deadlines, a lapsed node fenced, an unreachable store survived.""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import numpy as np
+import pytest
 import redis
 
 from spoa.lbnode.cluster.membership import FENCED, MEMBER
@@ -14,8 +16,12 @@ from spoa.lbnode.cluster.store import slot_key
 from spoa.wire.slots import conn_slots
 from spoa.lbnode.cluster.writer import COMPACT_EVERY
 from spoa.lbnode.node import columns
+from spoa.lbnode.packet_receiver import BatchReceiver, UdpEndpoint
+from spoa.wire.forward import decode_forward, is_forward
+from spoa.wire.hints import decode_hints
+from spoa.wire.packet import encode_packet
 from spoa.netutil import now_ms
-from spoa.wire.records import ConnFlags
+from spoa.wire.records import ConnFlags, HeaderFlags, PacketHeader
 
 from .helpers import namespace, record, tier_node
 
@@ -129,8 +135,10 @@ def two_nodes(tmp_path, store_cluster, name: str):
             tier_node(tmp_path, 2, store=store_cluster.seeds, namespace=ns, **FAST))
 
 
-def test_killed_node_connections_are_adopted_with_totals_and_deadlines(tmp_path, store_cluster):
-    a, b = two_nodes(tmp_path, store_cluster, "failover")
+@pytest.mark.parametrize("engine", ["valkey", "redis-7.0"])
+def test_killed_node_connections_are_adopted_with_totals_and_deadlines(tmp_path, request, engine):
+    store = request.getfixturevalue("store_cluster" if engine == "valkey" else "redis7_store_cluster")
+    a, b = two_nodes(tmp_path, store, "failover")
 
     async def scenario():
         await rounds(a, b, seconds=0.5)  # both members; each owns about half
@@ -291,5 +299,105 @@ def test_a_former_owner_that_has_not_noticed_yet_cannot_overwrite_the_new_one(tm
             assert total == (300 if b.tier.owned[slot] else 200) * i
         await a.tier.close()
         await b.tier.close()
+
+    run(scenario())
+
+
+def test_a_record_routed_to_a_former_owner_is_forwarded_to_the_owner_with_the_agent_address(tmp_path, store_cluster):
+    """A server node's older map sent B's records to A: A passes the datagram on to B in an
+    envelope naming the server node; B ingests its records, A keeps its own, and B's hints go
+    straight to the server node. What came unrouted (to every LB node) is never forwarded."""
+    ns = namespace("forward")
+    socks = {name: socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for name in ("a", "b", "agent")}
+    for sock in socks.values():
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(2)
+    address = {name: sock.getsockname() for name, sock in socks.items()}
+    a, b = (tier_node(tmp_path, i, store=store_cluster.seeds, namespace=ns,
+                      advertise=f"127.0.0.1:{address[name][1]}", **FAST) for i, name in ((1, "a"), (2, "b")))
+    loop = asyncio.new_event_loop()
+    try:
+        for node, name in ((a, "a"), (b, "b")):
+            node.transport = UdpEndpoint(socks[name], loop)
+            node.receiver = BatchReceiver(node.key, node.on_batch, node.on_datagram)
+        loop.run_until_complete(rounds(a, b, seconds=0.5))
+        conn_ids = np.array([i.to_bytes(16, "big") for i in range(40)], "V16")
+        slot = conn_slots(np.full(40, SERVER_NODE, np.uint64), conn_ids, FAST["slots"])
+        of_b = {i for i in range(40) if b.tier.owned[slot[i]]}
+        assert 0 < len(of_b) < 40
+        records = [record(i, 100 * (i + 1)) for i in range(40)]
+        routed = encode_packet(PacketHeader(SERVER_NODE, 50, now_ms(), 100, HeaderFlags.ROUTED), records, a.key, 9000)
+        assert len(routed) == 1
+        a.receiver.datagram_received(routed[0], address["agent"])
+        a.receiver.flush()
+        assert len(a.table) == 40 - len(of_b) and a.tier.records_forwarded == len(of_b)
+        envelope, _ = socks["b"].recvfrom(65535)
+        assert decode_forward(envelope, a.key) == (routed[0], address["agent"])
+        b.receiver.datagram_received(envelope, address["a"])
+        b.receiver.flush()
+        held = {int.from_bytes(bytes(c), "big") for c in b.table.conn_id[np.flatnonzero(b.table.keys.in_use)]}
+        assert held == of_b and b.receiver.forwarded_in == 1 and b.tier.records_forwarded == 0
+        assert b.addresses[SERVER_NODE] == address["agent"]  # its hints go to the server node
+        b.tick()
+        hints, sender = socks["agent"].recvfrom(65535)
+        assert sender == address["b"]
+        assert {int.from_bytes(h.conn_id, "big") for h in decode_hints(hints, b.key)[1]} == of_b
+        # the same records sent to every LB node (no map): A drops B's, forwards nothing
+        unrouted = encode_packet(PacketHeader(SERVER_NODE, 51, now_ms(), 100), records, a.key, 9000)
+        a.receiver.datagram_received(unrouted[0], address["agent"])
+        a.receiver.flush()
+        assert a.tier.records_forwarded == len(of_b)
+        socks["b"].settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            while True:  # only hints or maps may have come; no second envelope
+                assert not is_forward(socks["b"].recvfrom(65535)[0])
+        # a tampered envelope (another return address) is refused, counted, not ingested
+        forged = envelope[:10] + b"\x09" + envelope[11:]
+        b.receiver.datagram_received(forged, address["a"])
+        assert b.receiver.rejected["bad_hmac"] == 1
+        loop.run_until_complete(a.tier.close())
+        loop.run_until_complete(b.tier.close())
+    finally:
+        for sock in socks.values():
+            sock.close()
+        loop.close()
+
+
+def test_a_joining_node_starts_from_the_tiers_class_priors_not_from_nothing(tmp_path, store_cluster):
+    ns = namespace("priors")
+    a = tier_node(tmp_path, 1, store=store_cluster.seeds, namespace=ns, **FAST)
+
+    async def scenario():
+        await rounds(a, seconds=0.4)
+        # A learns the class "fe" of server node 7: leases granted, and closes for its end bound
+        closes = range(0, 40, 2)
+        for step in (1, 2, 3, 4):
+            feed(a, 40, lambda i: 1000 * step * (i + 1) if step < 3 or i % 2 else 3000 * (i + 1),
+                 closed=closes if step == 4 else ())
+        cid = a.table.classes[(SERVER_NODE, "fe")]
+        learnt = a.table.class_lease[cid]
+        assert not np.isnan(learnt)
+        bound = a.table.policy.end_bound
+        assert bound.idle_at_close.count[cid] == len(closes)
+        await a.tier.close()  # a clean stop writes the priors too
+        assert a.tier.priors.written == 1
+        # C joins a tier that has seen the class: it knows it before any of its connections
+        c = tier_node(tmp_path, 3, store=store_cluster.seeds, namespace=ns, **FAST)
+        c.table.class_of(SERVER_NODE, "other")  # a class of its own: kept as it is
+        await rounds(c, seconds=0.4)
+        assert c.tier.priors.seeded == 1
+        cc = c.table.classes[(SERVER_NODE, "fe")]
+        assert c.table.class_lease[cc] == learnt
+        ring = c.table.policy.end_bound.idle_at_close
+        assert ring.count[cc] == len(closes)
+        np.testing.assert_array_equal(ring.series(cc), bound.idle_at_close.series(cid))
+        assert np.isnan(c.table.class_lease[c.table.classes[(SERVER_NODE, "other")]])
+        # what C learnt itself is never overwritten by a later read
+        c.table.class_lease[cc] = 1234.0
+        assert c.tier.priors.seed(c.tier.priors.encode() | {b"7|fe": a.tier.priors.encode()[b"7|fe"]}) == 0
+        assert c.table.class_lease[cc] == 1234.0
+        # records of another layout (another end-bound window) or a bad name are refused
+        assert c.tier.priors.seed({b"7|new": b"short", b"x|fe": a.tier.priors.encode()[b"7|fe"]}) == 0
+        await c.tier.close()
 
     run(scenario())
