@@ -47,9 +47,12 @@ SLOTS = 1024
 HINT_TTL_INTERVALS = 16  # the agent's lease.hint_ttl_ms: a connection without a hint that long goes fallback
 # Fault -> the survivors own every slot and hold every connection, in intervals: the membership
 # lease (3 intervals) + the next live-set read + the load; with the store primary of the
-# membership keys killed too, + its replica's promotion (cluster-node-timeout 1 s, ~2 s in all).
+# membership keys killed too, + its replica's promotion (cluster-node-timeout 1 s, ~2.4 s in
+# all) + the settling lease after the outage (3 intervals: the survivors re-assert their
+# membership keys, which the promoted replica lost, and keep every member for one lease before
+# they believe anyone gone; spoa/lbnode/cluster/membership.py).
 RESUME_BOUND_INTERVALS = 8
-RESUME_BOUND_WITH_STORE_INTERVALS = 14
+RESUME_BOUND_WITH_STORE_INTERVALS = 18
 ROUND_S = 0.5  # each client sends one request per round
 WARM_UP_S = 40.0  # bound on the tier forming and every client seeing a predicted lease
 AFTER_S = 4.0  # rounds still driven after the tier settled again

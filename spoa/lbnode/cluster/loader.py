@@ -120,13 +120,17 @@ class StateLoader:
         table.stats.refused += int(np.count_nonzero(~held))
         return count
 
-    async def load(self, slots: list[int], now_ms: Any) -> list[int]:
+    async def load(self, slots: list[int], now_ms: Any, until: float = float("inf")) -> list[int]:
         """Fetch and adopt `slots`, LOAD_GROUP slots per round trip (each bounded by
-        cluster.timeout_ms: a whole node's share can be far more than one timeout carries);
-        the slots adopted (those whose fetch the store did not answer are retried later)."""
+        cluster.timeout_ms: a whole node's share can be far more than one timeout carries),
+        starting no round trip after `until` (monotonic: the membership renewal must not wait
+        behind a long load); the slots adopted (the rest, not fetched or not answered, are
+        retried later)."""
         began = time.perf_counter()
         done = []
         for first in range(0, len(slots), LOAD_GROUP):
+            if first and time.monotonic() > until:
+                break
             group = slots[first:first + LOAD_GROUP]
             stored = await self.fetch(group)
             if stored is None:

@@ -216,7 +216,8 @@ class TierMember:
         wanted = self.owner_ids == np.uint64(self.membership.node_id)
         gained = np.flatnonzero(wanted & ~self.owned).tolist()
         if gained:
-            loaded = await self.loader.load(gained, now_ms)
+            # half a renewal period at most per round: the next renewal is due after it
+            loaded = await self.loader.load(gained, now_ms, time.monotonic() + self.membership.renew_every / 2)
             wanted[sorted(set(gained) - set(loaded))] = False  # not owned until loaded: retried next round
         self._own(wanted)
 
