@@ -233,8 +233,8 @@ class LeaseModule:
     def _lease_of(self, hint: tuple, now: int) -> tuple[int, str, int, int]:
         """(lease ms, source name, granularity level, anomaly 0/1) in force for a
         connection whose last hint is hint: SegmentTracker.hint()'s (lease ms,
-        source, level, anomaly, received unix ms). Without a hint the lease is
-        the standard one (source "standard", no level nor anomaly).
+        source, level, anomaly, received unix ms); without one, on_message
+        answers the standard lease (source "standard", no level nor anomaly).
 
         A hint is honoured only inside [min_ms, max_ms] and while fresh; any
         other case is the standard lease ("fallback": a hint was refused or went

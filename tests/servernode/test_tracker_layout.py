@@ -174,6 +174,14 @@ def test_bad_addresses_raise_the_same_error(bad):
     lambda t: t.update(b"k", DIR_IN, 1, 1, 1, 256),
     lambda t: t.update(b"k", 2, 1, 1, 1, 0),
     lambda t: t.update_batch([b"k"], DIR_IN, array("Q", [1]), array("Q", [1]), array("q", [1]), -1),
+    lambda t: t.set_hint("c" * 16, 1, 1, 0, False, 0, 1, 1),
+    lambda t: t.set_hint(b"c" * 15, 1, 1, 0, False, 0, 1, 1),
+    lambda t: t.set_hint(b"c" * 16, 1 << 32, 1, 0, False, 0, 1, 1),
+    lambda t: t.set_hint(b"c" * 16, 1, 1, 0, False, 0, -1, 1),
+    lambda t: t.set_hint(b"c" * 16, 1, 256, 0, False, 0, 1, 1),
+    lambda t: t.set_hint(b"c" * 16, 1, 1, 128, False, 0, 1, 1),
+    lambda t: t.set_hint(b"c" * 16, 1, 1, 0, False, 0, 1, 256),
+    lambda t: t.hint("k"),
 ])
 def test_other_argument_errors_match(call):
     results = []
