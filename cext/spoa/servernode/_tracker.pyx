@@ -716,13 +716,8 @@ cdef class SegmentTracker:
 
     def set_hint(self, conn_id, lease_ms, int source, int level, anomaly, int64_t now_ms, requested_ms,
                  int lease_source):
-        """The LB node's hint for the connection of conn_id, received at now_ms,
-        and the lease it puts in force (set_lease's requested_ms and lease_source;
-        its predicted_ms is the hint's lease_ms). False if no live connection has
-        that id. Under a predicted lease a quiet connection is then published
-        every max(interval, lease * refresh_fraction) from its last record, and
-        not later than the hint stays fresh (received + hint_ttl_ms): the time
-        set here and at each publish(now)."""
+        """The hint for conn_id's connection and the lease it puts in force; False
+        if no live connection has that id. The cadence it sets: the twin's docstring."""
         cdef int32_t slot
         cdef Conn *c
         cdef HintState *h
