@@ -52,6 +52,7 @@ class FixedSampler:
 
 
 def run(n: int, rounds: int, idle: bool) -> dict:
+    from spoa.servernode import lease_module
     from spoa.servernode.lease_module import LeaseModule, LeaseSettings
     from spoa.servernode.sampler import TcpSample, pack_key
     from spoa.servernode.tracker import SegmentTracker
@@ -78,7 +79,10 @@ def run(n: int, rounds: int, idle: bool) -> dict:
         sampler.samples = {k: TcpSample(key=k, state=1, bytes_received=1000 * moved, bytes_acked=5000 * moved,
                                         segs_in=moved, segs_out=moved, data_segs_in=moved, data_segs_out=moved,
                                         last_data_recv_ms=0, last_data_sent_ms=0, rtt_us=100) for k in keys}
-        now = time.time_ns() // 1_000_000
+        # One interval later on the module's clock whatever the round took in
+        # wall time: at 1M a round takes longer than a 60 s lease's refresh.
+        now += 1000
+        lease_module.now_ms = lambda: now
         if idle:  # fresh predicted 60 s leases from the LB node
             module.on_hints(None, [Hint(c, 60_000, LeaseSource.PREDICTED, 0) for c in ids])
         took = {}
