@@ -8,11 +8,11 @@ decoded by the codec, as HAProxy sends lease-request), gives every one a fresh
 predicted hint (LeaseModule.on_hints, what the LB nodes answer) and runs one
 publish interval (records encoded, not sent). Reports per connection what
 stays allocated: the Python heap (tracemalloc, after a collection) plus the
-tracker's slab (SegmentTracker.memory_bytes: mmap'd, not seen by tracemalloc),
-and what of it the module's per-connection dicts (ids, hints, last publish;
-sys.getsizeof of the dicts and what they hold) account for. The growth of the
-resident set is shown too: an upper bound, it keeps the allocator's high-water
-mark of the interval's transient records and messages.
+tracker's slab (SegmentTracker.memory_bytes: mmap'd, not seen by tracemalloc;
+it holds every per-connection state of the agent, ids, hints and last publish
+times included). The growth of the resident set is shown too: an upper bound,
+it keeps the allocator's high-water mark of the interval's transient records
+and messages.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spoa.servernode.lease_module import LeaseModule, LeaseSettings  # noqa: E402
+from spoa.servernode.lease_module import LeaseModule, LeaseSettings, connection_id  # noqa: E402
 from spoa.servernode.tracker import SegmentTracker  # noqa: E402
 from spoa.spop.codec import FrameReader, FrameWriter  # noqa: E402
 from spoa.spop.constants import FrameType  # noqa: E402
@@ -44,22 +44,14 @@ def rss_bytes() -> int:
     raise RuntimeError("no VmRSS")
 
 
-def dict_bytes(d: dict) -> int:
-    """The dict, its keys and its values (a tuple value's items too), each once."""
-    seen: set[int] = set()
-    total = sys.getsizeof(d)
-    for key, value in d.items():
-        for obj in (key, value, *(value if isinstance(value, tuple) else ())):
-            if id(obj) not in seen:
-                seen.add(id(obj))
-                total += sys.getsizeof(obj)
-    return total
+def cid(i: int) -> str:
+    return f"{i:08x}-0000-4000-8000-000000000000"
 
 
 def message(i: int):
     w = FrameWriter()
     write_notify(w, 1, 1, [("lease-request", [
-        ("cid", f"{i:08x}-0000-4000-8000-000000000000"),
+        ("cid", cid(i)),
         ("src", ipaddress.IPv4Address(0x0A000000 + i)), ("src_port", 1024 + i % 60000),
         ("dst", ipaddress.IPv4Address("198.51.100.1")), ("dst_port", 443), ("frontend", "fe"),
         ("method", "GET"), ("path", "/"),
@@ -83,11 +75,11 @@ def main() -> int:
         w = FrameWriter()
         w.begin_frame(FrameType.ACK, 1, 1)
         module.on_message(message(i), w)
-    module.on_hints(PacketHeader(1, 1, 0, 1000), [Hint(c, 60_000, int(LeaseSource.PREDICTED), 1)
-                                                  for c in list(module._keys)])
+    module.on_hints(PacketHeader(1, 1, 0, 1000), [Hint(connection_id(cid(i)), 60_000, int(LeaseSource.PREDICTED), 1)
+                                                  for i in range(n)])
     now = time.time_ns() // 1_000_000
     module.tracker.end_interval(now)
-    records = module._note_published(module.tracker.publish(now), now)
+    records = module.tracker.publish(now)
     encode_packet(PacketHeader(1, 2, now, 1000), records, b"k" * 32, 1400)
     module.tracker.begin_interval(now)
     del records
@@ -96,13 +88,11 @@ def main() -> int:
     tracemalloc.stop()
     grown = rss_bytes() - before
     tracker = module.tracker.memory_bytes()
-    dicts = {name: dict_bytes(getattr(module, name)) for name in ("_keys", "_hints", "_last_published")}
-    print(f"{n:,} connections, {len(module.tracker):,} tracked; bytes per connection:")
+    print(f"{n:,} connections, {len(module.tracker):,} tracked, {module.stats.hints_applied:,} hints applied; "
+          "bytes per connection:")
     print(f"  whole agent (heap + slab){(heap + tracker) / n:7.0f}")
     print(f"  tracker slab             {tracker / n:7.0f}")
     print(f"  Python heap              {heap / n:7.0f}")
-    for name, size in dicts.items():
-        print(f"    LeaseModule.{name:14s}{size / n:7.0f}")
     print(f"  process RSS growth       {grown / n:7.0f}  (upper bound, see above)")
     return 0
 

@@ -95,7 +95,8 @@ def test_every_connection_gets_its_hint_across_many_datagrams(key_file, connecti
         assert module.publisher.hints_rejected["replayed"] == 0
         # every hint sent was applied, none lost on the way
         assert module.stats.hints_applied == stats.hints_sent >= 2 * connections
-        assert len(module._hints) == connections
+        assert all(module.tracker.hint(key) is not None for key in module.tracker.keys())
+        assert len(module.tracker) == connections
         module.publisher.close()
         lbnode.transport.close()
 

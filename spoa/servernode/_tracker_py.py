@@ -40,6 +40,7 @@ registration order (the dict's), which the compiled twin reproduces.
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
@@ -97,6 +98,19 @@ def _quiet(conn: _Connection) -> bool:
     return not any(seg.bytes_interval or seg.packets_interval for d in conn.dirs for seg in d.segments)
 
 
+def _check_conn_id(conn_id: object) -> None:
+    if not isinstance(conn_id, bytes):
+        raise TypeError("conn_id must be bytes")
+    if len(conn_id) != 16:
+        raise ValueError("conn_id must be 16 bytes")
+
+
+def _check_level(level: int) -> None:
+    """granularity levels: one signed byte, as the hint carries them."""
+    if not -128 <= level <= 127:
+        raise ValueError(f"level must be -128..127, got {level}")
+
+
 def _check_small(name: str, value: int) -> None:
     """flags and sources: one byte each in the compiled twin."""
     if not 0 <= value <= 255:
@@ -147,6 +161,9 @@ class _Connection:
     __slots__ = (
         "key", "conn_id", "src", "src_port", "dst", "dst_port", "frontend", "flags", "source",
         "last_seen", "requested_lease", "predicted_lease", "publish_after", "lease_source", "dirs",
+        # the last hint: (source, level, anomaly 0/1, received unix ms), its lease is predicted_lease; or None
+        "hint",
+        "last_published",  # unix ms publish(now) last built its record, or None
     )
 
 
@@ -177,8 +194,11 @@ class SegmentTracker:
         self.max_connections = max_connections
         self.expire_ms = expire_ms
         self._conns: dict[bytes, _Connection] = {}  # insertion order is the registration order
+        # conn_id -> connection, for hints; of two live connections with one id, the later registered
+        self._ids: dict[bytes, _Connection] = {}
         self._closed: list[ConnectionRecord] = []
         self.total_segments = 0
+        self.set_refresh(1000, 0.34, 5000)
         self.stats = dict.fromkeys(
             ("registered", "refused", "closed", "expired", "counter_resets", "splits", "merges", "coarsened",
              "unknown_updates", "deferred"), 0
@@ -196,10 +216,7 @@ class SegmentTracker:
     def register(self, key: bytes, conn_id: bytes, src: str, src_port: int, dst: str, dst_port: int,
                  frontend: str, now_ms: int) -> bool:
         _check_key(key)
-        if not isinstance(conn_id, bytes):
-            raise TypeError("conn_id must be bytes")
-        if len(conn_id) != 16:
-            raise ValueError("conn_id must be 16 bytes")
+        _check_conn_id(conn_id)
         src = _address(src)
         _check_port(src_port)
         dst = _address(dst)
@@ -226,9 +243,11 @@ class SegmentTracker:
         conn.requested_lease = conn.predicted_lease = 0
         conn.publish_after = 0
         conn.lease_source = int(LeaseSource.STANDARD)
+        conn.hint = conn.last_published = None
         base = self._capacity(0)
         conn.dirs = (_Direction(base, self._level_of(base)), _Direction(base, self._level_of(base)))
         self._conns[key] = conn
+        self._ids[conn_id] = conn
         self.total_segments += 2
         self.stats["registered"] += 1
         return True
@@ -248,6 +267,57 @@ class SegmentTracker:
         if conn is not None:
             conn.requested_lease, conn.predicted_lease, conn.lease_source = requested_ms, predicted_ms, lease_source
 
+    def set_refresh(self, interval_ms: int, refresh_fraction: float, hint_ttl_ms: int) -> None:
+        """The cadence of connections under a predicted lease (see set_hint)."""
+        self.refresh_interval_ms = interval_ms
+        self.refresh_fraction = float(refresh_fraction)
+        self.hint_ttl_ms = hint_ttl_ms
+
+    def set_hint(self, conn_id: bytes, lease_ms: int, source: int, level: int, anomaly: bool, now_ms: int,
+                 requested_ms: int, lease_source: int) -> bool:
+        """The LB node's hint for the connection of conn_id, received at now_ms,
+        and the lease it puts in force (set_lease's requested_ms and lease_source;
+        its predicted_ms is the hint's lease_ms). False if no live connection has
+        that id. Under a predicted lease a quiet connection is then published
+        every max(interval, lease * refresh_fraction) from its last record, and
+        not later than the hint stays fresh (received + hint_ttl_ms): the time
+        set here and at each publish(now)."""
+        _check_conn_id(conn_id)
+        _check_lease("lease_ms", lease_ms)
+        _check_lease("requested_ms", requested_ms)
+        _check_small("source", source)
+        _check_small("lease_source", lease_source)
+        _check_level(level)
+        conn = self._ids.get(conn_id)
+        if conn is None:
+            return False
+        conn.requested_lease, conn.predicted_lease, conn.lease_source = requested_ms, lease_ms, lease_source
+        conn.hint = (source, level, 1 if anomaly else 0, now_ms)
+        conn.publish_after = self._refresh_after(conn)
+        return True
+
+    def hint(self, key: bytes) -> tuple[int, int, int, int, int] | None:
+        """The last hint of the key's connection, (lease_ms, source, level,
+        anomaly 0/1, received unix ms), or None (no hint, or not tracked)."""
+        _check_key(key)
+        conn = self._conns.get(key)
+        if conn is None or conn.hint is None:
+            return None
+        return (conn.predicted_lease, *conn.hint)
+
+    def _refresh_after(self, conn: _Connection) -> int:
+        """publish_after of a hinted connection (set_hint): 0 unless published under a predicted lease."""
+        if conn.last_published is None or conn.lease_source != LeaseSource.PREDICTED:
+            return 0
+        wait = max(self.refresh_interval_ms, math.ceil(conn.predicted_lease * self.refresh_fraction))
+        return min(conn.last_published + wait, conn.hint[3] + self.hint_ttl_ms + 1)
+
+    def _published(self, conn: _Connection, now_ms: int) -> None:
+        """Its record went out at now_ms: the next refresh follows (set_hint)."""
+        conn.last_published = now_ms
+        if conn.hint is not None:
+            conn.publish_after = self._refresh_after(conn)
+
     def set_publish_after(self, key: bytes, after_ms: int) -> None:
         """publish(now_ms) leaves the connection out while it is quiet (nothing
         moved in the interval) and now_ms < after_ms; 0: never left out."""
@@ -263,6 +333,8 @@ class SegmentTracker:
         conn = self._conns.pop(key, None)
         if conn is None:
             return False
+        if self._ids.get(conn.conn_id) is conn:
+            del self._ids[conn.conn_id]
         conn.flags |= flags
         self.total_segments -= len(conn.dirs[0].segments) + len(conn.dirs[1].segments)
         self._closed.append(self._record(conn))
@@ -512,7 +584,8 @@ class SegmentTracker:
 
         With now_ms, a live connection that was quiet this interval and whose
         set_publish_after() time is still ahead is left out (counted `deferred`):
-        its record is not even built."""
+        its record is not even built; one whose record is built counts as
+        published at now_ms (its next refresh time follows, see set_hint)."""
         out = []
         deferred = 0
         for conn in self._conns.values():
@@ -520,6 +593,8 @@ class SegmentTracker:
                 deferred += 1
             else:
                 out.append(self._record(conn))
+                if now_ms is not None:
+                    self._published(conn, now_ms)
         if deferred:
             self.stats["deferred"] += deferred
         out.extend(self._closed)
@@ -551,7 +626,7 @@ class SegmentTracker:
             seen.add(id(obj))
             return sys.getsizeof(obj)
 
-        total = size(self._conns)
+        total = size(self._conns) + size(self._ids)
         for key, conn in self._conns.items():
             total += size(key) + size(conn) + size(conn.dirs)
             total += sum(size(getattr(conn, name)) for name in _Connection.__slots__ if name != "dirs")

@@ -6,7 +6,10 @@ client sockets (one sock_diag dump filtered by the frontend ports seen in the
 registrations), feeds the cumulative counters to the segment tracker, closes
 the connections whose socket left the dump, and publishes the tracker's
 records to the LB nodes as connection publishing packets. Tracker, sample and
-registrations share one key, spoa.wire.records.pack_key of HAProxy's socket.
+registrations share one key, spoa.wire.records.pack_key of HAProxy's socket;
+hints name connections by id. All per-connection state (ids, the last hint,
+the last publish time) lives in the tracker's slab: this module holds the
+lease policy and nothing per connection.
 
 Where the kernel dump is unavailable (another network namespace, no
 sock_diag), counters HAProxy sends in the messages (bytes_in / bytes_out,
@@ -18,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import math
 import struct
 import time
 from array import array
@@ -29,7 +31,7 @@ from typing import Any
 from ..netutil import now_ms
 from ..spop.codec import FrameWriter
 from ..spop.constants import FrameType, Scope
-from ..wire.records import DIR_IN, DIR_OUT, ConnFlags, CounterSource, LeaseSource, PacketHeader
+from ..wire.records import DIR_IN, DIR_OUT, CounterSource, LeaseSource, PacketHeader
 from .sampler import pack_key
 from .tracker import SegmentTracker
 
@@ -44,8 +46,6 @@ _IDENTITY_ARGS = ("cid", "src", "src_port", "dst", "dst_port", "frontend")
 _COUNTER_ARGS = ("bytes_in", "bytes_out")
 # Distinct encoded answers kept (lease ms x source x level x anomaly).
 _MAX_ENCODED_ANSWERS = 4096
-# A plain int: IntFlag operators cost ~1 µs, paid per connection per interval.
-_FINAL = int(ConnFlags.CLOSED | ConnFlags.EXPIRED)
 
 
 
@@ -119,11 +119,6 @@ class LeaseModule:
         self.node_id = node_id
         self.lease = lease
         self.stats = ModuleStats()
-        self._keys: dict[bytes, bytes] = {}  # conn_id -> tracker key (pack_key)
-        # conn_id -> (Hint, received unix ms): the last hint taken for the
-        # connection, its lease, granularity level and anomaly flag
-        self._hints: dict[bytes, tuple] = {}
-        self._last_published: dict[bytes, int] = {}  # conn_id -> unix ms
         self._ports: set[int] = set()
         self._ports_changed = False
         # Set once the kernel dump has shown a registered connection: we share
@@ -148,8 +143,10 @@ class LeaseModule:
 
     @lease.setter
     def lease(self, lease: LeaseSettings) -> None:
-        """Also on a live reload (SIGHUP): the encoded answers follow the new settings."""
+        """Also on a live reload (SIGHUP): the encoded answers and the refresh cadence
+        follow the new settings (the cadence from the next record or hint on)."""
         self._lease = lease
+        self.tracker.set_refresh(self.interval_ms, lease.refresh_fraction, lease.hint_ttl_ms)
         self._standard_answer = self._encode_answer(lease.standard_ms, "standard", None, None)
         self._encoded_answers: dict[tuple, bytes] = {}
 
@@ -159,7 +156,7 @@ class LeaseModule:
         # One pass over the arguments for all of them (Message.get_addresses).
         cid, src, src_port, dst, dst_port, frontend = message.get_addresses(_IDENTITY_ARGS)
         now = now_ms()
-        conn_id = None
+        entry = None
         try:
             if not 0 < dst_port < 65536:  # HAProxy's listening port: 0 is no socket's
                 raise ValueError(dst_port)
@@ -170,7 +167,7 @@ class LeaseModule:
             # Without a cid, a hash of the 4-tuple: the same id for every message of the connection.
             conn_id = connection_id(cid) if cid is not None else hashlib.blake2b(key, digest_size=16).digest()
             if self.tracker.register(key, conn_id, src, src_port, dst, dst_port, str(frontend or ""), now):
-                self._keys[conn_id] = key
+                entry = self.tracker.hint(key)
                 self.stats.registrations += 1
                 if dst_port not in self._ports:
                     # The sampler's filter is rebuilt once per interval, not per new port.
@@ -178,7 +175,6 @@ class LeaseModule:
                     self._ports_changed = True
                 if self.sampler is None:
                     self._spoe_counters(key, message, now)
-        entry = self._hints.get(conn_id) if conn_id is not None else None
         if entry is None:
             # No hint (yet): the standard answer, the same bytes every time.
             self.stats.leases["standard"] += 1
@@ -222,45 +218,37 @@ class LeaseModule:
             log.info("lease hints arrive again (LB node %s), after %.1f s without", header.node_id,
                      (now - self._silent_since) / 1000)
             self._silent_since = None
-        stats, lease = self.stats, self.lease
+        stats, lease, tracker = self.stats, self.lease, self.tracker
         for hint in hints:
-            key = self._keys.get(hint.conn_id)
-            if key is None:
+            # The lease it puts in force: the tracker keeps it, and from it the refresh cadence.
+            lease_ms, source, _, _ = self._lease_of((hint.lease_ms, hint.source, hint.granularity_level, 0, now), now)
+            if not tracker.set_hint(hint.conn_id, hint.lease_ms, hint.source, hint.granularity_level, hint.anomaly,
+                                    now, lease_ms, LEASE_SOURCE_IDS[source]):
                 stats.hints_refused["unknown_connection"] += 1
-                continue
-            self._hints[hint.conn_id] = (hint, now)
-            if lease.min_ms <= hint.lease_ms <= lease.max_ms:
+            elif lease.min_ms <= hint.lease_ms <= lease.max_ms:
                 stats.hints_applied += 1
             else:
                 stats.hints_refused["out_of_bounds"] += 1
-            lease_ms, source, _, _ = self.lease_for(hint.conn_id, now)
-            self.tracker.set_lease(key, lease_ms, hint.lease_ms, LEASE_SOURCE_IDS[source])
-            self.tracker.set_publish_after(key, self._publish_after(hint.conn_id, lease_ms, source))
 
-    def lease_for(self, conn_id: bytes | None, now: int) -> tuple[int, str, int | None, int | None]:
-        """(lease ms, source name, granularity level or None, anomaly 0/1 or None) for a connection.
+    def _lease_of(self, hint: tuple, now: int) -> tuple[int, str, int, int]:
+        """(lease ms, source name, granularity level, anomaly 0/1) in force for a
+        connection whose last hint is hint: SegmentTracker.hint()'s (lease ms,
+        source, level, anomaly, received unix ms); without one, on_message
+        answers the standard lease (source "standard", no level nor anomaly).
 
         A hint is honoured only inside [min_ms, max_ms] and while fresh; any
-        other case is the standard lease ("fallback" when a hint was refused
-        or went stale, "standard" when there never was one). The anomaly flag
-        is the last hint's (whatever its lease's bounds: the flag is about the
-        traffic, not the lease) while that hint is fresh, 0 once it is stale:
-        a quiet LB node's old judgement must not hold a connection flagged.
-        None, like the level, until a hint came.
+        other case is the standard lease ("fallback": a hint was refused or went
+        stale). The anomaly flag is the last hint's (whatever its lease's
+        bounds: the flag is about the traffic, not the lease) while that hint is
+        fresh, 0 once it is stale: a quiet LB node's old judgement must not hold
+        a connection flagged.
         """
-        entry = self._hints.get(conn_id) if conn_id is not None else None
-        if entry is None:
-            return self.lease.standard_ms, "standard", None, None
-        return self._lease_of(entry, now)
-
-    def _lease_of(self, entry: tuple, now: int) -> tuple[int, str, int | None, int | None]:
-        """lease_for() of a connection whose last hint is entry (Hint, received unix ms)."""
-        hint, received = entry
+        lease_ms, source, level, anomaly, received = hint
         fresh = now - received <= self.lease.hint_ttl_ms
-        anomaly = 1 if fresh and hint.anomaly else 0
-        if fresh and hint.source == LeaseSource.PREDICTED and self.lease.min_ms <= hint.lease_ms <= self.lease.max_ms:
-            return hint.lease_ms, "predicted", hint.granularity_level, anomaly
-        return self.lease.standard_ms, "fallback", hint.granularity_level, anomaly
+        anomaly = 1 if fresh and anomaly else 0
+        if fresh and source == LeaseSource.PREDICTED and self.lease.min_ms <= lease_ms <= self.lease.max_ms:
+            return lease_ms, "predicted", level, anomaly
+        return self.lease.standard_ms, "fallback", level, anomaly
 
     def _spoe_counters(self, key: bytes, message: Any, now: int) -> None:
         """3.0+ sends bytes_in/bytes_out: the fallback when the kernel cannot be read."""
@@ -306,7 +294,7 @@ class LeaseModule:
             self._apply_kernel_sample(now)
         self.tracker.end_interval(now)
         deferred = self.tracker.stats["deferred"]
-        records = self._note_published(self.tracker.publish(now), now)
+        records = self.tracker.publish(now)
         self.stats.records_deferred += self.tracker.stats["deferred"] - deferred
         self.tracker.begin_interval(now)
         if self.publisher is not None:
@@ -332,52 +320,6 @@ class LeaseModule:
             log.warning("no lease hint from any LB node for %.1f s (publishing to %s): leases fall back to the "
                         "standard %d ms until hints return", (now - last) / 1000, self.publisher.describe(),
                         self.lease.standard_ms)
-
-    def _note_published(self, records: list, now: int) -> list:
-        """What publish(now) returned goes out: closed connections are forgotten,
-        each live one's next refresh time is set in the tracker (see _publish_after)."""
-        keys, last_published, hints = self._keys, self._last_published, self._hints
-        for rec in records:
-            conn_id = rec.conn_id
-            if rec.flags & _FINAL:
-                self._forget(conn_id)
-                continue
-            last_published[conn_id] = now
-            # Without a hint the lease is the standard one, refreshed every
-            # interval: its publish-after time is 0 and stays so (only
-            # on_hints sets another), no need to set it again.
-            if conn_id not in hints:
-                continue
-            key = keys.get(conn_id)
-            if key is not None:
-                lease_ms, source, _, _ = self.lease_for(conn_id, now)
-                self.tracker.set_publish_after(key, self._publish_after(conn_id, lease_ms, source))
-        return records
-
-    def _publish_after(self, conn_id: bytes, lease_ms: int, source: str) -> int:
-        """Until when a quiet connection need not be republished (0: every interval),
-        given the lease and source lease_for() gives it now.
-
-        Under a predicted lease, a connection quiet this interval is refreshed
-        only every lease * refresh_fraction (the reduced lease overhead: most
-        intervals of long connections are quiet), and no longer than its hint
-        stays fresh; active ones go out every interval, so the LB node sees
-        traffic change. Records carry cumulative totals, so a skipped interval
-        loses nothing. The tracker applies it (publish(now) builds no record for
-        a deferred connection): the time is set when a record goes out and when
-        a hint changes the lease.
-        """
-        last = self._last_published.get(conn_id)
-        if last is None or source != "predicted":
-            return 0
-        received = self._hints[conn_id][1]
-        wait = max(self.interval_ms, math.ceil(lease_ms * self.lease.refresh_fraction))
-        return min(last + wait, received + self.lease.hint_ttl_ms + 1)
-
-    def _forget(self, conn_id: bytes) -> None:
-        self._keys.pop(conn_id, None)
-        self._hints.pop(conn_id, None)
-        self._last_published.pop(conn_id, None)
 
     def _apply_kernel_sample(self, now: int) -> None:
         started = time.perf_counter()

@@ -69,6 +69,9 @@ operations = st.lists(
         st.tuples(st.just("tick"), st.integers(1, 400)),
         st.tuples(st.just("close"), st.integers(0, 7)),
         st.tuples(st.just("defer"), st.integers(0, 7), st.integers(-200, 800)),
+        # a hint for connection id k: lease ms, its source, level, anomaly, the lease source in force
+        st.tuples(st.just("hint"), st.integers(0, 8), st.integers(0, 3000), st.sampled_from([0, 1, 2]),
+                  st.integers(-3, 3), st.booleans(), st.sampled_from([0, 1, 2])),
     ),
     max_size=60,
 )
@@ -78,6 +81,8 @@ operations = st.lists(
 @given(operations)
 def test_twins_agree_and_invariants_hold(both_trackers, ops):
     trackers = [small_tracker(cls) for cls in both_trackers]
+    for t in trackers:  # a cadence the ticks' steps (1..400 ms) cross
+        t.set_refresh(50, 0.34, 300)
     now = 1000
     counters: dict = {}  # (key, direction) -> (bytes, packets) cumulative
     deltas: dict = {}  # conn_id -> {direction: [bytes, packets]} this interval
@@ -105,6 +110,11 @@ def test_twins_agree_and_invariants_hold(both_trackers, ops):
         elif op[0] == "defer":  # leave it out of publish(now) while quiet, until now + offset
             for t in trackers:
                 t.set_publish_after(KEYS[op[1]], max(0, now + op[2]))
+        elif op[0] == "hint":
+            _, k, lease_ms, source, level, anomaly, lease_source = op
+            results = [t.set_hint(bytes([k]) * 16, lease_ms, source, level, anomaly, now, 30000, lease_source)
+                       for t in trackers]
+            assert results[0] == results[1] == (KEYS[k] in trackers[0] if k < 8 else False)
         elif op[0] == "close":
             results = [t.close(KEYS[op[1]], now) for t in trackers]
             assert results[0] == results[1]
@@ -119,6 +129,7 @@ def test_twins_agree_and_invariants_hold(both_trackers, ops):
             assert snapshots[0] == snapshots[1]
             check_invariants(trackers[0], snapshots[0], deltas)
             assert trackers[0].keys() == trackers[1].keys()
+            assert [t.hint(k) for k in KEYS for t in trackers[:1]] == [trackers[1].hint(k) for k in KEYS]
             assert trackers[0].total_segments == trackers[1].total_segments
             assert trackers[0].total_segments <= trackers[0].max_total_segments
             published = [t.publish(now) for t in trackers]
@@ -355,3 +366,46 @@ def test_lease_durations_are_u32_in_both_twins(tracker_cls, requested, error):
     with pytest.raises(error, match="requested_ms"):
         t.set_lease(KEYS[1], requested, 0, 0)
     t.set_lease(KEYS[1], (1 << 32) - 1, 0, 0)  # unknown key: ignored once the values are valid
+
+
+def test_hints_are_found_by_connection_id_and_kept_per_connection(tracker_cls):
+    t = small_tracker(tracker_cls, max_connections=100)
+    for k in range(40):  # past the first table sizes: the id index grows with the key table
+        t.register(bytes([k + 1]) * 3, bytes([k]) * 16, "192.0.2.1", 40000 + k, "192.0.2.2", 80, "fe", 1000)
+    assert all(t.set_hint(bytes([k]) * 16, 5000 + k, 1, k % 4, k % 2, 1500, 5000 + k, 1) for k in range(40))
+    assert [t.hint(bytes([k + 1]) * 3) for k in (0, 39)] == [(5000, 1, 0, 0, 1500), (5039, 1, 3, 1, 1500)]
+    rec = t.snapshot(bytes([40]) * 3)
+    assert (rec.requested_lease_ms, rec.predicted_lease_ms, rec.lease_source) == (5039, 5039, 1)
+    assert not t.set_hint(b"?" * 16, 5000, 1, 0, False, 1500, 5000, 1)  # no such connection
+    t.register(b"new", bytes([39]) * 16, "192.0.2.1", 1, "192.0.2.2", 80, "fe", 1600)  # the same id again
+    assert t.hint(b"new") is None  # a new connection: no hint yet
+    t.set_hint(bytes([39]) * 16, 9000, 1, 0, False, 1700, 9000, 1)  # the later registration takes it
+    assert t.hint(b"new")[0] == 9000 and t.hint(bytes([40]) * 3)[0] == 5039
+    t.close(bytes([40]) * 3, 1800)  # the older one closing leaves the id with the newer
+    assert t.set_hint(bytes([39]) * 16, 9100, 1, 0, False, 1800, 9100, 1) and t.hint(b"new")[0] == 9100
+    t.close(b"new", 1900)
+    assert not t.set_hint(bytes([39]) * 16, 9100, 1, 0, False, 1900, 9100, 1)
+    t.register(bytes([1]) * 3, bytes([77]) * 16, "192.0.2.1", 40000, "192.0.2.2", 80, "fe", 2000)  # 4-tuple reused
+    assert t.hint(bytes([1]) * 3) is None and not t.set_hint(bytes([0]) * 16, 1, 1, 0, False, 2000, 1, 1)
+
+
+def test_a_predicted_lease_refreshes_a_quiet_connection_on_its_cadence(tracker_cls):
+    t = small_tracker(tracker_cls, expire_ms=10**9)
+    t.set_refresh(1000, 0.34, 5000)
+    for k in (1, 2):
+        t.register(KEYS[k], bytes([k]) * 16, "192.0.2.1", 40000 + k, "192.0.2.2", 80, "fe", 0)
+    t.set_hint(bytes([1]) * 16, 6000, 1, 0, False, 0, 6000, 1)  # predicted, never published: every interval
+    t.set_hint(bytes([2]) * 16, 6000, 2, 0, False, 0, 30000, 2)  # fallback: every interval
+
+    def published(now):
+        t.begin_interval(now)
+        t.end_interval(now)
+        return [r.conn_id[0] for r in t.publish(now)]
+
+    assert published(1000) == [1, 2]  # then every ceil(6000 * 0.34) = 2041 ms (float), until 0 + 5000 + 1
+    assert published(2000) == [2] and published(3040) == [2] and published(3041) == [1, 2]
+    assert published(5000) == [2] and published(5001) == [1, 2]  # the hint went stale: every interval
+    assert published(5002) == [1, 2]
+    t.set_hint(bytes([1]) * 16, 100, 1, 0, False, 6000, 100, 1)  # short lease: the interval bounds it
+    assert published(6001) == [2] and published(6002) == [1, 2]  # 5002 + 1000
+    assert t.stats["deferred"] == 4

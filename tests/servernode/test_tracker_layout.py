@@ -174,6 +174,14 @@ def test_bad_addresses_raise_the_same_error(bad):
     lambda t: t.update(b"k", DIR_IN, 1, 1, 1, 256),
     lambda t: t.update(b"k", 2, 1, 1, 1, 0),
     lambda t: t.update_batch([b"k"], DIR_IN, array("Q", [1]), array("Q", [1]), array("q", [1]), -1),
+    lambda t: t.set_hint("c" * 16, 1, 1, 0, False, 0, 1, 1),
+    lambda t: t.set_hint(b"c" * 15, 1, 1, 0, False, 0, 1, 1),
+    lambda t: t.set_hint(b"c" * 16, 1 << 32, 1, 0, False, 0, 1, 1),
+    lambda t: t.set_hint(b"c" * 16, 1, 1, 0, False, 0, -1, 1),
+    lambda t: t.set_hint(b"c" * 16, 1, 256, 0, False, 0, 1, 1),
+    lambda t: t.set_hint(b"c" * 16, 1, 1, 128, False, 0, 1, 1),
+    lambda t: t.set_hint(b"c" * 16, 1, 1, 0, False, 0, 1, 256),
+    lambda t: t.hint("k"),
 ])
 def test_other_argument_errors_match(call):
     results = []
@@ -221,7 +229,7 @@ def test_frontend_names_are_interned():
     base = t.memory_bytes()
     for i in range(1, 1000):  # equal names, distinct str objects: one entry
         t.register(key(i), i.to_bytes(16, "big"), "192.0.2.1", 1, "::1", 2, "".join(["frontend-", "a"]), 0)
-    assert t.memory_bytes() - base < 16 * 1024  # only the hash table grew
+    assert t.memory_bytes() - base < 24 * 1024  # only the key and id tables grew
     grown = t.memory_bytes()
     for i in range(1000, 1100):
         t.register(key(i), i.to_bytes(16, "big"), "192.0.2.1", 1, "::1", 2, f"frontend-{i}", 0)
@@ -232,6 +240,8 @@ def test_frontend_names_are_interned():
 SEGMENT = 48  # bytes of the compiled twin's Segment
 ARRAY_16 = 8 + 16 * SEGMENT  # an overflow array: slot-count header + slots
 ARRAY_2 = 8 + 2 * SEGMENT
+CHUNK = 2 << 20  # a slab chunk: 6,553 320-byte Conns
+HINTS = -(-6553 * 24 // 4096) * 4096  # its HintState region, 24 bytes a slot, whole pages
 
 
 def test_compiled_memory_bytes_accounts_chunks_table_and_overflow():
@@ -265,18 +275,19 @@ def test_compiled_memory_bytes_grows_by_whole_chunks():
         sizes.add(t.memory_bytes())
     chunks = [b - a for a, b in zip(sorted(sizes), sorted(sizes)[1:]) if b - a >= 2 << 20]
     assert len(chunks) == 2  # 14,000 connections: 3 chunks of 6,553 320-byte slots
-    # 3 chunks, 14,000 entries at load <= 1/2: 2^15 8-byte entries; then 8 chunk
-    # pointers and the one frontend name
-    assert 3 * (2 << 20) + 32768 * 8 + 8 * 8 < t.memory_bytes() < 3 * (2 << 20) + 32768 * 8 + 1024
+    # 3 chunks and their hint regions, 14,000 entries at load <= 1/2: 2^15 8-byte
+    # key entries and 4-byte id entries; then 8 + 8 chunk pointers and the one frontend name
+    tables = 32768 * (8 + 4)
+    assert 3 * (CHUNK + HINTS) + tables + 8 * 16 < t.memory_bytes() < 3 * (CHUNK + HINTS) + tables + 1024
 
 
-def test_a_connection_is_320_bytes_of_slab():
+def test_a_connection_is_320_bytes_of_slab_and_24_of_hint_state():
     t = _tracker.SegmentTracker(max_connections=20_000)
     for i in range(6553):  # 2 MiB // 320
         t.register(key(i), i.to_bytes(16, "big"), "192.0.2.1", 1, "::1", 2, "fe", 0)
     one_chunk = t.memory_bytes()
     t.register(key(6553), bytes(16), "192.0.2.1", 1, "::1", 2, "fe", 0)
-    assert t.memory_bytes() - one_chunk == 2 << 20
+    assert t.memory_bytes() - one_chunk == CHUNK + HINTS
 
 
 def test_both_twins_export_key_max():

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from spoa import config as cfg
+from spoa.servernode import _tracker_py
 from spoa.tools.backtest import synthetic
 from spoa.tools.backtest.faults import Channel, Faults, inject
 from spoa.tools.backtest.simulate import DEFAULT_POLICY, SimConfig, passes, simulate, simulate_all
@@ -135,7 +136,7 @@ def test_forecast_error_scores_idle_and_active_apart():
 
 
 def reference_run(conns: Connections, policy: str, forecaster: str, conf: SimConfig, monkeypatch):
-    """The product's own LeaseModule._note_published/on_hints and LeaseTable, one record at a time,
+    """The product's own LeaseModule.on_hints, tracker cadence and LeaseTable, one record at a time,
     on the trace as ``conf.faults`` make it happen and through the same channels."""
     from spoa.lbnode.node import LeaseTable
     from spoa.lbnode.service import forecaster_from_config, policy_from_config
@@ -152,32 +153,31 @@ def reference_run(conns: Connections, policy: str, forecaster: str, conf: SimCon
     clock = {"now": 0}
     monkeypatch.setattr(lease_module, "now_ms", lambda: clock["now"])
 
-    class Tracker:
-        """The tracker's side of the cadence, over ready-made records: publish(now)
-        leaves out a live record that moved nothing while its set_publish_after()
-        time is ahead (SegmentTracker.publish(now_ms), tested in test_tracker.py)."""
+    class Tracker(_tracker_py.SegmentTracker):
+        """The tracker's own cadence (set_hint, publish(now_ms): the twin's, held to the
+        compiled one in test_tracker.py) over ready-made records: a live record that
+        moved nothing is left out while its refresh time is ahead."""
 
-        def __init__(self):
-            self.after = {}
-
-        def set_lease(self, *args):
-            pass
-
-        def set_publish_after(self, key, after_ms):
-            self.after[key] = after_ms
-
-        def publish(self, records, now):
-            def due(rec):
+        def publish_records(self, records, now):
+            due = []
+            for rec in records:
+                conn = self._conns.get(rec.conn_id)
                 active = any(seg.bytes_transferred or seg.packets_transferred for seg in rec.segments)
-                return rec.flags & ConnFlags.CLOSED or active or self.after.get(module._keys[rec.conn_id], 0) <= now
-
-            return [rec for rec in records if due(rec)]
+                if rec.flags & ConnFlags.CLOSED:
+                    self.close(rec.conn_id, now)
+                elif active or conn.publish_after <= now:
+                    self._published(conn, now)
+                else:
+                    continue
+                due.append(rec)
+            self._closed.clear()
+            return due
 
     tracker = Tracker()
     module = LeaseModule(tracker, None, None, I, 1, LeaseSettings())
     ids = [i.to_bytes(15, "big") + b"\x01" for i in range(cap)]
-    for i, cid in enumerate(ids):
-        module._keys[cid] = ("key", i)
+    for cid in ids:  # keyed by id: the records carry no 4-tuple
+        tracker.register(cid, cid, "192.0.2.1", 1, "192.0.2.2", 2, "fe", 0)
     series = [conns.series(i) for i in range(cap)]
     rng = np.random.default_rng(conf.seed)
     records_channel = Channel(conf.loss, conf.faults.loss_burst, rng)
@@ -198,7 +198,7 @@ def reference_run(conns: Connections, policy: str, forecaster: str, conf: SimCon
             records.append(ConnectionRecord(ids[i], "192.0.2.1", 1, "192.0.2.2", 2,
                                             conns.classes[conns.klass[i]], flags, 0, 0, 0, 0, 0, b_in, b_out,
                                             (seg,)))
-        due = module._note_published(tracker.publish(records, T), T)
+        due = tracker.publish_records(records, T)
         entries += len(due)
         arrive = records_channel.keep(len(due), k)
         if arrive is not None:

@@ -53,6 +53,17 @@ cdef struct Conn:
     int64_t publish_after       # unix ms before which publish(now) leaves it out while quiet (0: never)
 
 
+cdef struct HintState:
+    # The agent's lease state of a connection, slab-parallel: one per slot, at
+    # the same chunk and index as its Conn (which stays 5 lines). 24 bytes.
+    int64_t received            # unix ms the last hint came (valid with HINTED)
+    int64_t last_published      # unix ms publish(now) last built its record (valid with PUBLISHED)
+    uint8_t state               # HINTED | PUBLISHED
+    uint8_t source              # LeaseSource the hint names (its lease is Conn.predicted_lease)
+    int8_t level                # granularity level the hint suggests
+    uint8_t anomaly             # the hint's anomaly flag, 0 or 1
+
+
 cdef struct Entry:
     uint32_t tag                # low 32 bits of the key's hash: home bucket (tag & mask) and a fingerprint
     uint32_t slot1              # slot + 1 of the connection (0: empty entry)
@@ -71,11 +82,16 @@ cdef class SegmentTracker:
     cdef readonly int64_t expire_ms            # unseen this long: closed as expired
     cdef readonly Py_ssize_t total_segments    # segments across live connections
     cdef readonly dict stats                   # event counters (registered, splits, merges...)
+    # refresh cadence under a predicted lease (set_refresh)
+    cdef readonly int64_t refresh_interval_ms  # never sooner than every interval
+    cdef readonly double refresh_fraction      # a quiet connection goes out every lease * this
+    cdef readonly int64_t hint_ttl_ms          # and no later than its hint stays fresh
     cdef list _closed                          # final records waiting for publish()
     cdef list _frontends                       # interned frontend names, by index
     cdef dict _frontend_ids                    # frontend name -> index in _frontends
     # slab
     cdef Conn **_chunks                        # CHUNK_BYTES regions of SLOTS_PER_CHUNK structs, never moved
+    cdef HintState **_hint_chunks              # one HintState region per chunk, indexed as the chunk
     cdef Py_ssize_t _nchunks                   # chunks mapped
     cdef Py_ssize_t _chunks_allocated          # pointers allocated in _chunks
     cdef int32_t _fresh                        # slots handed out in the last chunk (the rest never used)
@@ -87,6 +103,8 @@ cdef class SegmentTracker:
     # hash table
     cdef Entry *_table                         # open addressing, linear probing, load <= 1/2
     cdef uint32_t _mask                        # table size - 1 (a power of two)
+    cdef uint32_t *_ids                        # conn_id -> slot + 1, same size and probing; no tag:
+                                               # hints are rarer than updates, 4 bytes a slot instead of 8
 
     cdef Conn *_new_slot(self, int32_t *slot) except NULL
     cdef int32_t _find(self, const unsigned char *key, Py_ssize_t n, uint64_t h) noexcept
@@ -94,6 +112,9 @@ cdef class SegmentTracker:
     cdef Conn *_lookup(self, object key) except? NULL
     cdef int _grow_table(self) except -1
     cdef void _table_delete(self, int32_t slot, Conn *c) noexcept
+    cdef int32_t _find_id(self, const unsigned char *conn_id) noexcept
+    cdef void _index_id(self, int32_t slot, Conn *c) noexcept
+    cdef void _unindex_id(self, int32_t slot, Conn *c) noexcept
     cdef void _release(self, int32_t slot, Conn *c) noexcept
     cdef object _close_slot(self, int32_t slot, int64_t now_ms, int flags)
     cdef uint64_t _capacity(self, int level) noexcept
@@ -111,4 +132,5 @@ cdef class SegmentTracker:
     cdef int _coarsen_once(self, Conn *c) except -1
     cdef int _enforce_connection_bound(self, Conn *c) except -1
     cdef int _enforce_total_bound(self) except -1
+    cdef int64_t _refresh_after(self, Conn *c, HintState *h) noexcept
     cdef object _record(self, Conn *c)

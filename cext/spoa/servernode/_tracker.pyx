@@ -14,6 +14,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringA
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.math cimport ceil
 from libc.stdlib cimport qsort
 from libc.string cimport memcmp, memcpy, memmove
 
@@ -39,6 +40,12 @@ cdef int FLAG_EXPIRED = ConnFlags.EXPIRED
 cdef int FLAG_CLOSING = ConnFlags.CLOSING
 cdef uint8_t SOURCE_NONE = CounterSource.NONE
 cdef uint8_t LEASE_STANDARD = LeaseSource.STANDARD
+cdef uint8_t LEASE_PREDICTED = LeaseSource.PREDICTED
+
+cdef enum:
+    # HintState.state bits
+    HINTED = 1                  # a hint was set (set_hint)
+    PUBLISHED = 2               # publish(now) built a record (last_published holds when)
 
 KEY_MAX = 40  # longest key, bytes (Conn.key); the product key (records.pack_key) is 36
 cdef Py_ssize_t C_KEY_MAX = KEY_MAX
@@ -127,6 +134,21 @@ cdef int check_port(object port) except -1:
         raise TypeError(f"port must be int, not {type(port).__name__}")
     if not 0 <= port <= 65535:
         raise ValueError(f"port must be 0..65535, got {port}")
+    return 0
+
+
+cdef int check_conn_id(object conn_id) except -1:
+    if not isinstance(conn_id, bytes):
+        raise TypeError("conn_id must be bytes")
+    if PyBytes_GET_SIZE(conn_id) != 16:
+        raise ValueError("conn_id must be 16 bytes")
+    return 0
+
+
+cdef int check_level(int level) except -1:
+    """granularity levels: one signed byte, as the hint carries them."""
+    if not -128 <= level <= 127:
+        raise ValueError(f"level must be -128..127, got {level}")
     return 0
 
 
@@ -256,6 +278,16 @@ cdef inline Conn *conn_at(Conn **chunks, int32_t slot) noexcept nogil:
     return chunks[slot >> SLOT_BITS] + (slot & SLOT_MASK)
 
 
+cdef inline HintState *hint_at(HintState **chunks, int32_t slot) noexcept nogil:
+    return chunks[slot >> SLOT_BITS] + (slot & SLOT_MASK)
+
+
+cdef inline bint may_fill(uint32_t home, uint32_t hole, uint32_t j, uint32_t mask) noexcept nogil:
+    """Backward-shift deletion: the entry at j (home bucket home) may move into
+    the hole unless its home lies in (hole, j]."""
+    return ((j - home) & mask) >= ((j - hole) & mask)
+
+
 # The segments before a direction's tail live in a malloc'd array that starts
 # with its slot count (a header: DirCold needs no field for it).
 cdef inline Py_ssize_t older_slots(DirCold *d) noexcept nogil:
@@ -302,6 +334,7 @@ cdef inline Py_ssize_t segment_count(Conn *c) noexcept nogil:
 cdef class SegmentTracker:
     def __cinit__(self):
         self._table = <Entry *>region_alloc(INITIAL_TABLE * sizeof(Entry))
+        self._ids = <uint32_t *>region_alloc(INITIAL_TABLE * sizeof(uint32_t))
         self._mask = INITIAL_TABLE - 1
         self._free = self._head = self._tail = -1
 
@@ -325,6 +358,7 @@ cdef class SegmentTracker:
         self._frontends = []
         self._frontend_ids = {}
         self.total_segments = 0
+        self.set_refresh(1000, 0.34, 5000)
         self.stats = dict.fromkeys(
             ("registered", "refused", "closed", "expired", "counter_resets", "splits", "merges", "coarsened",
              "unknown_updates", "deferred"), 0
@@ -341,14 +375,19 @@ cdef class SegmentTracker:
             slot = c.next
         for i in range(self._nchunks):
             munmap(self._chunks[i], CHUNK_BYTES)
+            munmap(self._hint_chunks[i], SLOTS_PER_CHUNK * sizeof(HintState))
         PyMem_Free(self._chunks)
+        PyMem_Free(self._hint_chunks)
         if self._table is not NULL:
             munmap(self._table, (self._mask + <size_t>1) * sizeof(Entry))
+        if self._ids is not NULL:
+            munmap(self._ids, (self._mask + <size_t>1) * sizeof(uint32_t))
 
     # -- slab and hash table ----------------------------------------------------------
     cdef Conn *_new_slot(self, int32_t *slot) except NULL:
         """A slot for a new connection: a freed one first, else the next never-used one."""
         cdef Conn **grown
+        cdef HintState **grown_hints
         cdef Py_ssize_t n
         cdef Conn *c
         if self._free >= 0:
@@ -365,8 +404,17 @@ cdef class SegmentTracker:
                 if grown is NULL:
                     raise MemoryError()
                 self._chunks = grown
+                grown_hints = <HintState **>PyMem_Realloc(self._hint_chunks, n * sizeof(HintState *))
+                if grown_hints is NULL:
+                    raise MemoryError()
+                self._hint_chunks = grown_hints
                 self._chunks_allocated = n
-            self._chunks[self._nchunks] = <Conn *>region_alloc(CHUNK_BYTES)
+            self._hint_chunks[self._nchunks] = <HintState *>region_alloc(SLOTS_PER_CHUNK * sizeof(HintState))
+            try:
+                self._chunks[self._nchunks] = <Conn *>region_alloc(CHUNK_BYTES)
+            except MemoryError:
+                munmap(self._hint_chunks[self._nchunks], SLOTS_PER_CHUNK * sizeof(HintState))
+                raise
             self._nchunks += 1
             self._fresh = 0
         slot[0] = <int32_t>((self._nchunks - 1) << SLOT_BITS) | self._fresh
@@ -398,17 +446,29 @@ cdef class SegmentTracker:
         self._table[i].slot1 = slot + 1
 
     cdef int _grow_table(self) except -1:
+        """Double the key table and the id table (they share the mask)."""
         cdef Entry *old = self._table
+        cdef uint32_t *old_ids = self._ids
         cdef size_t old_size = self._mask + <size_t>1
         cdef size_t i
+        cdef uint32_t *ids
         if old_size >= (<size_t>1) << 31:
             raise MemoryError("hash table at its largest")
-        self._table = <Entry *>region_alloc(2 * old_size * sizeof(Entry))
+        ids = <uint32_t *>region_alloc(2 * old_size * sizeof(uint32_t))
+        try:
+            self._table = <Entry *>region_alloc(2 * old_size * sizeof(Entry))
+        except MemoryError:
+            munmap(ids, 2 * old_size * sizeof(uint32_t))
+            raise
+        self._ids = ids
         self._mask = <uint32_t>(2 * old_size - 1)
         for i in range(old_size):
             if old[i].slot1:
                 self._table_insert(old[i].tag, old[i].slot1 - 1)
+            if old_ids[i]:  # the indexed slots only: which of two same-id connections is indexed stays
+                self._index_id(old_ids[i] - 1, conn_at(self._chunks, old_ids[i] - 1))
         munmap(old, old_size * sizeof(Entry))
+        munmap(old_ids, old_size * sizeof(uint32_t))
         return 0
 
     cdef void _table_delete(self, int32_t slot, Conn *c) noexcept:
@@ -424,16 +484,55 @@ cdef class SegmentTracker:
             if self._table[j].slot1 == 0:
                 break
             home = self._table[j].tag & mask
-            # The entry at j may fill the hole at i unless its home lies in (i, j].
-            if ((j - home) & mask) >= ((j - i) & mask):
+            if may_fill(home, i, j, mask):
                 self._table[i] = self._table[j]
                 i = j
         self._table[i].slot1 = 0
         self._table[i].tag = 0
 
+    # The id table: hints name connections by conn_id, not by key. Ids are
+    # HAProxy's unique sess.cid; should two live connections share one, the
+    # later registration is the one indexed (hints go to it), as a dict would.
+    cdef int32_t _find_id(self, const unsigned char *conn_id) noexcept:
+        """The indexed slot of conn_id, else -1."""
+        cdef uint32_t i = <uint32_t>key_hash(conn_id, 16) & self._mask
+        while self._ids[i]:
+            if memcmp(conn_at(self._chunks, self._ids[i] - 1).conn_id, conn_id, 16) == 0:
+                return self._ids[i] - 1
+            i = (i + 1) & self._mask
+        return -1
+
+    cdef void _index_id(self, int32_t slot, Conn *c) noexcept:
+        """Point c's conn_id at slot (replacing another slot's entry for it)."""
+        cdef uint32_t i = <uint32_t>key_hash(c.conn_id, 16) & self._mask
+        while self._ids[i] and memcmp(conn_at(self._chunks, self._ids[i] - 1).conn_id, c.conn_id, 16) != 0:
+            i = (i + 1) & self._mask
+        self._ids[i] = slot + 1
+
+    cdef void _unindex_id(self, int32_t slot, Conn *c) noexcept:
+        """Remove c's id entry if it is slot's; backward-shift as _table_delete."""
+        cdef uint32_t mask = self._mask
+        cdef uint32_t i = <uint32_t>key_hash(c.conn_id, 16) & mask
+        cdef uint32_t j, home
+        while self._ids[i] != <uint32_t>(slot + 1):
+            if self._ids[i] == 0:
+                return  # another slot with the same id holds the entry
+            i = (i + 1) & mask
+        j = i
+        while True:
+            j = (j + 1) & mask
+            if self._ids[j] == 0:
+                break
+            home = <uint32_t>key_hash(conn_at(self._chunks, self._ids[j] - 1).conn_id, 16) & mask
+            if may_fill(home, i, j, mask):
+                self._ids[i] = self._ids[j]
+                i = j
+        self._ids[i] = 0
+
     cdef void _release(self, int32_t slot, Conn *c) noexcept:
         """Forget a live connection: table entry, order links, overflow arrays; slot to the free list."""
         self._table_delete(slot, c)
+        self._unindex_id(slot, c)
         if c.prev >= 0:
             conn_at(self._chunks, c.prev).next = c.next
         else:
@@ -448,11 +547,13 @@ cdef class SegmentTracker:
         self._count -= 1
 
     def memory_bytes(self):
-        """Bytes this tracker allocated for its connections: slab chunks, hash table,
-        chunk table, overflow segment arrays, interned frontend names (not the final
-        records waiting for publish())."""
-        return (self._nchunks * CHUNK_BYTES + region_bytes((self._mask + <size_t>1) * sizeof(Entry))
-                + self._chunks_allocated * sizeof(Conn *) + self._overflow_bytes
+        """Bytes this tracker allocated for its connections: slab chunks and their
+        hint regions, key and id tables, chunk tables, overflow segment arrays,
+        interned frontend names (not the final records waiting for publish())."""
+        return (self._nchunks * (CHUNK_BYTES + region_bytes(SLOTS_PER_CHUNK * sizeof(HintState)))
+                + region_bytes((self._mask + <size_t>1) * sizeof(Entry))
+                + region_bytes((self._mask + <size_t>1) * sizeof(uint32_t))
+                + self._chunks_allocated * (sizeof(Conn *) + sizeof(HintState *)) + self._overflow_bytes
                 + sys.getsizeof(self._frontends) + sys.getsizeof(self._frontend_ids)
                 + sum([sys.getsizeof(name) for name in self._frontends]))
 
@@ -528,10 +629,7 @@ cdef class SegmentTracker:
         cdef uint64_t h
         cdef int32_t slot
         cdef Conn *c
-        if not isinstance(conn_id, bytes):
-            raise TypeError("conn_id must be bytes")
-        if PyBytes_GET_SIZE(conn_id) != 16:
-            raise ValueError("conn_id must be 16 bytes")
+        check_conn_id(conn_id)
         parse_address(src, src_raw)
         check_port(src_port)
         parse_address(dst, dst_raw)
@@ -567,6 +665,7 @@ cdef class SegmentTracker:
         c.requested_lease = 0
         c.predicted_lease = 0
         c.publish_after = 0
+        hint_at(self._hint_chunks, slot).state = 0
         self._init_direction(c, 0)
         self._init_direction(c, 1)
         memcpy(c.cold[0].addr, src_raw, 16)
@@ -575,6 +674,7 @@ cdef class SegmentTracker:
         c.cold[1].port = dst_port
         self.total_segments += 2
         self._table_insert(<uint32_t>h, slot)
+        self._index_id(slot, c)
         c.next = -1
         c.prev = self._tail
         if self._tail >= 0:
@@ -607,6 +707,66 @@ cdef class SegmentTracker:
             c.requested_lease = requested_ms
             c.predicted_lease = predicted_ms
             c.lease_source = <uint8_t>lease_source
+
+    def set_refresh(self, int64_t interval_ms, double refresh_fraction, int64_t hint_ttl_ms):
+        """The cadence of connections under a predicted lease (see set_hint)."""
+        self.refresh_interval_ms = interval_ms
+        self.refresh_fraction = refresh_fraction
+        self.hint_ttl_ms = hint_ttl_ms
+
+    def set_hint(self, conn_id, lease_ms, int source, int level, anomaly, int64_t now_ms, requested_ms,
+                 int lease_source):
+        """The hint for conn_id's connection and the lease it puts in force; False
+        if no live connection has that id. The cadence it sets: the twin's docstring."""
+        cdef int32_t slot
+        cdef Conn *c
+        cdef HintState *h
+        check_conn_id(conn_id)
+        check_lease("lease_ms", lease_ms)
+        check_lease("requested_ms", requested_ms)
+        check_small("source", source)
+        check_small("lease_source", lease_source)
+        check_level(level)
+        slot = self._find_id(<const unsigned char *>PyBytes_AS_STRING(conn_id))
+        if slot < 0:
+            return False
+        c = conn_at(self._chunks, slot)
+        h = hint_at(self._hint_chunks, slot)
+        c.requested_lease = requested_ms
+        c.predicted_lease = lease_ms
+        c.lease_source = <uint8_t>lease_source
+        h.state |= HINTED
+        h.received = now_ms
+        h.source = <uint8_t>source
+        h.level = <int8_t>level
+        h.anomaly = 1 if anomaly else 0
+        c.publish_after = self._refresh_after(c, h)
+        return True
+
+    def hint(self, key):
+        """The last hint of the key's connection, (lease_ms, source, level,
+        anomaly 0/1, received unix ms), or None (no hint, or not tracked)."""
+        cdef Py_ssize_t n
+        cdef const unsigned char *k = key_bytes(key, &n)
+        cdef int32_t slot = self._find(k, n, key_hash(k, n))
+        cdef HintState *h
+        if slot < 0:
+            return None
+        h = hint_at(self._hint_chunks, slot)
+        if not h.state & HINTED:
+            return None
+        return (conn_at(self._chunks, slot).predicted_lease, h.source, h.level, h.anomaly, h.received)
+
+    cdef int64_t _refresh_after(self, Conn *c, HintState *h) noexcept:
+        """publish_after of a hinted connection (set_hint): 0 unless published under a predicted lease."""
+        cdef int64_t wait, fresh_until
+        if h.state != HINTED | PUBLISHED or c.lease_source != LEASE_PREDICTED:
+            return 0
+        wait = <int64_t>ceil(c.predicted_lease * self.refresh_fraction)
+        if wait < self.refresh_interval_ms:
+            wait = self.refresh_interval_ms
+        fresh_until = h.received + self.hint_ttl_ms + 1
+        return h.last_published + wait if h.last_published + wait < fresh_until else fresh_until
 
     def set_publish_after(self, key, int64_t after_ms):
         """publish(now_ms) leaves the connection out while it is quiet (nothing
@@ -1044,19 +1204,27 @@ cdef class SegmentTracker:
 
         With now_ms, a live connection that was quiet this interval and whose
         set_publish_after() time is still ahead is left out (counted `deferred`):
-        its record is not even built."""
+        its record is not even built; one whose record is built counts as
+        published at now_ms (its next refresh time follows, see set_hint)."""
         cdef list out = []
         cdef int32_t slot = self._head
         cdef Conn *c
         cdef bint filtering = now_ms is not None
         cdef int64_t now = now_ms if filtering else 0
         cdef Py_ssize_t deferred = 0
+        cdef HintState *h
         while slot >= 0:
             c = conn_at(self._chunks, slot)
             if filtering and c.publish_after > now and quiet(c):
                 deferred += 1
             else:
                 out.append(self._record(c))
+                if filtering:
+                    h = hint_at(self._hint_chunks, slot)
+                    h.state |= PUBLISHED
+                    h.last_published = now
+                    if h.state & HINTED:
+                        c.publish_after = self._refresh_after(c, h)
             slot = c.next
         if deferred:
             self.stats["deferred"] += deferred

@@ -6,7 +6,7 @@ in each *active* interval asking the backend for that interval's bytes
 (``/stream?bytes=N`` of the test application, ``tests/e2e/harness.py``), stays
 silent in idle intervals and closes in its last interval. What the kernel sees
 on HAProxy's client socket is then active exactly in the trace's active
-intervals, which is what the server node's cadence (``LeaseModule._publish_after``: quiet
+intervals, which is what the server node's cadence (``SegmentTracker.set_hint``: quiet
 or not) and the LB node's activity policy (traffic or not per interval) react
 to. Byte *counts* are not reproduced exactly: the request line and the
 response headers add a few hundred bytes, and a body is capped at

@@ -6,7 +6,7 @@ forecasters and lease policies (built by ``spoa.lbnode.service.forecaster_from_c
 ``spoa.config``), one server node and one LB node:
 
 Server node, at the end of every interval ``k`` (time ``T = (k + 1) * I``), as
-``spoa.servernode.lease_module.LeaseModule._publish_after``: every tracked connection has a record; a
+``spoa.servernode.lease_module.SegmentTracker.set_hint``: every tracked connection has a record; a
 closed connection's final record always goes out; a connection whose lease in
 force is a *predicted* hint (fresh: received at most ``hint_ttl_ms`` ago, and
 inside the server's [min_ms, max_ms]) and that was quiet in the interval is
@@ -472,7 +472,7 @@ def _pass(conns: Connections, policy: str, fnames: tuple[str, ...], conf: SimCon
     ybuf = np.zeros(cap, np.int64)  # scratch: bytes this interval
 
     def due_from_hint(slots: np.ndarray, now: int) -> np.ndarray:
-        """LeaseModule._publish_after as a time: published at T >= this while quiet (-inf: every interval)."""
+        """SegmentTracker.set_hint as a time: published at T >= this while quiet (-inf: every interval)."""
         hl = hint_lease[slots]
         usable = (hint_src[slots] == _PREDICTED) & (hl >= smin) & (hl <= smax)
         due = np.minimum((hint_recv[slots] + ttl + 1).astype(np.float64), now + np.maximum(float(I), hl * rf))
@@ -545,7 +545,7 @@ def _pass(conns: Connections, policy: str, fnames: tuple[str, ...], conf: SimCon
         for sc in scores:
             sc.score(ec, et.astype(np.float64))
 
-        # -- server node: which records go out (LeaseModule._publish_after) ------------------
+        # -- server node: which records go out (SegmentTracker.set_hint) ------------------
         if fixed:
             P = A
         else:
