@@ -13,7 +13,7 @@ datagrams encoded but not sent:
   yet is left out before its record is built; each published one's next
   refresh time is set in the slab); begin_interval
 - encode: encode_packet of the due records (mtu 1400, HMAC included), in
-  packets of at most PACKET_RECORDS
+  packets of at most PACKET_RECORDS (as Publisher.send splits them)
 
 Two traffic shapes: "active" (every connection moves bytes every interval: every
 record goes out) and "idle, predicted" (no bytes, predicted leases of 60 s from
@@ -33,8 +33,6 @@ import time
 
 from _machine import cpu_model
 
-# Records per packet: one packet holds at most 65,535 datagrams (~450k records at mtu 1400).
-PACKET_RECORDS = 200_000
 PHASES = ("apply", "end_interval", "publish", "begin_interval", "encode")
 
 
@@ -57,6 +55,7 @@ def run(n: int, rounds: int, idle: bool) -> dict:
     from spoa.servernode.sampler import TcpSample, pack_key
     from spoa.servernode.tracker import SegmentTracker
     from spoa.wire.hints import Hint
+    from spoa.servernode.publisher import PACKET_RECORDS
     from spoa.wire.packet import encode_packet
     from spoa.wire.records import LeaseSource, PacketHeader
 

@@ -36,6 +36,9 @@ log = logging.getLogger("spoa.servernode.publisher")
 HINT_REPLAY_WINDOW = 1024
 # An interval's hints arrive as a burst (56 entries per 1400-byte datagram).
 HINT_RECEIVE_BUFFER = 4 << 20
+# Records per packet at most: a packet counts its datagrams in a u16 and a record always fits
+# one datagram, so at any mtu this many make a packet (a million connections are 31 packets).
+PACKET_RECORDS = 32768
 # A tier map not renewed for this long is stale (LB nodes resend theirs every 4 intervals).
 DEFAULT_MAP_TTL_MS = 10_000
 
@@ -101,21 +104,29 @@ class Publisher:
             self._transports[family] = transport
 
     def send(self, header: PacketHeader, records: Sequence[ConnectionRecord]) -> int:
-        """Publish the interval's records; the last packet sequence used (header.sequence, one
-        more per further LB node routed to)."""
+        """Publish the interval's records; the last packet sequence used: header.sequence, one
+        more per further packet (one per LB node routed to, and one per PACKET_RECORDS)."""
         router = self.router
         if not self._streams and records and router.route():
             sequence = header.sequence - 1
             for target, group in router.split(header.node_id, records):
-                sequence += 1
-                routed = PacketHeader(header.node_id, sequence, header.timestamp_ms, header.interval_ms,
-                                      header.flags | HeaderFlags.ROUTED)
-                self._send_datagrams(encode_packet(routed, group, self.key, self.mtu), [router.targets[target]])
+                sequence = self._send_packets(header, sequence + 1, group, HeaderFlags.ROUTED, [router.targets[target]])
                 self.records_routed += len(group)
             return sequence
-        datagrams = encode_packet(header, records, self.key, self.mtu)
-        self._send_datagrams(datagrams, self.targets)
-        return header.sequence
+        return self._send_packets(header, header.sequence, records, 0, self.targets)
+
+    def _send_packets(self, header: PacketHeader, sequence: int, records: Sequence[ConnectionRecord], flags: int,
+                      targets: list[tuple[int, Any]]) -> int:
+        """`records` as packets of at most PACKET_RECORDS records from `sequence` on; the last
+        sequence used."""
+        for first in range(0, max(len(records), 1), PACKET_RECORDS):
+            if first:
+                sequence += 1
+            packet = PacketHeader(header.node_id, sequence, header.timestamp_ms, header.interval_ms,
+                                  header.flags | flags)
+            self._send_datagrams(encode_packet(packet, records[first:first + PACKET_RECORDS], self.key, self.mtu),
+                                 targets)
+        return sequence
 
     def _send_datagrams(self, datagrams: list[bytes], targets: list[tuple[int, Any]]) -> None:
         for stream in self._streams:

@@ -168,3 +168,23 @@ def test_a_one_member_map_routes_everything_to_it_in_order():
     router.take(tier_map({10: 9001}, view_ms=1))
     records = [record(i) for i in range(50)]
     assert router.split(NODE, records) == [(0, records)]
+
+
+async def _large_interval():
+    lbnodes = Sockets([10])
+    publisher = Publisher([f"127.0.0.1:{lbnodes.port(10)}"], KEY, 1400)
+    await publisher.open()
+    try:
+        import spoa.servernode.publisher as module
+
+        records = [record(i) for i in range(2 * module.PACKET_RECORDS + 5)]
+        assert publisher.send(PacketHeader(NODE, 100, 1, 500), records) == 102  # three packets
+        assert publisher.send_errors == 0
+    finally:
+        publisher.close()
+        lbnodes.close()
+
+
+def test_an_interval_larger_than_a_packet_goes_out_as_several():
+    """A million connections are more records than one packet's u16 datagram count holds."""
+    asyncio.run(_large_interval())
