@@ -303,7 +303,7 @@ class LeaseModule:
             self._sequence += 1
             header = PacketHeader(node_id=self.node_id, sequence=self._sequence, timestamp_ms=now,
                                   interval_ms=self.interval_ms)
-            self._sequence = self.publisher.send(header, records)  # one sequence per LB node routed to
+            self._sequence = self.publisher.send(header, records)  # one sequence per packet (per LB node routed to, per 32k records)
             self.stats.packets_sent += 1
             self.stats.records_published += len(records)
 
