@@ -266,7 +266,9 @@ LBNODE_SCHEMA: dict[str, dict[str, Field]] = {
         "slots": Field(int, 1024, "ownership slots (a power of two): connections hash to one by the store's "
                        "CRC16, each slot has one owner among the live LB nodes", minimum=16, maximum=16384),
         "membership_ms": Field(int, 3000, "lease of this node's membership key, renewed every third of it; a "
-                               "node that finds its key lapsed is fenced (answers nothing) and rejoins",
+                               "node that finds its key lapsed is fenced (answers nothing) and rejoins, "
+                               "unless the key was lost while the store was unreachable (a failover): then "
+                               "it sets it again and keeps its slots",
                                minimum=300, maximum=600_000),
         "grace_ms": Field(int, 3000, "an adopted connection's lease ends no sooner than this after its "
                           "adoption (the agents' time to re-route)", minimum=0, maximum=3_600_000),
