@@ -59,6 +59,7 @@ class Store:
         self.timeout = timeout_ms / 1000
         self.stats = StoreStats()
         self._client: Any = None
+        self._scripts: dict[str, str] = {}  # script -> its SHA1, loaded on the current client's primaries
 
     def _make_client(self) -> Any:
         from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -103,7 +104,21 @@ class Store:
 
         return await self.call(what, run)
 
+    async def script(self, script: str) -> str | None:
+        """The SHA1 to EVALSHA `script` by: SCRIPT LOAD on every primary once per client, so each
+        write sends 40 bytes instead of the script and the store does not hash it each time. A
+        primary without it (promoted replica, restarted node) answers NOSCRIPT: that write fails
+        like any store failure, the client is rebuilt and the script loaded again before the next.
+        None when the store did not answer."""
+        sha = self._scripts.get(script)
+        if sha is None:
+            sha = await self.call("script load", lambda client: client.script_load(script))
+            if sha is not None:
+                self._scripts[script] = sha
+        return sha
+
     async def _drop_client(self) -> None:
+        self._scripts.clear()
         client, self._client = self._client, None
         if client is not None:
             try:

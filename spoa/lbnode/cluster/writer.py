@@ -10,7 +10,7 @@ A slot's state is one hash, `NS:{NS.SLOT}:rows` (slots.slot_key), of a few field
   writing is refused by the store itself.
 A loader applies base, then the chunks in order (rows.latest).
 
-So per interval and slot the write is one EVAL setting one field, a blob built with whole-array
+So per interval and slot the write is one EVALSHA (WRITE_SCRIPT, loaded once) setting one field, a blob built with whole-array
 operations (no Python work per connection): the store client's own cost per command (about
 30 µs in redis-py) is paid per slot, not per connection. Every `COMPACT_EVERY` chunks the slot
 is compacted: a new base from the table (which holds the slot's whole state), an HDEL of its
@@ -59,6 +59,21 @@ if #ARGV > 3 + 2 * n then redis.call('HDEL', KEYS[1], unpack(ARGV, 4 + 2 * n, #A
 if tonumber(ARGV[2]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 1
 """
+
+
+def by_slot(rows: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and their slots ordered by slot (stable), before their records are made: sorting the
+    records after would move every byte of them once more. Slots are < 16384 (cluster.slots):
+    as uint16 numpy's stable sort is a radix sort, linear."""
+    order = np.argsort(slots.astype(np.uint16), kind="stable")
+    return rows[order], slots[order]
+
+
+def blob(records: list[np.ndarray]) -> memoryview | bytes:
+    """Record arrays as the bytes of one field: a single contiguous one as it is (no copy)."""
+    if len(records) == 1:
+        return memoryview(records[0]).cast("B")
+    return b"".join(r.tobytes() for r in records)
 
 
 def chunk_field(number: int) -> bytes:
@@ -133,8 +148,7 @@ class StoreWriter:
         return indexes[inverse.reshape(-1)]
 
     def _add(self, records: np.ndarray, slots: np.ndarray) -> None:
-        order = np.argsort(slots, kind="stable")
-        slots, records = slots[order], records[order]
+        """Records (ordered by slot, `by_slot`) into pending: one view of them per slot, no copy."""
         bounds = np.flatnonzero(np.diff(slots)) + 1
         for start, end in zip(np.r_[0, bounds].tolist(), np.r_[bounds, len(slots)].tolist()):
             self.pending.setdefault(int(slots[start]), []).append(records[start:end])
@@ -146,7 +160,7 @@ class StoreWriter:
             return
         slots = self.current_slots(rows)
         mine = owned[slots]
-        rows, slots = rows[mine], slots[mine]
+        rows, slots = by_slot(rows[mine], slots[mine])
         table = self.table
         keys = conn_keys(table.node[rows], table.conn_id[rows])
         self._add(self.codec.pack(rows, keys, self._frontend_indexes(rows, slots)), slots)
@@ -155,8 +169,9 @@ class StoreWriter:
         """Rows ending here (closed, expired): deletions in their slots' next chunk."""
         slots = self.current_slots(rows)
         mine = owned[slots]
+        rows, slots = by_slot(rows[mine], slots[mine])
         table = self.table
-        self._add(self.codec.deletions(conn_keys(table.node[rows[mine]], table.conn_id[rows[mine]])), slots[mine])
+        self._add(self.codec.deletions(conn_keys(table.node[rows], table.conn_id[rows])), slots)
 
     def adopted(self, slot: int, epoch: int, frontends: list[str], chunks: list[bytes]) -> None:
         """A slot just loaded under its new `epoch`: its names, and its chunks to delete when
@@ -176,20 +191,18 @@ class StoreWriter:
             self.needs_base.discard(slot)
             self.frontends_changed.discard(slot)
 
-    def _bases(self, slots: set[int]) -> dict[int, bytes]:
-        """A base blob of each slot, from the table: every connection it holds there."""
+    def _bases(self, slots: set[int]) -> dict[int, np.ndarray]:
+        """The base records of each slot, from the table: every connection it holds there."""
         table = self.table
         rows = np.flatnonzero(table.keys.in_use)
         slots_of_rows = self.current_slots(rows)
         mine = np.isin(slots_of_rows, list(slots))
-        rows, slots_of_rows = rows[mine], slots_of_rows[mine]
+        rows, slots_of_rows = by_slot(rows[mine], slots_of_rows[mine])
         records = self.codec.pack(rows, conn_keys(table.node[rows], table.conn_id[rows]),
                                   self._frontend_indexes(rows, slots_of_rows))
-        order = np.argsort(slots_of_rows, kind="stable")
-        records, slots_of_rows = records[order], slots_of_rows[order]
         starts = np.searchsorted(slots_of_rows, sorted(slots))
         ends = np.searchsorted(slots_of_rows, sorted(slots), side="right")
-        return {slot: records[a:b].tobytes() for slot, a, b in zip(sorted(slots), starts.tolist(), ends.tolist())}
+        return {slot: records[a:b] for slot, a, b in zip(sorted(slots), starts.tolist(), ends.tolist())}
 
     async def flush(self) -> bool:
         """Everything pending as one pipeline; False (kept for the next) when unacknowledged."""
@@ -215,15 +228,15 @@ class StoreWriter:
             gone: list[bytes] = []
             chunks = self.chunks.get(slot, [])
             if slot in bases:
-                fields[BASE_FIELD] = bases[slot]
-                records += len(bases[slot]) // self.codec.dtype().itemsize
+                fields[BASE_FIELD] = blob([bases[slot]])
+                records += len(bases[slot])
                 fields[LAYOUT_FIELD] = layout
                 fields[FRONTENDS_FIELD] = json.dumps(self.frontends.get(slot, [])).encode()
                 gone, chunks = chunks, []
             elif slot in pending:
                 number = (chunk_number(chunks[-1]) if chunks else 0) + 1
                 chunks = [*chunks, chunk_field(number)]
-                fields[chunks[-1]] = b"".join(r.tobytes() for r in pending[slot])
+                fields[chunks[-1]] = blob(pending[slot])
                 records += sum(map(len, pending[slot]))
             if slot in frontends_changed:
                 fields[FRONTENDS_FIELD] = json.dumps(self.frontends.get(slot, [])).encode()
@@ -232,12 +245,15 @@ class StoreWriter:
         def build(pipe: Any) -> None:
             for key, fields, gone, slot, _chunks in writes:
                 flat = [v for item in fields.items() for v in item]
-                pipe.eval(WRITE_SCRIPT, 1, key, self.epochs.get(slot, 0), self.gc_ms if BASE_FIELD in fields else 0,
-                          len(fields), *flat, *gone)
+                # redis-py blocks its evalsha() in cluster pipelines (for its Script helper); the
+                # command itself routes by its key like EVAL
+                pipe.execute_command("EVALSHA", sha, 1, key, self.epochs.get(slot, 0),
+                                     self.gc_ms if BASE_FIELD in fields else 0, len(fields), *flat, *gone)
 
         stats = self.store.stats
         began = time.perf_counter()
-        replies = await self.store.pipeline("state write", build)
+        sha = await self.store.script(WRITE_SCRIPT)
+        replies = None if sha is None else await self.store.pipeline("state write", build)
         if replies is None:
             stats.write_errors += 1
             for slot, kept in pending.items():  # older than what came meanwhile: before it
