@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import select
 import socket
 import time
 from pathlib import Path
@@ -77,11 +78,17 @@ class Publisher:
                 continue
             yield header.node_id, hints
 
-    def interval(self) -> None:
-        """One interval: the records sent, then the rest of the interval slept."""
-        began = time.monotonic()
+    def interval(self, on_hints=None) -> None:
+        """One interval: the records sent, then the rest of it slept, or spent handing each hint
+        datagram that arrives to on_hints(LB node id, hints)."""
+        end = time.monotonic() + self.interval_ms / 1000
         self.send()
-        time.sleep(max(0.0, self.interval_ms / 1000 - (time.monotonic() - began)))
+        while (left := end - time.monotonic()) > 0:
+            if on_hints is None:
+                time.sleep(left)
+            elif select.select([self.sock], [], [], left)[0]:
+                for lbnode_id, hints in self.hints():
+                    on_hints(lbnode_id, hints)
 
     def run_until(self, predicate, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
