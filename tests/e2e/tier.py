@@ -1,24 +1,24 @@
-"""An LB-node tier of real processes on loopback, and the publisher that stands in for agents.
+"""An LB-node tier of real processes on loopback, and the agent's publishing side in front of it.
 
 Shared by the tier's process tests and benchmarks/bench_tier_scale.py: `python -m spoa lbnode`
-processes with a `cluster:` section on a local store (spoa/tools/store_cluster.py), a sender of
-real publishing datagrams (spoa.wire encode over UDP, every record to every LB node, as today's
-agents do) that also receives the hints the LB nodes send back, and the /proc readings (CPU, RSS)
-the measurements take.
+processes with a `cluster:` section on a local store (spoa/tools/store_cluster.py), the agent's
+own Publisher (spoa.servernode.publisher: every record to every LB node until it learns the tier
+map, then each to its slot's owner) with the hints that come back, and the /proc readings (CPU,
+RSS) the measurements take.
 """
 
 from __future__ import annotations
 
-import itertools
+import asyncio
 import os
-import select
-import socket
 import time
 from pathlib import Path
 
-from spoa.wire.hints import decode_hints
-from spoa.wire.packet import PacketError, encode_packet
+import numpy as np
+
+from spoa.servernode.publisher import Publisher
 from spoa.wire.records import ConnectionRecord, PacketHeader
+from spoa.wire.slots import conn_slots, owners
 
 from .harness import LbNodeProcess
 
@@ -28,76 +28,66 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def conn_id(i: int) -> bytes:
-    return i.to_bytes(16, "big")
-
-
 def _record(i: int, total: int) -> ConnectionRecord:
-    return ConnectionRecord(conn_id=conn_id(i), src="192.0.2.1", src_port=1000 + i % 60000, dst="192.0.2.2",
+    return ConnectionRecord(conn_id=i.to_bytes(16, "big"), src="192.0.2.1", src_port=1000 + i % 60000, dst="192.0.2.2",
                             dst_port=443, frontend="fe", flags=0, counter_source=0, granularity_level=0,
                             requested_lease_ms=0, predicted_lease_ms=0, lease_source=0, bytes_in_total=0,
                             bytes_out_total=total)
 
 
-class Publisher:
-    """Every connection's record to every LB node, once per `send`, totals growing; the hints
-    the nodes answer arrive on the same socket (they go back to the sender's address)."""
+class Agent:
+    """The agent's publishing side: its real Publisher, every connection's record once per
+    interval (totals growing), and the hints that come back, by connection."""
 
-    def __init__(self, ports: list[int], connections: int, interval_ms: int) -> None:
-        self.ports = ports
+    def __init__(self, nodes: list[LbNodeProcess], connections: int, interval_ms: int, slots: int) -> None:
+        self.publisher = Publisher([f"127.0.0.1:{node.port}" for node in nodes], KEY, 1400, on_hints=self._hints)
         self.connections = connections
         self.interval_ms = interval_ms
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.setblocking(False)
-        self.sequence = itertools.count(time.time_ns() // 1000)
+        self.slots = slots
+        self.sequence = time.time_ns() // 1000
         self.step = 0
+        self.hinted: dict[int, tuple[int, float]] = {}  # conn -> (LB node id, monotonic time) of its last hint
+
+    def _hints(self, header, hints) -> None:
+        now = time.monotonic()
+        for hint in hints:
+            self.hinted[int.from_bytes(hint.conn_id, "big")] = (header.node_id, now)
 
     def send(self) -> None:
         self.step += 1
         records = [_record(i, 1000 * self.step * (i + 1)) for i in range(self.connections)]
-        header = PacketHeader(node_id=SERVER_NODE, sequence=next(self.sequence), timestamp_ms=int(time.time() * 1000),
+        header = PacketHeader(node_id=SERVER_NODE, sequence=self.sequence, timestamp_ms=int(time.time() * 1000),
                               interval_ms=self.interval_ms)
-        for datagram in encode_packet(header, records, KEY, 1400):
-            for port in self.ports:
-                self.sock.sendto(datagram, ("127.0.0.1", port))
-            header = PacketHeader(node_id=SERVER_NODE, sequence=next(self.sequence), timestamp_ms=header.timestamp_ms,
-                                  interval_ms=self.interval_ms)
+        self.sequence = self.publisher.send(header, records) + 1
 
-    def hints(self):
-        """(LB node id, hints) of each hint datagram received since the last call."""
-        while True:
-            try:
-                data = self.sock.recv(65536)
-            except BlockingIOError:
-                return
-            try:
-                header, hints = decode_hints(data, KEY)
-            except PacketError:
-                continue
-            yield header.node_id, hints
-
-    def interval(self, on_hints=None) -> None:
-        """One interval: the records sent, then the rest of it slept, or spent handing each hint
-        datagram that arrives to on_hints(LB node id, hints)."""
+    async def interval(self) -> None:
+        """One interval: the records sent, the rest of it slept (hints arrive meanwhile)."""
         end = time.monotonic() + self.interval_ms / 1000
         self.send()
-        while (left := end - time.monotonic()) > 0:
-            if on_hints is None:
-                time.sleep(left)
-            elif select.select([self.sock], [], [], left)[0]:
-                for lbnode_id, hints in self.hints():
-                    on_hints(lbnode_id, hints)
+        await asyncio.sleep(max(0.0, end - time.monotonic()))
 
-    def run_until(self, predicate, timeout: float, what: str) -> None:
+    async def run_until(self, predicate, timeout: float, what: str) -> None:
+        """An interval at a time until predicate() (it may scrape metrics: run off the loop)."""
         deadline = time.monotonic() + timeout
-        while not predicate():
+        while not await asyncio.to_thread(predicate):
             assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-            self.interval()
+            await self.interval()
 
-    def close(self) -> None:
-        self.sock.close()
+    async def intervals(self, count: int) -> None:
+        for _ in range(count):
+            await self.interval()
+
+    def owner_of(self) -> dict[int, int]:
+        """Each connection's owner by the agent's map (what the LB nodes compute)."""
+        live = self.publisher.router.map.live
+        conn_ids = np.array([i.to_bytes(16, "big") for i in range(self.connections)], "V16")
+        slots = conn_slots(np.full(self.connections, SERVER_NODE, np.uint64), conn_ids, self.slots)
+        return dict(enumerate(live[k] for k in owners(live, self.slots)[slots].tolist()))
+
+    def routed_to(self, count: int) -> bool:
+        """The agent routes by a fresh map of `count` members."""
+        router = self.publisher.router
+        return router.fresh and len(router.map.members) == count
 
 
 def lbnodes(tmp: Path, seeds: list[str], count: int, interval_ms: int, slots: int, **cluster) -> list[LbNodeProcess]:
@@ -109,6 +99,23 @@ def lbnodes(tmp: Path, seeds: list[str], count: int, interval_ms: int, slots: in
     return [LbNodeProcess(tmp, config={"lbnode": {"key_file": str(key), "node_id": 100 + i, "interval_ms": interval_ms},
                                        "cluster": cluster})
             for i in range(count)]
+
+
+async def start_tier(nodes: list[LbNodeProcess], agent: Agent, timeout: float = 20, started=None) -> None:
+    """Nodes started (then started(), before any record is sent); bounded waits until they share
+    every slot, the agent routes by their map and every connection is held once across them."""
+    count = len(nodes)
+    await agent.publisher.open()
+    for node in nodes:
+        node.start()
+    if started is not None:
+        started()
+    await agent.run_until(lambda: total(nodes, "spoa_lbnode_slots_owned") == agent.slots
+                          and all(metric(n, "spoa_lbnode_tier_members") == count for n in nodes), timeout,
+                          f"{count} members sharing every slot")
+    await agent.run_until(lambda: agent.routed_to(count), timeout / 2, "the agent routing by the tier map")
+    await agent.run_until(lambda: total(nodes, "spoa_lbnode_connections") == agent.connections, timeout / 2,
+                          "every connection held once across the tier")
 
 
 def metric(node: LbNodeProcess, name: str) -> float:
