@@ -70,7 +70,7 @@ async def measure(n: int, intervals: int, seeds: list[str], key_file: str) -> di
         plain.table.ingest_batch(batch, now_ms())
         plain.table.end_interval(now_ms())
         t1 = time.process_time()
-        kept = tier.owned_records(batch)
+        kept, _forwards = tier.owned_records(batch)
         t2 = time.process_time()
         a.table.ingest_batch(kept, now_ms())
         changed = np.flatnonzero(a.table.refreshed)
