@@ -12,7 +12,8 @@ and written once, from /proc/PID/stat and the nodes' metrics:
 - CPU of the LB nodes (summed, and the busiest one's share of a core), of the store (every
   valkey-server process, replicas included) and of the agent (this process), µs per connection
   per interval;
-- store commands and payload bytes per connection per interval, agent -> LB node bytes too;
+- store commands and payload bytes per connection per interval, agent -> LB node bytes too, and
+  the primaries' memory per connection (INFO used_memory, grown since the node count's start);
 - capacity: the connections per second the tier takes before its busiest node fills a core
   (offered rate / that share), and before this machine's cores fill (offered rate x nproc / every
   process's CPU share, the agent's and the store's included);
@@ -43,8 +44,20 @@ COUNTERS = ("spoa_lbnode_store_write_rows_total", "spoa_lbnode_store_write_comma
             "spoa_lbnode_store_write_bytes_total", "spoa_lbnode_premature_expiries_total")
 
 
+def _store_memory(cluster: StoreCluster) -> int:
+    """Bytes the primaries hold (INFO used_memory, summed)."""
+    used = 0
+    for node in cluster.nodes:
+        if node.primary is None:
+            client = cluster.client(node)
+            used += int(client.info("memory")["used_memory"])
+            client.close()
+    return used
+
+
 def _readings(nodes, cluster: StoreCluster, agent: Agent) -> dict:
     return {"wall": time.monotonic(), "lb": [cpu_seconds(n.proc.pid) for n in nodes],
+            "primaries": sum(cpu_seconds(s.process.pid) for s in cluster.nodes if s.primary is None),
             "store": sum(cpu_seconds(s.process.pid) for s in cluster.nodes), "agent": time.process_time(),
             "sent": agent.publisher.bytes_sent, **{name: total(nodes, name) for name in COUNTERS}}
 
@@ -76,6 +89,7 @@ async def measure(count: int, connections: int, intervals: int, interval_ms: int
     tmp.mkdir()
     nodes = lbnodes(tmp, cluster.seeds, count, interval_ms, SLOTS, membership_ms=max(900, 3 * interval_ms))
     agent = Agent(nodes, connections, interval_ms, SLOTS)
+    memory = _store_memory(cluster)  # what earlier runs left (their own namespaces)
     try:
         await start_tier(nodes, agent, 30 + connections / 5000)
         await agent.intervals(2)  # every connection written once, the store's layout fields too
@@ -90,6 +104,8 @@ async def measure(count: int, connections: int, intervals: int, interval_ms: int
         out["busiest"] = max(lb) / wall  # share of one core
         out["store_us"] = (after["store"] - before["store"]) / per * 1e6
         out["store_share"] = (after["store"] - before["store"]) / wall
+        out["primary_us"] = (after["primaries"] - before["primaries"]) / per * 1e6
+        out["store_memory"] = (_store_memory(cluster) - memory) / connections  # bytes per connection, primaries
         out["agent_us"] = (after["agent"] - before["agent"]) / per * 1e6
         out["rows_per_s"] = (after[COUNTERS[0]] - before[COUNTERS[0]]) / wall
         out["commands"] = (after[COUNTERS[1]] - before[COUNTERS[1]]) / per
@@ -130,7 +146,7 @@ def main() -> None:
             results.append(r)
             one = results[0]
             rows.append(f"| {count} | {r['rows_per_s']:,.0f} | {r['lb_us']:.2f} | {r['busiest']:.3f} | "
-                        f"{r['store_us']:.2f} | {r['store_share']:.3f} | {r['agent_us']:.2f} | {r['commands']:.3f} | "
+                        f"{r['store_us']:.2f} ({r['primary_us']:.2f}) | {r['store_share']:.3f} | {r['store_memory']:,.0f} | {r['agent_us']:.2f} | {r['commands']:.3f} | "
                         f"{r['bytes']:.0f} | {r['sent']:.0f} | {r['capacity_nodes']:,.0f} "
                         f"({r['capacity_nodes'] / one['capacity_nodes']:.2f}x) | {r['capacity_box']:,.0f} "
                         f"({r['capacity_box'] / one['capacity_box']:.2f}x) |")
@@ -151,11 +167,12 @@ def main() -> None:
         f"the agent's Publisher routing {args.connections:,} connections to their owners every "
         f"{args.interval_ms} ms, each changed every interval, {args.intervals} intervals measured. µs are CPU per "
         "connection per interval (LB nodes summed; store: every valkey-server, replicas included; agent: the "
-        "publisher). Share: fraction of one core. Capacity: connections per second before the busiest LB node "
+        "publisher). Store memory: primaries' used_memory grown, per connection. Share: fraction of one core. Capacity: connections per second before the busiest LB node "
         "fills a core, and before this box's cores fill with everything on it (agent and store included).", "",
-        "| LB nodes | rows persisted/s | LB µs | busiest node share | store µs | store share | agent µs "
+        "| LB nodes | rows persisted/s | LB µs | busiest node share | store µs (primaries) | store share "
+        "| store memory B/conn | agent µs "
         "| commands/conn | store bytes/conn | agent bytes/conn | capacity, nodes | capacity, box |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "", failover, ""])
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "", failover, ""])
     if args.results:
         write_section(args.results, "## LB-node tier: 1, 2, 3 nodes", text)
     else:

@@ -36,8 +36,7 @@ import numpy as np
 
 from .rows import RowCodec
 from ...wire.slots import conn_keys, conn_slots
-from .store import slot_key
-from .store import Store
+from .store import Store, resp, slot_key
 
 LAYOUT_FIELD = b"layout"
 FRONTENDS_FIELD = b"frontends"
@@ -242,18 +241,16 @@ class StoreWriter:
                 fields[FRONTENDS_FIELD] = json.dumps(self.frontends.get(slot, [])).encode()
             writes.append((slot_key(self.namespace, slot), fields, gone, slot, chunks))
 
-        def build(pipe: Any) -> None:
-            for key, fields, gone, slot, _chunks in writes:
-                flat = [v for item in fields.items() for v in item]
-                # redis-py blocks its evalsha() in cluster pipelines (for its Script helper); the
-                # command itself routes by its key like EVAL
-                pipe.execute_command("EVALSHA", sha, 1, key, self.epochs.get(slot, 0),
-                                     self.gc_ms if BASE_FIELD in fields else 0, len(fields), *flat, *gone)
-
         stats = self.store.stats
         began = time.perf_counter()
         sha = await self.store.script(WRITE_SCRIPT)
-        replies = None if sha is None else await self.store.pipeline("state write", build)
+        replies = None
+        if sha is not None:
+            commands = [(key, resp(["EVALSHA", sha, 1, key, self.epochs.get(slot, 0),
+                                    self.gc_ms if BASE_FIELD in fields else 0, len(fields),
+                                    *(v for item in fields.items() for v in item), *gone]))
+                        for key, fields, gone, slot, _chunks in writes]
+            replies = await self.store.packed("state write", commands)
         if replies is None:
             stats.write_errors += 1
             for slot, kept in pending.items():  # older than what came meanwhile: before it
