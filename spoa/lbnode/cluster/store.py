@@ -44,8 +44,10 @@ class StoreStats:
     rows_refused: int = 0  # stored rows not adopted: their layout differs from this node's
 
 
-def resp(args: list) -> bytes:
-    """A command in the store's wire format (RESP arrays of bulk strings), for Store.packed."""
+def resp(args: list) -> list:
+    """A command in the store's wire format (RESP arrays of bulk strings), for Store.packed: its
+    pieces, the values among them as given (a chunk's records are not copied here; the socket
+    write joins a whole shard's pieces once)."""
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
         if isinstance(arg, int):
@@ -53,7 +55,7 @@ def resp(args: list) -> bytes:
         elif isinstance(arg, str):
             arg = arg.encode()
         parts += (b"$%d\r\n" % len(arg), arg, b"\r\n")
-    return b"".join(parts)
+    return parts
 
 
 def parse_seed(address: str) -> tuple[str, int]:
@@ -116,7 +118,7 @@ class Store:
 
         return await self.call(what, run)
 
-    async def packed(self, what: str, commands: list[tuple[str, bytes]]) -> list | None:
+    async def packed(self, what: str, commands: list[tuple[str, list]]) -> list | None:
         """Commands already in the wire format (`resp`), each with its key: each primary's share
         written at once on one of its connections and its replies read back in order, the
         primaries in parallel; the replies in the order of `commands`, or None (see call).
@@ -138,7 +140,7 @@ class Store:
             async def shard(node: Any, indexes: list[int]) -> None:
                 connection = node.acquire_connection()
                 try:
-                    await connection.send_packed_command([commands[i][1] for i in indexes])
+                    await connection.send_packed_command([part for i in indexes for part in commands[i][1]])
                     for i in indexes:
                         replies[i] = await connection.read_response()
                 finally:
