@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _machine import cpu_model  # noqa: E402 - benchmarks/ is the script's folder
-from _results import write_section  # noqa: E402
+from _results import report  # noqa: E402
 from spoa.tools.store_cluster import StoreCluster  # noqa: E402
 from tests.e2e.tier import Agent, cpu_seconds, lbnodes, start_tier, total  # noqa: E402
 
@@ -173,10 +173,7 @@ def main() -> None:
         "| store memory B/conn | agent µs "
         "| commands/conn | store bytes/conn | agent bytes/conn | capacity, nodes | capacity, box |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "", failover, ""])
-    if args.results:
-        write_section(args.results, "## LB-node tier: 1, 2, 3 nodes", text)
-    else:
-        print(text)
+    report(args.results, "## LB-node tier: 1, 2, 3 nodes", text)
 
 
 if __name__ == "__main__":
