@@ -125,6 +125,36 @@ class SegmentHistory:
         self.seen[segs] = self.epoch
         self.conn_epoch[conns] = self.epoch
 
+    def adopt(self, conns: np.ndarray, stored: np.ndarray) -> int:
+        """Segments of connections adopted from the store (spoa/lbnode/cluster/segments.py):
+        connection slot `conns[i]` gets segment `stored[i]` (its direction, start, last report
+        and history ring), live as if its last update had just come, so the connection's next
+        record continues each segment's history instead of restarting it. How many were taken;
+        beyond `capacity` the rest are counted in `refused`."""
+        if not len(conns):
+            return 0
+        self.epoch += 1
+        key_b = np.zeros((len(conns), 2), np.uint64)
+        key_b[:, 0] = stored["start"]
+        key_a = conns.astype(np.uint64) * 2 + stored["direction"]
+        needed = len(self.keys) + len(conns)
+        if needed > self.capacity < self.max_capacity:
+            self.grow(doubled_capacity(self.capacity, needed, self.max_capacity))
+        segs, _fresh = self.keys.resolve(key_a, key_b)
+        kept = segs >= 0
+        self.refused += len(segs) - int(np.count_nonzero(kept))
+        segs, conns, stored = segs[kept], conns[kept], stored[kept]
+        self.owner[segs] = conns
+        for name in ("direction", "byte_count", "level", "last_activity"):
+            getattr(self, name)[segs] = stored[name]
+        self.transferred[segs] = 0.0
+        self.refreshed[segs] = False
+        self.history.buf[segs], self.history.pos[segs], self.history.count[segs] = (
+            stored["ring"], stored["pos"], stored["count"])
+        self.seen[segs] = self.epoch
+        self.conn_epoch[conns] = self.epoch
+        return len(segs)
+
     def release_connections(self, conns: np.ndarray) -> None:
         """Their segments go stale (reclaimed by the next sweep)."""
         self.conn_epoch[conns] = -1

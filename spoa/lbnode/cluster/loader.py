@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .rows import RowCodec, latest, record_keys
+from .segments import SegmentCodec, latest_segments, segment_field
 from .store import slot_key
 from .store import Store
 from .writer import BASE_FIELD, EPOCH_FIELD, FRONTENDS_FIELD, LAYOUT_FIELD, StoreWriter, chunk_number
@@ -41,9 +42,11 @@ class StateLoader:
         self.table = table
         self.writer = writer  # takes each adopted slot over: its names, its chunks to delete
         self.codec = RowCodec(table)
+        self.segment_codec = SegmentCodec(table)
         self.namespace = namespace
         self.grace_ms = grace_ms
         self.adopted = 0  # spoa_lbnode_connections_adopted_total
+        self.segments_adopted = 0  # their segments restored with their history
 
     async def fetch(self, slots: list[int]) -> dict[int, dict[bytes, bytes]] | None:
         """Each slot's stored hash, its epoch incremented first (this node's from now on: see
@@ -62,21 +65,34 @@ class StateLoader:
             return None
         return dict(zip(slots, replies[1::2]))
 
+    @staticmethod
+    def _fields(stored: dict[bytes, bytes]) -> list[bytes]:
+        """The slot's record fields in the order written: base, then the chunks."""
+        chunks = sorted((n, field) for field in stored if (n := chunk_number(field)) is not None)
+        return [BASE_FIELD] + [field for _n, field in chunks]
+
     def records(self, slot: int, stored: dict[bytes, bytes]) -> np.ndarray | None:
         """The slot's live records (base, then chunks in order); None when another layout wrote them."""
-        chunks = sorted((n, field) for field in stored if (n := chunk_number(field)) is not None)
-        blobs = [stored.get(BASE_FIELD, b"")] + [stored[field] for _n, field in chunks]
+        fields = self._fields(stored)
+        blobs = [stored.get(field, b"") for field in fields]
         self.writer.adopted(slot, int(stored.get(EPOCH_FIELD, 0)), json.loads(stored.get(FRONTENDS_FIELD, b"[]")),
-                            [field for _n, field in chunks])
+                            fields[1:])
         if not any(blobs):
             return self.codec.unpack(b"")
-        if stored.get(LAYOUT_FIELD) != self.codec.layout():
+        if stored.get(LAYOUT_FIELD) != self.writer.layout():
             count = sum(map(len, blobs)) // self.codec.dtype().itemsize
             self.store.stats.rows_refused += count
             log.warning("slot %d: about %d stored records not adopted: stored under another layout (another "
                         "forecaster, policy or history length?)", slot, count)
             return None
         return latest(self.codec.unpack(b"".join(blobs)))
+
+    def segments(self, stored: dict[bytes, bytes]) -> np.ndarray:
+        """The segment records of the slot's live connections (of a layout `records` accepted)."""
+        fields = self._fields(stored)
+        return latest_segments([self.codec.unpack(stored.get(field, b"")) for field in fields],
+                               [self.segment_codec.unpack(stored.get(segment_field(field), b"")) for field in fields],
+                               self.segment_codec.dtype())
 
     def adopt(self, slot: int, stored: dict[bytes, bytes], now: int) -> int:
         """The connections of one slot's stored hash into the table; how many were new here."""
@@ -93,6 +109,7 @@ class StateLoader:
         new = fresh & held
         deadline = np.maximum(packed["table.expires"], now + self.grace_ms)
         self.codec.restore(rows[new], packed[new])
+        self.segments_adopted += self.segment_codec.restore(rows[new], packed["key"][new], self.segments(stored))
         table.expires[rows[new]] = deadline[new]
         known = held & ~fresh
         table.expires[rows[known]] = np.maximum(table.expires[rows[known]], deadline[known])

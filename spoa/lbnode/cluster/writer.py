@@ -4,6 +4,8 @@ A slot's state is one hash, `NS:{NS.SLOT}:rows` (slots.slot_key), of a few field
 - `base`: the records (rows.RowCodec) of every connection of the slot, back to back;
 - `c:N` (N = 1, 2, ...): a chunk per interval since the base: the records of the
   connections refreshed in it, and deletions of those that ended (closed, expired);
+- `g:base` and `g:N`: the segment records (segments.py) of the same connections as `base`
+  and `c:N`;
 - `layout` (what a record holds) and `frontends` (the names the records index);
 - `epoch`: incremented by each node that gains the slot; every write is a small Lua script
   that applies only under the writer's epoch (WRITE_SCRIPT), so a former owner still
@@ -35,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from .rows import RowCodec
+from .segments import SEG_BASE_FIELD, SegmentCodec, segment_field
 from ...wire.slots import conn_keys, conn_slots
 from .store import Store, resp, slot_key
 
@@ -60,18 +63,21 @@ return 1
 """
 
 
-def by_slot(rows: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows and their slots ordered by slot (stable), before their records are made: sorting the
-    records after would move every byte of them once more. Slots are < 16384 (cluster.slots):
-    as uint16 numpy's stable sort is a radix sort, linear."""
+def by_slot(items: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Items (rows, records) and their slots ordered by slot (stable); as given when they already
+    are. Rows are ordered before their records are made: sorting the records after would move
+    every byte of them once more. Slots are < 16384 (cluster.slots): as uint16 numpy's stable
+    sort is a radix sort, linear."""
+    if len(slots) < 2 or (slots[1:] >= slots[:-1]).all():
+        return items, slots
     order = np.argsort(slots.astype(np.uint16), kind="stable")
-    return rows[order], slots[order]
+    return items[order], slots[order]
 
 
 def blob(records: list[np.ndarray]) -> memoryview | bytes:
     """Record arrays as the bytes of one field: a single contiguous one as it is (no copy)."""
     if len(records) == 1:
-        return memoryview(records[0]).cast("B")
+        return memoryview(records[0].view(np.uint8))
     return b"".join(r.tobytes() for r in records)
 
 
@@ -84,23 +90,37 @@ def chunk_number(field: bytes) -> int | None:
     return int(field[len(CHUNK_PREFIX):]) if field.startswith(CHUNK_PREFIX) else None
 
 
+def _of_slots(records: np.ndarray, of: np.ndarray, slots: set[int]) -> dict[int, np.ndarray]:
+    """The records (in slots `of`) of each of `slots`, a view each."""
+    records, of = by_slot(records, of)
+    starts = np.searchsorted(of, sorted(slots))
+    ends = np.searchsorted(of, sorted(slots), side="right")
+    return {slot: records[a:b] for slot, a, b in zip(sorted(slots), starts.tolist(), ends.tolist())}
+
+
 class StoreWriter:
     def __init__(self, store: Store, table: Any, namespace: str, slots: int, gc_ms: int) -> None:
         self.store = store
         self.table = table
         self.codec = RowCodec(table)
+        self.segment_codec = SegmentCodec(table)
         self.namespace = namespace
         self.slots = slots
         self.gc_ms = gc_ms
         self.row_slot = np.full(0, -1, np.int64)  # each table row's slot, as remembered
         self.row_born = np.full(0, -1, np.int64)  # the row's allocation order then (LeaseTable.born)
         self.pending: dict[int, list[np.ndarray]] = {}  # slot -> record arrays not yet written, in order
+        self.pending_segments: dict[int, list[np.ndarray]] = {}  # slot -> their connections' segment records
         self.chunks: dict[int, list[bytes]] = {}  # slot -> its chunk fields in the store since its base
         self.needs_base: set[int] = set()  # slots to rewrite whole at the next flush
         self.frontends: dict[int, list[str]] = {}  # slot -> its frontend names, as stored
         self.frontends_changed: set[int] = set()
         self.flushes = 0  # the compaction turn
         self.epochs: dict[int, int] = {}  # slot -> the ownership epoch this node writes it under
+
+    def layout(self) -> bytes:
+        """What a connection's and a segment's record hold: equal layouts read each other's."""
+        return self.codec.layout() + b"|" + self.segment_codec.layout()
 
     def slots_of(self, rows: np.ndarray) -> np.ndarray:
         """The slots of table rows; remembered, so that a compaction finds a slot's rows without hashing."""
@@ -146,11 +166,21 @@ class StoreWriter:
             indexes[p] = known.index(name)
         return indexes[inverse.reshape(-1)]
 
-    def _add(self, records: np.ndarray, slots: np.ndarray) -> None:
-        """Records (ordered by slot, `by_slot`) into pending: one view of them per slot, no copy."""
+    def _add(self, records: np.ndarray, slots: np.ndarray, pending: dict | None = None) -> None:
+        """Records into `pending` (self.pending by default): one view of them per slot, no copy
+        when they come in slot order (snapshot's do, `by_slot`)."""
+        if not len(slots):
+            return
+        pending = self.pending if pending is None else pending
+        records, slots = by_slot(records, slots)
         bounds = np.flatnonzero(np.diff(slots)) + 1
         for start, end in zip(np.r_[0, bounds].tolist(), np.r_[bounds, len(slots)].tolist()):
-            self.pending.setdefault(int(slots[start]), []).append(records[start:end])
+            pending.setdefault(int(slots[start]), []).append(records[start:end])
+
+    def _segments(self, rows: np.ndarray, keys: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The segment records of `rows`, and the slot of each."""
+        segments, which = self.segment_codec.pack(rows, keys)
+        return segments, slots[which]
 
     def snapshot(self, rows: np.ndarray, owned: np.ndarray) -> None:
         """The records of `rows` (just refreshed) into pending; rows of slots not in `owned`
@@ -163,6 +193,7 @@ class StoreWriter:
         table = self.table
         keys = conn_keys(table.node[rows], table.conn_id[rows])
         self._add(self.codec.pack(rows, keys, self._frontend_indexes(rows, slots)), slots)
+        self._add(*self._segments(rows, keys, slots), self.pending_segments)
 
     def forget(self, rows: np.ndarray, owned: np.ndarray) -> None:
         """Rows ending here (closed, expired): deletions in their slots' next chunk."""
@@ -184,24 +215,25 @@ class StoreWriter:
         """Slots this node no longer owns: nothing more of them is written from here."""
         for slot in slots:
             self.pending.pop(slot, None)
+            self.pending_segments.pop(slot, None)
             self.chunks.pop(slot, None)
             self.epochs.pop(slot, None)
             self.frontends.pop(slot, None)
             self.needs_base.discard(slot)
             self.frontends_changed.discard(slot)
 
-    def _bases(self, slots: set[int]) -> dict[int, np.ndarray]:
-        """The base records of each slot, from the table: every connection it holds there."""
+    def _bases(self, slots: set[int]) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+        """The base records of each slot, from the table: every connection it holds there; and
+        their segments' records."""
         table = self.table
         rows = np.flatnonzero(table.keys.in_use)
         slots_of_rows = self.current_slots(rows)
         mine = np.isin(slots_of_rows, list(slots))
         rows, slots_of_rows = by_slot(rows[mine], slots_of_rows[mine])
-        records = self.codec.pack(rows, conn_keys(table.node[rows], table.conn_id[rows]),
-                                  self._frontend_indexes(rows, slots_of_rows))
-        starts = np.searchsorted(slots_of_rows, sorted(slots))
-        ends = np.searchsorted(slots_of_rows, sorted(slots), side="right")
-        return {slot: records[a:b] for slot, a, b in zip(sorted(slots), starts.tolist(), ends.tolist())}
+        keys = conn_keys(table.node[rows], table.conn_id[rows])
+        records = self.codec.pack(rows, keys, self._frontend_indexes(rows, slots_of_rows))
+        return (_of_slots(records, slots_of_rows, slots),
+                _of_slots(*self._segments(rows, keys, slots_of_rows), slots))
 
     async def flush(self) -> bool:
         """Everything pending as one pipeline; False (kept for the next) when unacknowledged."""
@@ -218,8 +250,9 @@ class StoreWriter:
         touched = set(pending) | needs_base | frontends_changed
         if not touched:
             return True
-        bases = self._bases(needs_base) if needs_base else {}
-        layout = self.codec.layout()
+        bases, segment_bases = self._bases(needs_base) if needs_base else ({}, {})
+        layout = self.layout()
+        pending_segments, self.pending_segments = self.pending_segments, {}
         writes = []  # (key, fields to set, fields to delete, the slot's chunk list after)
         records = 0
         for slot in touched:
@@ -228,14 +261,17 @@ class StoreWriter:
             chunks = self.chunks.get(slot, [])
             if slot in bases:
                 fields[BASE_FIELD] = blob([bases[slot]])
+                fields[SEG_BASE_FIELD] = blob([segment_bases[slot]])
                 records += len(bases[slot])
                 fields[LAYOUT_FIELD] = layout
                 fields[FRONTENDS_FIELD] = json.dumps(self.frontends.get(slot, [])).encode()
-                gone, chunks = chunks, []
+                gone, chunks = [f for chunk in chunks for f in (chunk, segment_field(chunk))], []
             elif slot in pending:
                 number = (chunk_number(chunks[-1]) if chunks else 0) + 1
                 chunks = [*chunks, chunk_field(number)]
                 fields[chunks[-1]] = blob(pending[slot])
+                if slot in pending_segments:
+                    fields[segment_field(chunks[-1])] = blob(pending_segments[slot])
                 records += sum(map(len, pending[slot]))
             if slot in frontends_changed:
                 fields[FRONTENDS_FIELD] = json.dumps(self.frontends.get(slot, [])).encode()
@@ -255,6 +291,8 @@ class StoreWriter:
             stats.write_errors += 1
             for slot, kept in pending.items():  # older than what came meanwhile: before it
                 self.pending[slot] = kept + self.pending.get(slot, [])
+            for slot, kept in pending_segments.items():
+                self.pending_segments[slot] = kept + self.pending_segments.get(slot, [])
             self.needs_base |= needs_base
             self.frontends_changed |= frontends_changed
             return False

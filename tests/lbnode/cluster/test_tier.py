@@ -4,6 +4,7 @@ its totals and deadlines, a lapsed node fenced, an unreachable store survived.""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import time
 
@@ -21,7 +22,7 @@ from spoa.wire.forward import decode_forward, is_forward
 from spoa.wire.hints import decode_hints
 from spoa.wire.packet import encode_packet
 from spoa.netutil import now_ms
-from spoa.wire.records import ConnFlags, HeaderFlags, PacketHeader
+from spoa.wire.records import ConnectionRecord, ConnFlags, HeaderFlags, PacketHeader, SegmentRecord
 
 from .helpers import namespace, record, tier_node
 
@@ -119,7 +120,8 @@ def test_a_lone_member_owns_every_slot_and_writes_what_changed(tmp_path, store_c
             assert connections == expected, step
             # per slot one EVALSHA: a chunk, or in its turn a base, an HDEL of the chunks and a PEXPIRE
             assert new_commands(stats) == FAST["slots"]
-            assert most_fields <= COMPACT_EVERY + 4  # base, layout, names, epoch and at most COMPACT_EVERY chunks
+            # base and its segments, layout, names, epoch, and at most COMPACT_EVERY chunks and their segments
+            assert most_fields <= 2 * COMPACT_EVERY + 5
         assert a.tier.writer.flushes > COMPACT_EVERY and all(
             len(chunks) < COMPACT_EVERY for chunks in a.tier.writer.chunks.values())
         assert stats.write_errors == 0
@@ -421,5 +423,53 @@ def test_writes_go_on_after_the_store_forgets_the_write_script(tmp_path, new_sto
         await a.tier.round()
         assert stats.write_errors == 1 and store_view(store, a, ns)[0] == {i: 2000 * i for i in range(CONNECTIONS)}
         await a.tier.close()
+
+    run(scenario())
+
+
+def test_adopted_connections_keep_their_segments_and_segment_histories(tmp_path, store_cluster):
+    """Segments (last report and rolling history) go to the store with their connections; the
+    successor restores them, and the connection's next record continues each history."""
+    a, b = two_nodes(tmp_path, store_cluster, "segments")
+
+    def with_segments(i: int, step: int) -> ConnectionRecord:
+        segs = tuple(SegmentRecord(direction=d, start_byte_offset=0 if k == 0 else 1 << 20, byte_count=100 * step,
+                                   bytes_transferred=100 * (i + 1) * (k + 1), packets_transferred=1,
+                                   timestamp_last_activity_ms=now_ms(), level=k)
+                     for d in (0, 1) for k in range(2))
+        return dataclasses.replace(record(i, 1000 * step * (i + 1)), segments=segs)
+
+    async def scenario():
+        await rounds(a, b, seconds=0.5)
+        ids = range(60)
+        conn_ids = np.array([i.to_bytes(16, "big") for i in ids], "V16")
+        mine = [i for i, s in zip(ids, conn_slots(np.full(60, SERVER_NODE, np.uint64), conn_ids, FAST["slots"]))
+                if a.tier.owned[s]]
+        for step in (1, 2, 3, 4):
+            a.on_batch(columns(SERVER_NODE, [with_segments(i, step) for i in mine]))
+            a.tick()
+            await a.tier.round()
+
+        def state(node, i):
+            table = node.table
+            segs = table.segments.of_connection(table.slot(SERVER_NODE, i.to_bytes(16, "big")))
+            return [(int(table.segments.direction[s]), int(table.segments.start[s]), int(table.segments.byte_count[s]),
+                     int(table.segments.level[s]), table.segments.history.series(s).tolist()) for s in segs]
+
+        before = {i: state(a, i) for i in mine}
+        assert all(len(segs) == 4 and len(segs[0][4]) == 4 for segs in before.values())
+        began = time.monotonic()
+        while not b.tier.owned.all():  # A died
+            await b.tier.round()
+            await asyncio.sleep(0.05)
+            assert time.monotonic() - began < 5
+        assert b.tier.loader.segments_adopted == 4 * len(mine)
+        assert {i: state(b, i) for i in mine} == before
+        b.on_batch(columns(SERVER_NODE, [with_segments(i, 5) for i in mine]))
+        b.tick()
+        after = state(b, mine[0])
+        assert [len(s[4]) for s in after] == [5, 5, 5, 5]  # continued, not restarted
+        assert [s[4][:4] for s in after] == [s[4] for s in before[mine[0]]]
+        await b.tier.close()
 
     run(scenario())
