@@ -1,4 +1,4 @@
-"""Per interval, what changed in the owned slots, written to the store in one pipeline.
+"""Per interval, what changed in the owned slots, written to the store in one round trip per primary.
 
 A slot's state is one hash, `NS:{NS.SLOT}:rows` (slots.slot_key), of a few fields:
 - `base`: the records (rows.RowCodec) of every connection of the slot, back to back;
@@ -12,20 +12,23 @@ A slot's state is one hash, `NS:{NS.SLOT}:rows` (slots.slot_key), of a few field
   writing is refused by the store itself.
 A loader applies base, then the chunks in order (rows.latest).
 
-So per interval and slot the write is one EVALSHA (WRITE_SCRIPT, loaded once) setting one field, a blob built with whole-array
-operations (no Python work per connection): the store client's own cost per command (about
-30 µs in redis-py) is paid per slot, not per connection. Every `COMPACT_EVERY` chunks the slot
-is compacted: a new base from the table (which holds the slot's whole state), an HDEL of its
-chunks and a PEXPIRE, the garbage-collection backstop (`cluster.gc_ms`, far longer than
-COMPACT_EVERY intervals) for a slot nobody owns any more, in the same pipeline (one shard,
-one connection: applied in order). Slots compact in turn (their counts start staggered), so
-each interval rewrites about 1/COMPACT_EVERY of them. A slot gained from another node gets a
-base at the first write (its chunks, loaded, deleted): from then on only its owner writes it.
+So per interval and slot the write is one EVALSHA (WRITE_SCRIPT, loaded once per client)
+setting the chunk's fields, blobs built with whole-array operations (no Python work per
+connection): rows are ordered by slot before their records are made (`by_slot`), and each
+slot's records are a view of one array. Every `COMPACT_EVERY` chunks the slot is compacted in
+the same script: a new base from the table (which holds the slot's whole state), an HDEL of
+its chunks and a PEXPIRE, the garbage-collection backstop (`cluster.gc_ms`, far longer than
+COMPACT_EVERY intervals) for a slot nobody owns any more. Slots compact in turn (their counts
+start staggered), so each interval rewrites about 1/COMPACT_EVERY of them. A slot gained from
+another node gets a base at the first write (its chunks, loaded, deleted): from then on only
+its owner writes it.
 
-redis-py groups the pipeline by shard and sends the shards' parts in parallel. A flush the
-store does not acknowledge is kept and sent with the next interval's changes (appended: the
-later records win); a slot whose kept chunks reach COMPACT_EVERY gets a base instead, so
-an outage costs at most one rewrite of each slot when the store is back, never a backlog.
+The commands go out packed as RESP, each primary's share at once (Store.packed), so the client
+costs a reply read per slot rather than redis-py's ≈ 30 µs of Python per pipelined command. A
+flush the store does not acknowledge is kept and sent with the next interval's changes
+(appended: the later records win); a slot whose kept chunks reach COMPACT_EVERY gets a base
+instead, so an outage costs at most one rewrite of each slot when the store is back, never a
+backlog.
 """
 
 from __future__ import annotations
