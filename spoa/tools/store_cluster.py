@@ -36,6 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger("spoa.store_cluster")
 
@@ -94,6 +95,10 @@ class StoreCluster:
     node_timeout_ms: int = 1000  # cluster-node-timeout: how long until a silent primary is failed over
     binary: str | None = None  # None: find_server_binary()
     directory: str | None = None  # where nodes keep nodes.conf and their logs; None: a temporary one
+    # Run in each server's child before exec (the demo's parent-death signal: a SIGKILLed demo
+    # takes its store down too). Popen it from the thread that outlives the servers, as the
+    # signal fires when the forking thread exits.
+    child_setup: Callable[[], None] | None = None
     nodes: list[StoreNode] = field(default_factory=list)
     started_s: float = 0.0  # seconds start() took, formation included
 
@@ -149,7 +154,7 @@ class StoreCluster:
                 "--repl-diskless-sync-delay", "0"]
         # Its own session: stop() signals the process group, so nothing it may fork survives it.
         return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=self.child_setup)
 
     def client(self, node: StoreNode, timeout: float = 2.0):
         """A plain (not cluster-aware) redis-py client of one node."""

@@ -5,6 +5,7 @@ Everything binds 127.0.0.1 on free ports and every wait is bounded.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import re
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -21,6 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 import yaml
 
 from spoa.testing import free_port, http_get, scrape_metrics, wait_port, wait_until  # noqa: F401 - re-exported to the tests
+from spoa.tools.demo.loadgen import HttpConn, parse_lease
 from spoa.tools.provision import HAProxyBinary
 
 REPO = Path(__file__).resolve().parents[2]
@@ -289,3 +292,17 @@ def parse_lease_header(value: str | None) -> tuple[int, str, int] | None:
     m = _LEASE.fullmatch(value or "")
     return (int(m[1]), m[2], int(m[3])) if m else None
 
+
+
+async def request_round(conns: list[HttpConn]) -> tuple[Counter, Counter]:
+    """One request on every keep-alive connection, all at once: (lease sources seen in X-Lease, statuses)."""
+    sources, statuses = Counter(), Counter()
+
+    async def one(conn: HttpConn) -> None:
+        status, headers, _ = await conn.request("/")
+        statuses[status] += 1
+        lease = parse_lease(headers.get("x-lease"))
+        sources[lease[1] if lease else "none"] += 1
+
+    await asyncio.gather(*(one(conn) for conn in conns))
+    return sources, statuses

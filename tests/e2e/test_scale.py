@@ -15,10 +15,10 @@ from collections import Counter
 
 import pytest
 
-from spoa.tools.demo.loadgen import HttpConn, parse_lease
+from spoa.tools.demo.loadgen import HttpConn
 
 from .conftest import Stack
-from .harness import LbNodeProcess, wait_until
+from .harness import LbNodeProcess, request_round, wait_until
 
 KEY = b"scale-e2e-shared-key-0123456789ab"
 CLIENTS = 1000
@@ -26,20 +26,6 @@ INTERVAL_MS = 250
 WARM_UP_ROUNDS = 4
 MEASURED_ROUNDS = 3
 ROUND_S = 1.0  # each client sends one request per round
-
-
-async def _round(conns: list[HttpConn]) -> tuple[Counter, Counter]:
-    """One request on every connection, all at once: (sources seen, statuses)."""
-    sources, statuses = Counter(), Counter()
-
-    async def one(conn: HttpConn) -> None:
-        status, headers, _ = await conn.request("/")
-        statuses[status] += 1
-        lease = parse_lease(headers.get("x-lease"))
-        sources[lease[1] if lease else "none"] += 1
-
-    await asyncio.gather(*(one(conn) for conn in conns))
-    return sources, statuses
 
 
 async def _drive(port: int) -> list[tuple[Counter, Counter]]:
@@ -50,7 +36,7 @@ async def _drive(port: int) -> list[tuple[Counter, Counter]]:
     try:
         for _ in range(WARM_UP_ROUNDS + MEASURED_ROUNDS):
             started = time.monotonic()
-            rounds.append(await _round(conns))
+            rounds.append(await request_round(conns))
             await asyncio.sleep(max(0.0, ROUND_S - (time.monotonic() - started)))
     finally:
         await asyncio.gather(*(conn.close() for conn in conns))

@@ -4,7 +4,9 @@ Every YAML parses; each config the stack mounts validates as the process that
 reads it would (spoa.config.load, the real HAProxy with -c on each line the
 files are meant for); every `python -m` command exists and its arguments
 parse; every mounted path and Dockerfile COPY source exists; and the stack's
-agent and LB node settings are the ones `python -m spoa demo` runs.
+agent and LB node settings are the ones `python -m spoa demo` runs. The same for
+the tier (compose.yaml + compose.tier.yaml, as compose merges them) against
+`python -m spoa demo --lbnodes 3`: its Valkey Cluster and its three LB nodes.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import yaml
 
 from spoa import config as cfg
 from spoa.tools import provision
-from spoa.tools.demo import stack
+from spoa.tools.demo import stack, tier
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 COMPOSE = DOCKER / "compose.yaml"
+COMPOSE_TIER = DOCKER / "compose.tier.yaml"
 ENV = {"PYTHONPATH": str(REPO)}
 
 
@@ -35,6 +38,28 @@ def compose() -> dict:
 
 def services() -> dict:
     return compose()["services"]
+
+
+def _depends(service: dict) -> dict:
+    depends = service.get("depends_on", {})
+    return dict.fromkeys(depends, {}) if isinstance(depends, list) else dict(depends)
+
+
+def tier_services() -> dict:
+    """compose.yaml with compose.tier.yaml over it, by compose's merge rules for the keys the
+    override uses: volumes merged by container path, depends_on merged, any other key replaced."""
+    merged = {name: dict(service) for name, service in services().items()}
+    for name, override in yaml.safe_load(COMPOSE_TIER.read_text())["services"].items():
+        into = merged.setdefault(name, {})
+        for key, value in override.items():
+            if key == "volumes":
+                by_target = {v.split(":")[1]: v for v in into.get("volumes", []) + value}
+                into[key] = list(by_target.values())
+            elif key == "depends_on":
+                into[key] = {**_depends(into), **_depends(override)}
+            else:
+                into[key] = value
+    return merged
 
 
 def mounts(service: dict) -> dict[str, Path]:
@@ -57,7 +82,7 @@ def host_path(service: dict, container_path: str) -> Path:
 
 def python_commands() -> list[tuple[str, list[str]]]:
     out = []
-    for name, service in services().items():
+    for name, service in {**services(), **{f"tier:{k}": v for k, v in tier_services().items()}}.items():
         command = service.get("command")
         if isinstance(command, str):
             command = shlex.split(command)
@@ -69,7 +94,7 @@ def python_commands() -> list[tuple[str, list[str]]]:
 # -- files parse -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", sorted(DOCKER.glob("*.y*ml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(DOCKER.glob("**/*.y*ml")), ids=lambda p: str(p.relative_to(DOCKER)))
 def test_every_yaml_parses(path):
     assert isinstance(yaml.safe_load(path.read_text()), dict)
 
@@ -92,8 +117,9 @@ def test_compose_has_the_services_and_their_wiring():
 # -- mounts, COPY sources, commands ---------------------------------------------------------------
 
 
-def test_every_mounted_path_exists_in_the_repository():
-    for name, service in services().items():
+@pytest.mark.parametrize("of", [services, tier_services], ids=["single", "tier"])
+def test_every_mounted_path_exists_in_the_repository(of):
+    for name, service in of().items():
         for container, host in mounts(service).items():
             assert host.exists(), f"{name}: {host} (mounted on {container}) does not exist"
             assert REPO in host.parents or host == REPO, f"{name}: {host} is outside the repository"
@@ -139,8 +165,8 @@ def test_python_commands_exist_and_their_arguments_parse(name, argv):
 # -- the configs validate, and match the non-Docker demo ----------------------------------------------
 
 
-def _config_of(service_name: str, schema, tmp_path: Path) -> tuple[dict, dict]:
-    service = services()[service_name]
+def _config_of(service_name: str, schema, tmp_path: Path, of=services) -> tuple[dict, dict]:
+    service = of()[service_name]
     command = service["command"]
     path = command[command.index("--config") + 1]
     raw = yaml.safe_load(host_path(service, path).read_text())
@@ -151,7 +177,7 @@ def _config_of(service_name: str, schema, tmp_path: Path) -> tuple[dict, dict]:
     assert key_host.is_file()
     validated = dict(raw)
     validated[section] = {**raw[section], "key_file": str(key_host)}
-    checked = tmp_path / f"{service_name}.yaml"
+    checked = tmp_path / f"{of.__name__}-{service_name}.yaml"
     checked.write_text(yaml.safe_dump(validated))
     return raw, cfg.load(schema, checked)
 
@@ -173,6 +199,47 @@ def test_lbnode_config_validates_and_matches_the_demo(tmp_path):
     assert raw["lease"]["policy"] == "activity"  # the demo's default
     assert raw == stack.lbnode_config(raw["lbnode"]["listen"], raw["metrics"]["listen"], raw["lbnode"]["key_file"],
                                       "activity")
+
+
+def _valkey_nodes(s: dict) -> list[str]:
+    return sorted(name for name, service in s.items() if service.get("image", "").startswith("valkey/")
+                  and service.get("command", [None])[0] == "valkey-server")
+
+
+def test_tier_store_is_the_demos_cluster():
+    """3 primaries x 1 replica, cluster-node-timeout as `demo --lbnodes N`, formed once before the LB nodes start."""
+    s = tier_services()
+    nodes = _valkey_nodes(s)
+    assert len(nodes) == tier.STORE_PRIMARIES * (1 + tier.STORE_REPLICAS), nodes
+    for name in nodes:
+        command = s[name]["command"]
+        assert command[command.index("--cluster-node-timeout") + 1] == str(tier.STORE_NODE_TIMEOUT_MS)
+        assert command[command.index("--port") + 1] == "6379"
+    create = s["valkey-create"]
+    script = create["command"][0]
+    assert f"--cluster-replicas {tier.STORE_REPLICAS}" in script and "--cluster-yes" in script
+    assert script.split("for h in ", 1)[1].split(";", 1)[0].split() == nodes  # every node, named once
+    assert set(_depends(create)) == set(nodes)
+    assert all(dep == {"condition": "service_healthy"} for dep in _depends(create).values())
+    for name in ("lbnode", "lbnode2", "lbnode3"):
+        assert _depends(s[name]) == {"valkey-create": {"condition": "service_completed_successfully"}}, name
+
+
+def test_tier_configs_validate_and_match_the_demo_with_three_lbnodes(tmp_path):
+    s = tier_services()
+    raw, loaded = _config_of("agent", cfg.AGENT_SCHEMA, tmp_path, tier_services)
+    assert raw == stack.agent_config(raw["agent"]["listen"][0], raw["metrics"]["listen"],
+                                     raw["publish"]["lb_nodes"], raw["publish"]["key_file"])
+    lbnodes = [address.split(":")[0] for address in loaded["publish"]["lb_nodes"]]
+    assert lbnodes == ["lbnode", "lbnode2", "lbnode3"]
+    assert set(lbnodes) <= set(_depends(s["agent"]))
+    seeds = [f"{name}:6379" for name in _valkey_nodes(s)]
+    for node_id, (name, address) in enumerate(zip(lbnodes, loaded["publish"]["lb_nodes"]), 1):
+        raw, lbnode = _config_of(name, cfg.LBNODE_SCHEMA, tmp_path, tier_services)
+        assert lbnode["lbnode"]["listen"].endswith(":" + address.split(":")[1])
+        assert raw == stack.lbnode_config(raw["lbnode"]["listen"], raw["metrics"]["listen"],
+                                          raw["lbnode"]["key_file"], "activity", node_id=node_id,
+                                          cluster=stack.cluster_config(seeds)), name
 
 
 def test_prometheus_scrapes_both_metrics_endpoints():

@@ -16,6 +16,17 @@ lease (measured from when that renewal was sent, on the monotonic clock). Past t
 only if the store is unreachable (its last renewal failed): the issue's rule that a node keeps
 serving from memory while the store is down. A node that was frozen therefore stays silent
 from the moment it wakes until its first renewal answers, and that answer fences it.
+
+A store failover is not a lapse. When the primary holding the membership keys dies, every
+renewal fails until its replica is promoted, and if that takes longer than the lease the
+promoted replica has dropped every member's key (expiry times are absolute). A node whose key
+is gone *while its own renewals were failing* therefore sets it again (**re-asserts**)
+instead of fencing itself, and the tier checks in the store that none of its slots changed
+hands meanwhile (TierMember: a slot whose stored epoch moved past this node's was taken by
+another node, during a partition that cut only this one off: that slot is handed over, the
+rest kept). For one lease after a store outage ends, members missing from the live set are
+kept in it (`settle_until`): the others need a renewal period to re-assert theirs, and
+reading them as gone would move their slots for nothing.
 """
 
 from __future__ import annotations
@@ -46,6 +57,9 @@ class Membership:
         self.token = ""
         self.incarnations = 0  # joins (the first and each after a fence)
         self.fences = 0  # times this node found its membership lapsed
+        self.reasserts = 0  # times its key was found lost to a store outage and set again
+        self.reasserted = False  # a re-assert whose slot check the tier has not made yet
+        self.settle_until = -float("inf")  # monotonic: until then the live set keeps missing members
         self.renewed_at = -float("inf")  # monotonic time the last acknowledged renewal was sent
         self.renew_failed = False  # the last renewal got no answer (store unreachable)
         self.live: list[int] = []  # the last live set read (node ids, sorted)
@@ -84,11 +98,27 @@ class Membership:
         if previous is None and self.store.stats.unreachable:
             self.renew_failed = True
             return self.state
+        if previous is None and self.renew_failed:
+            return await self._reassert(sent)
         if previous is None or previous.decode() != self.token:
             self.state, self.renew_failed = FENCED, False
             self.fences += 1
             return self.state
+        if self.renew_failed:  # the store is back: give the others a lease to renew too
+            self.settle_until = time.monotonic() + self.lease
         self.renewed_at, self.renew_failed = sent, False
+        return self.state
+
+    async def _reassert(self, sent: float) -> str:
+        """Our key is gone and our renewals were failing: the store lost it (see the module doc)."""
+        done = await self.store.pipeline("membership reassert", lambda pipe: (
+            pipe.set(self.key, self.token, px=int(self.lease * 1000)), pipe.sadd(self.ids_key, self.node_id)))
+        if done is None:
+            return self.state  # still failing: answering from memory, tried again next renewal
+        self.renewed_at, self.renew_failed = sent, False
+        self.reasserts += 1
+        self.reasserted = True
+        self.settle_until = time.monotonic() + self.lease
         return self.state
 
     async def read_live(self) -> list[int] | None:
@@ -104,6 +134,8 @@ class Membership:
         if values is None:
             return None
         live = {i: v.decode().split("|", 1)[0] for i, v in zip(ids, values) if v is not None}
+        if time.monotonic() < self.settle_until:  # after a store outage: the others are re-asserting
+            live.update({i: a for i, a in self.addresses.items() if i not in live and i != self.node_id})
         lapsed = [i for i in ids if i not in live and i != self.node_id]
         if lapsed:
             await self.store.call("membership prune", lambda c: c.srem(self.ids_key, *lapsed))

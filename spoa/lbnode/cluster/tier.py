@@ -103,7 +103,10 @@ class TierMember:
         what they said, and the adopted deadline's grace covers the interval.
         """
         slots = conn_slots(batch.node_id, batch.conn_id, self.slots)
-        keep = self.owned[slots]
+        # A node that may not answer (woken from a freeze, its membership unconfirmed) takes
+        # nothing in: its leases ran out meanwhile, and the records that piled up would count
+        # as premature expiries; the renewal will fence it (or confirm it) within a third of a lease.
+        keep = self.owned[slots] & self.answering()
         others = np.flatnonzero(~keep)
         if not len(others):
             return batch, []
@@ -172,9 +175,12 @@ class TierMember:
                 self.table.hand_over(rows)
                 self.handed_over += len(rows)
                 self.writer.drop(list(range(self.slots)))
+                self.table.recently_expired.clear()  # the new owners' business now, not a premature expiry of ours
                 self._next_renewal = now  # join again next round
                 self._priors_due = True
                 return
+            if membership.reasserted and state == MEMBER:
+                await self._check_slots()
             if self._priors_due and state == MEMBER:
                 self._priors_due = not await self.priors.load()  # retried next renewal when not answered
             if await membership.read_live() is not None and state == MEMBER:
@@ -184,6 +190,23 @@ class TierMember:
             self._rounds += 1
             if self._rounds % PRIORS_EVERY == 0:
                 await self.priors.write()
+
+    async def _check_slots(self) -> None:
+        """After a re-assert (membership.py): the slots another node gained while this one could
+        not reach the store are handed over; what is still ours is kept as it is."""
+        taken = await self.writer.taken_over(np.flatnonzero(self.owned).tolist())
+        if taken is None:
+            return  # the store did not answer: checked at the next renewal
+        self.membership.reasserted = False
+        if taken:
+            log.warning("membership re-asserted after a store outage; %d slots were taken by another node "
+                        "meanwhile: handed over", len(taken))
+            wanted = self.owned.copy()
+            wanted[taken] = False
+            self._own(wanted)
+        else:
+            log.warning("membership key lost in a store outage (a failover of its primary?): re-asserted, "
+                        "every slot still ours, nothing dropped")
 
     async def _rebalance(self, live: list[int]) -> None:
         self._resolve_members()

@@ -54,10 +54,14 @@ COMPACT_EVERY = 16  # chunks after which a slot is rewritten as one base
 # A slot's write, applied only by the owner of its current epoch: a node that gains a slot
 # increments the slot's epoch (HINCRBY, in the same round trip as its load), so an old owner
 # that has not noticed yet has its writes refused by the store (0), never interleaved with the
-# new owner's. KEYS[1]: the slot's hash; ARGV: epoch, PEXPIRE ms (0: none), number of fields to
-# set, then field, value, ..., then the fields to delete.
+# new owner's. A stored epoch below the writer's is the store's loss (a failover dropped the
+# increment before it replicated): the owner's write sets it back. KEYS[1]: the slot's hash;
+# ARGV: epoch, PEXPIRE ms (0: none), number of fields to set, then field, value, ..., then the
+# fields to delete.
 WRITE_SCRIPT = """
-if tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0') ~= tonumber(ARGV[1]) then return 0 end
+local stored = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
+if stored > tonumber(ARGV[1]) then return 0 end
+if stored < tonumber(ARGV[1]) then redis.call('HSET', KEYS[1], 'epoch', ARGV[1]) end
 local n = tonumber(ARGV[3])
 if n > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 4, 3 + 2 * n)) end
 if #ARGV > 3 + 2 * n then redis.call('HDEL', KEYS[1], unpack(ARGV, 4 + 2 * n, #ARGV)) end
@@ -237,6 +241,17 @@ class StoreWriter:
         records = self.codec.pack(rows, keys, self._frontend_indexes(rows, slots_of_rows))
         return (_of_slots(records, slots_of_rows, slots),
                 _of_slots(*self._segments(rows, keys, slots_of_rows), slots))
+
+    async def taken_over(self, slots: list[int]) -> list[int] | None:
+        """Of `slots`, those whose stored epoch is past the one this node writes them under:
+        another node gained them since (None when the store did not answer)."""
+        if not slots:
+            return []
+        stored = await self.store.pipeline("slot epochs", lambda pipe: [
+            pipe.hget(slot_key(self.namespace, slot), EPOCH_FIELD) for slot in slots])
+        if stored is None:
+            return None
+        return [slot for slot, epoch in zip(slots, stored) if int(epoch or 0) > self.epochs.get(slot, 0)]
 
     async def flush(self) -> bool:
         """Everything pending as one pipeline; False (kept for the next) when unacknowledged."""

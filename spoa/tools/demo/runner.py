@@ -10,7 +10,7 @@ import signal
 import sys
 
 from .. import provision
-from .stack import POLICIES, TICK_S, DemoOptions, Stack, StartError
+from .stack import MAX_LBNODES, POLICIES, TICK_S, DemoOptions, Stack, StartError
 from .summary import build_summary
 from .view import make_view
 
@@ -89,6 +89,9 @@ def run_demo(opts: DemoOptions) -> int:
         return 2
     if opts.policy not in POLICIES:
         print(f"spoa-lease demo: --policy must be one of {', '.join(POLICIES)}", file=sys.stderr)
+        return 2
+    if not 1 <= opts.lbnodes <= MAX_LBNODES:
+        print(f"spoa-lease demo: --lbnodes must be 1 to {MAX_LBNODES}, got {opts.lbnodes}", file=sys.stderr)
         return 2
     out = sys.stdout
     with asyncio.Runner() as runner:

@@ -3,7 +3,10 @@
 Processes (each `subprocess.Popen` in its own process group, with a
 parent-death signal so that even a SIGKILLed demo takes them down):
 
-    lbnode   python -m spoa lbnode --config lbnode.yaml   (policy activity|volume)
+    lbnode   python -m spoa lbnode --config lbnode.yaml   (policy activity|volume); with
+             --lbnodes N > 1: lbnode1 ... lbnodeN, one tier (`cluster:`) on a local
+             3-primary/3-replica Valkey Cluster (spoa.tools.demo.tier), the agent
+             publishing to all of them
     agent    python -m spoa agent  --config agent.yaml    (publishes every 500 ms to
              the LB node and to the tap)
     haproxy  the provisioned binary (spoa.tools.provision, line 3.2 by default) with the
@@ -43,6 +46,7 @@ import yaml
 from ... import __file__ as _spoa_init
 from .. import provision
 from ..haproxy_include import include_dir
+from . import tier
 
 PACKAGE_PARENT = Path(_spoa_init).resolve().parents[1]  # the checkout (or site-packages)
 INTERVAL_MS = 500
@@ -52,6 +56,11 @@ TICK_S = 0.5
 PLAIN_EVERY_S = 2.0
 LIVE_EVERY_S = 1.0
 START_TIMEOUT = 15.0
+MAX_LBNODES = 16
+# The tier's membership lease: 3 demo intervals, renewed every 500 ms, so a node the 2-core box
+# starves for one interval is not fenced; a dead node's slots move within about 2 s.
+TIER_MEMBERSHIP_MS = 1500
+TIER_NAMESPACE = "spoa-demo"
 
 
 def haproxy_dir() -> Path:
@@ -75,9 +84,20 @@ def agent_config(listen: str, metrics: str, lb_nodes: list[str], key_file: str) 
     }
 
 
-def lbnode_config(listen: str, metrics: str, key_file: str, policy: str) -> dict:
-    return {
-        "lbnode": {"listen": listen, "key_file": key_file, "interval_ms": INTERVAL_MS},
+def cluster_config(store: list[str]) -> dict:
+    """An LB node's `cluster:` section in the demo's tier (the same for every node of it)."""
+    return {"store": store, "namespace": TIER_NAMESPACE, "membership_ms": TIER_MEMBERSHIP_MS,
+            "grace_ms": 3000, "timeout_ms": 300}
+
+
+def lbnode_config(listen: str, metrics: str, key_file: str, policy: str, node_id: int | None = None,
+                  cluster: dict | None = None) -> dict:
+    """`node_id` and `cluster` for a node of the tier (--lbnodes N > 1); neither for the single node."""
+    lbnode = {"listen": listen, "key_file": key_file, "interval_ms": INTERVAL_MS}
+    if node_id is not None:
+        lbnode["node_id"] = node_id
+    config = {
+        "lbnode": lbnode,
         # a demo runs for seconds at 500 ms intervals: a 3 s floor lets leases move within it (the
         # product's 12 s floor is chosen for 1 s intervals under loss: benchmarks/RESULTS.md)
         "lease": {"policy": policy, "standard_ms": STANDARD_MS, "min_ms": 3000, "max_ms": 600_000},
@@ -87,6 +107,9 @@ def lbnode_config(listen: str, metrics: str, key_file: str, policy: str) -> dict
         "metrics": {"listen": metrics},
         "log": {"level": "info"},
     }
+    if cluster is not None:
+        config["cluster"] = cluster
+    return config
 
 
 # -- processes ---------------------------------------------------------------------------------
@@ -344,12 +367,18 @@ class DemoOptions:
     plain: bool = False  # plain lines even on a terminal
     keep: bool = False  # keep the temp dir (logs, configs, key)
     seed: int | None = None
+    lbnodes: int = 1  # > 1: a tier of that many LB nodes on a local store cluster
 
     @classmethod
     def from_args(cls, args) -> DemoOptions:
         return cls(duration=args.duration or 0.0, haproxy=args.haproxy, policy=args.policy,
                    plain=getattr(args, "plain", False), keep=getattr(args, "keep", False),
-                   seed=getattr(args, "seed", None))
+                   seed=getattr(args, "seed", None), lbnodes=getattr(args, "lbnodes", 1))
+
+    @property
+    def lbnode_names(self) -> list[str]:
+        """Process names of the LB nodes: "lbnode" alone (today's demo), lbnode1 ... in a tier."""
+        return ["lbnode"] if self.lbnodes == 1 else [f"lbnode{i}" for i in range(1, self.lbnodes + 1)]
 
 
 class Stack:
@@ -366,7 +395,9 @@ class Stack:
         self.haproxy_log: HAProxyLog | None = None
         self.ports: dict[str, int] = {}
         self.agent_metrics: dict = {}
-        self.lbnode_metrics: dict = {}
+        self.lbnode_metrics: dict = {}  # every LB node's samples summed (the tier's totals)
+        self.lbnode_metrics_by_node: dict[str, dict] = {}  # name -> that node's own
+        self.store = None  # the tier's StoreCluster (--lbnodes N > 1)
         self.started_at = time.monotonic()
         self.running_since: float | None = None
         self.exit_codes: dict[str, int | None] = {}
@@ -413,15 +444,31 @@ class Stack:
         key_file.write_text(secrets.token_hex(32) + "\n")
         key_file.chmod(0o600)
         p = self.ports
-        p["lbnode"], p["agent"], p["http"], p["agent_metrics"], p["lbnode_metrics"] = free_ports(5)
+        names = opts.lbnode_names
+        picked = iter(free_ports(3 + 2 * len(names)))
+        p["agent"], p["http"], p["agent_metrics"] = next(picked), next(picked), next(picked)
+        for name in names:
+            p[name], p[f"{name}_metrics"] = next(picked), next(picked)
         env = self._child_env()
 
-        lbnode_yaml = self.tmp / "lbnode.yaml"
-        lbnode_yaml.write_text(yaml.safe_dump(lbnode_config(
-            f"127.0.0.1:{p['lbnode']}", f"127.0.0.1:{p['lbnode_metrics']}", str(key_file), opts.policy)))
-        lbnode = self._spawn("lbnode", [sys.executable, "-m", "spoa", "lbnode", "--config", str(lbnode_yaml)], env)
-        await wait_port(p["lbnode_metrics"], lbnode)
-        progress(f"LB node up (udp {p['lbnode']}, policy {opts.policy}, pid {lbnode.pid})")
+        cluster = None
+        if len(names) > 1:
+            progress(f"store: starting a {tier.STORE_PRIMARIES}-primary/{tier.STORE_PRIMARIES * tier.STORE_REPLICAS}"
+                     "-replica Valkey Cluster")
+            try:  # from this (the main) thread: the servers' parent-death signal is tied to it
+                self.store = tier.start_store(self.tmp / "store", _die_with_parent(os.getpid()))
+            except (tier.TierUnavailable, TimeoutError, RuntimeError, OSError) as exc:
+                raise StartError(f"store cluster: {exc}") from None
+            cluster = cluster_config(self.store.seeds)
+            progress(f"store cluster ready in {self.store.started_s:.1f} s ({', '.join(self.store.seeds)})")
+        for index, name in enumerate(names, 1):
+            config_yaml = self.tmp / f"{name}.yaml"
+            config_yaml.write_text(yaml.safe_dump(lbnode_config(
+                f"127.0.0.1:{p[name]}", f"127.0.0.1:{p[f'{name}_metrics']}", str(key_file), opts.policy,
+                node_id=index if cluster else None, cluster=cluster)))
+            lbnode = self._spawn(name, [sys.executable, "-m", "spoa", "lbnode", "--config", str(config_yaml)], env)
+            await wait_port(p[f"{name}_metrics"], lbnode)
+            progress(f"LB node {name} up (udp {p[name]}, policy {opts.policy}, pid {lbnode.pid})")
 
         self.tap = await Tap(key_file.read_bytes().strip(), INTERVAL_MS).open()
         p["tap"] = self.tap.port
@@ -429,7 +476,7 @@ class Stack:
         agent_yaml = self.tmp / "agent.yaml"
         agent_yaml.write_text(yaml.safe_dump(agent_config(
             f"127.0.0.1:{p['agent']}", f"127.0.0.1:{p['agent_metrics']}",
-            [f"127.0.0.1:{p['lbnode']}", f"127.0.0.1:{p['tap']}"], str(key_file))))
+            [f"127.0.0.1:{p[name]}" for name in names] + [f"127.0.0.1:{p['tap']}"], str(key_file))))
         agent = self._spawn("agent", [sys.executable, "-m", "spoa", "agent", "--config", str(agent_yaml)], env)
         await wait_port(p["agent"], agent)
         await wait_port(p["agent_metrics"], agent)
@@ -499,12 +546,17 @@ class Stack:
                                    f"(log {proc.log_path}):\n{proc.log_tail()}")
         if self.haproxy_log is not None:
             self.haproxy_log.poll()
-        for name, attr in (("agent", "agent_metrics"), ("lbnode", "lbnode_metrics")):
+        for name in ["agent"] + self.opts.lbnode_names:
             if name in self.procs and self.procs[name].alive():
                 try:
-                    setattr(self, attr, await asyncio.to_thread(scrape, self.ports[f"{name}_metrics"]))
+                    scraped = await asyncio.to_thread(scrape, self.ports[f"{name}_metrics"])
                 except OSError:
-                    pass  # next time; a dead process is reported above
+                    continue  # next time; a dead process is reported above
+                if name == "agent":
+                    self.agent_metrics = scraped
+                else:
+                    self.lbnode_metrics_by_node[name] = scraped
+        self.lbnode_metrics = tier.merge_metrics(list(self.lbnode_metrics_by_node.values()))
         if self.agent_metrics:
             self.peak_segments = max(self.peak_segments, int(metric(self.agent_metrics, "spoa_lease_segments")))
             self.peak_tracked = max(self.peak_tracked,
@@ -540,11 +592,13 @@ class Stack:
             self.haproxy_log.poll()
         await asyncio.sleep(INTERVAL_MS / 1000 * 2)  # the closed records reach the LB node
         await self.refresh()
-        for name in ("agent", "lbnode"):
+        for name in ["agent"] + self.opts.lbnode_names:
             proc = self.procs.get(name)
             if proc is not None:
                 code, killed = await proc.stop(signal.SIGTERM, timeout=8)
                 self._note_exit(proc, code, killed)
+        if self.store is not None:  # after the LB nodes: their last writes and leaving reach it
+            await asyncio.to_thread(self.store.stop)
         if self.backend is not None:
             await self.backend.stop()
         if self.tap is not None:
@@ -576,7 +630,7 @@ class Stack:
             self.errors.append(f"{proc.name} exited with code {code} (log {proc.log_path}):\n{proc.log_tail()}")
 
     def _scan_logs(self) -> None:
-        for name in ("agent", "lbnode"):
+        for name in ["agent"] + self.opts.lbnode_names:
             proc = self.procs.get(name)
             if proc is None:
                 continue
@@ -590,6 +644,9 @@ class Stack:
         for proc in self.procs.values():
             if proc.group_alive():
                 proc.kill()
+        if self.store is not None:
+            for node in self.store.nodes:
+                self.store.kill(node)
 
     def cleanup_dir(self, keep: bool) -> None:
         if not keep:

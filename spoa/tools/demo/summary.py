@@ -13,6 +13,13 @@ Where each figure comes from:
                          the LB node granted, agent_leases what the agent answered
     premature_expiries   refreshes for connections whose lease had run out (LB node)
     anomalies            connection-intervals the LB node flagged
+    lbnodes              LB nodes run (--lbnodes); the lbnode_* figures above are their sums
+    lbnode_nodes         per LB node (name -> slots_owned, connections, new_connections,
+                         adopted, hints_sent, premature_expiries, fenced, answering,
+                         members; slots_owned and members null for the single LB node),
+                         from its own /metrics at the end
+    store                the tier's store cluster (seeds, primaries, replicas, started_s,
+                         pids); null for the single LB node
     errors               anything that went wrong: a process that died or exited
                          non-zero, error lines in its log, a client error, an SPOE
                          error, HAProxy alerts, rejected packets; empty on success
@@ -21,6 +28,7 @@ Where each figure comes from:
 from __future__ import annotations
 
 from .stack import Stack, by_label, metric
+from .tier import node_figures
 
 
 def collect_errors(stack: Stack) -> list[str]:
@@ -96,8 +104,19 @@ def build_summary(stack: Stack, stopped_by: str) -> dict:
         "segment_levels_seen": {str(k): v for k, v in sorted(tap.levels_seen.items())} if tap else {},
         "counter_updates": {k: int(v) for k, v in by_label(a, "spoa_lease_counter_updates_total").items()},
         "tap_records": tap.records if tap else 0,
+        "lbnodes": stack.opts.lbnodes,
+        "lbnode_nodes": {name: node_figures(m) for name, m in stack.lbnode_metrics_by_node.items()},
+        "store": _store(stack.store),
         "pids": {name: proc.pid for name, proc in stack.procs.items()},
         "exit_codes": dict(stack.exit_codes),
         "warnings": stack.warnings + (log.warnings if log is not None else []),
         "errors": collect_errors(stack),
     }
+
+
+def _store(store) -> dict | None:
+    if store is None:
+        return None
+    return {"seeds": store.seeds, "primaries": store.primaries, "replicas": store.replicas,
+            "started_s": round(store.started_s, 2),
+            "pids": [node.process.pid for node in store.nodes if node.process is not None]}

@@ -8,7 +8,8 @@ Both show the same things: connections (SPOP, tracked by the agent, held by
 the LB node), segments and granularity levels, per connection the actual vs
 predicted volume per interval, the lease in force and its source (from the
 tap) and the X-Lease the client last saw (what HAProxy applied), leases by
-source on each hop, premature expiries, anomalies, errors.
+source on each hop, premature expiries, anomalies, errors; with --lbnodes N > 1, per LB
+node its slots, connections held and adopted, hints sent and whether it answers or is fenced.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import time
 
 from .stack import PLAIN_EVERY_S, Stack, by_label, metric
+from .tier import node_figures
 
 SHORT_LABEL = "short"
 
@@ -104,6 +106,20 @@ def totals(stack: Stack) -> dict:
     }
 
 
+def lbnode_rows(stack: Stack) -> list[tuple[str, dict]]:
+    """Each LB node of a tier with its figures, in start order; [] for the single LB node."""
+    if stack.opts.lbnodes == 1:
+        return []
+    return [(name, node_figures(stack.lbnode_metrics_by_node.get(name, {}))) for name in stack.opts.lbnode_names]
+
+
+def node_state(name: str, stack: Stack, figures: dict) -> str:
+    proc = stack.procs.get(name)
+    if proc is None or not proc.alive():
+        return "down"
+    return "fenced" if figures["fenced"] else "answering" if figures["answering"] else "silent"
+
+
 def _fmt_counts(d: dict, order=("predicted", "fallback", "standard")) -> str:
     keys = [k for k in order if k in d] + sorted(k for k in d if k not in order)
     return " ".join(f"{k[:4]} {d[k]}" for k in keys) or "-"
@@ -143,6 +159,10 @@ class PlainView:
             f"deferred {t['deferred']} | leases haproxy {_fmt_counts(t['haproxy_leases'])}; "
             f"lbnode {_fmt_counts(t['lbnode_leases'])} | premature {t['premature']} anomalies {t['anomalies']} "
             f"| errors {len(stack.errors) + t['client_errors']}")
+        for name, f in lbnode_rows(stack):
+            self._print(f"    {name:<9} {node_state(name, stack, f):<9} slots {f['slots_owned']} held "
+                        f"{f['connections']} adopted {f['adopted']} hints {f['hints_sent']} "
+                        f"premature {f['premature_expiries']}")
         if self.lines % 2 == 0 or force:
             rows, short = connection_rows(stack, limit=10)
             for r in rows:
@@ -273,11 +293,29 @@ class LiveView:
                          "pred/fall/std: predicted/fallback/standard.")
         table.caption_justify = "left"
 
-        parts = [head, overview, table]
+        parts = [head, overview]
+        nodes = lbnode_rows(stack)
+        if nodes:
+            parts.append(self._tier_table(stack, nodes, Table))
+        parts.append(table)
         errors = stack.errors + (stack.loadgen.stats.last_errors if stack.loadgen else [])
         if errors:
             parts.append(Text(f"errors: {len(errors)}; last: {errors[-1].splitlines()[0]}", style="red"))
         return Group(*parts)
+
+
+    @staticmethod
+    def _tier_table(stack: Stack, nodes: list[tuple[str, dict]], table_class):
+        tier = table_class(title="LB nodes (the tier: each owns a share of the slots)", title_justify="left",
+                           box=None, padding=(0, 1), header_style="bold underline")
+        for name in ("node", "state", "slots", "held", "adopted", "hints sent", "premature"):
+            tier.add_column(name, justify="left" if name in ("node", "state") else "right", no_wrap=True)
+        colors = {"answering": "green", "fenced": "yellow", "silent": "yellow", "down": "red"}
+        for name, f in nodes:
+            state = node_state(name, stack, f)
+            tier.add_row(name, f"[{colors[state]}]{state}[/]", str(f["slots_owned"]), str(f["connections"]),
+                         str(f["adopted"]), str(f["hints_sent"]), str(f["premature_expiries"]))
+        return tier
 
 
 def make_view(opts, out=None):

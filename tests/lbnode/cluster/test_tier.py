@@ -473,3 +473,87 @@ def test_adopted_connections_keep_their_segments_and_segment_histories(tmp_path,
         await b.tier.close()
 
     run(scenario())
+
+
+def test_a_failover_of_the_membership_keys_primary_fences_nobody(tmp_path, new_store_cluster):
+    """The primary holding every membership key dies; its replica takes longer than the lease to
+    be promoted, so it comes up without the keys. The nodes, whose renewals were failing, set
+    theirs again: nobody is fenced, nobody drops what it holds, every slot stays with its owner."""
+    cluster = new_store_cluster(primaries=3, replicas=1)
+    ns = namespace("members-failover")
+    a, b = (tier_node(tmp_path, n, store=cluster.seeds, namespace=ns, **FAST) for n in (1, 2))
+
+    async def scenario():
+        await rounds(a, b, seconds=0.5)
+        feed(a, CONNECTIONS, lambda i: 100 * i)
+        feed(b, CONNECTIONS, lambda i: 100 * i)
+        held, owned = (len(a.table), len(b.table)), (a.tier.owned.copy(), b.tier.owned.copy())
+        assert all(held) and owned[0].sum() + owned[1].sum() == FAST["slots"]
+        members = cluster.primary_for_slot(redis.crc.key_slot(a.tier.membership.key.encode()))
+        cluster.kill(members)
+        began = time.monotonic()
+        step = iter(range(2, 1000))
+
+        async def intervals(seconds: float) -> None:  # the agents' records keep coming, as do the rounds
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                total = 100 * next(step)
+                feed(a, CONNECTIONS, lambda i: total * i)
+                feed(b, CONNECTIONS, lambda i: total * i)
+                await rounds(a, b, seconds=0.1)
+
+        while not (a.tier.membership.reasserts and b.tier.membership.reasserts):
+            await intervals(0.1)
+            assert time.monotonic() - began < 20, "the nodes did not re-assert within 20 s of the failover"
+        outage = time.monotonic() - began
+        assert outage > FAST["membership_ms"] / 1000  # the keys did lapse on the promoted replica
+        await intervals(1.5)  # the settling lease, then a few normal renewals
+        for node, was_held, was_owned in zip((a, b), held, owned):
+            assert node.tier.membership.fences == 0 and node.tier.answering()
+            assert len(node.table) == was_held  # nothing dropped
+            np.testing.assert_array_equal(node.tier.owned, was_owned)  # no slot moved
+            assert node.tier.membership.live == [1, 2]
+        await a.tier.close()
+        await b.tier.close()
+
+    run(scenario())
+
+
+def test_a_reasserting_node_hands_over_the_slots_another_node_took_meanwhile(tmp_path, store_cluster):
+    """A partition cut only A off: B took A's slots. A's key is gone when A reaches the store
+    again; it re-asserts, finds the slots' epochs moved past its own and hands them over (its
+    copy is stale: B served them meanwhile); back in the live set, it gets its share again,
+    loaded from what B wrote."""
+    a, b = two_nodes(tmp_path, store_cluster, "partition")
+
+    async def scenario():
+        await rounds(a, b, seconds=0.5)
+        feed(a, CONNECTIONS, lambda i: 100 * i)
+        await rounds(a, b, seconds=0.3)  # written
+        mine, held = a.tier.owned.copy(), len(a.table)
+        # A cannot reach the store: its calls fail (as a partition makes them), B renews on
+        real = a.tier.store.call
+
+        async def cut_off(what, operation):
+            a.tier.store.stats.errors += 1
+            a.tier.store.stats.unreachable = True
+            return None
+
+        a.tier.store.call = cut_off
+        began = time.monotonic()
+        while not b.tier.owned.all():
+            await rounds(a, b, seconds=0.1)
+            assert time.monotonic() - began < 5
+        assert a.tier.answering() and len(a.table)  # serving from memory, as the issue wants
+        a.tier.store.call = real  # the partition heals
+        await rounds(a, b, seconds=2.0)  # re-assert, the check, then A live again: its share comes back
+        assert a.tier.membership.reasserts == 1 and a.tier.membership.fences == 0
+        assert a.tier.handed_over == held  # its stale copies went
+        np.testing.assert_array_equal(a.tier.owned, mine)
+        assert not (a.tier.owned & b.tier.owned).any() and a.tier.owned.sum() + b.tier.owned.sum() == FAST["slots"]
+        assert a.tier.loader.adopted == held == len(a.table)  # loaded back from what B wrote
+        assert b.tier.handed_over == held
+        await a.tier.close()
+        await b.tier.close()
+
+    run(scenario())
