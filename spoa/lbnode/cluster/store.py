@@ -146,7 +146,13 @@ class Store:
                 finally:
                     node.release(connection)
 
-            await asyncio.gather(*(shard(node, indexes) for node, indexes in shards.values()))
+            tasks = [asyncio.ensure_future(shard(node, indexes)) for node, indexes in shards.values()]
+            try:
+                await asyncio.gather(*tasks)
+            except BaseException:  # one shard failed: the others stop too (the client is dropped next)
+                for task in tasks:
+                    task.cancel()
+                raise
             return replies
 
         return await self.call(what, run)
