@@ -16,3 +16,11 @@ def write_section(path: Path, heading: str, text: str) -> None:
     else:
         old = old.rstrip() + "\n\n" + text
     path.write_text(old)
+
+
+def report(path: Path | None, heading: str, text: str) -> None:
+    """The section into `path` (write_section), or on stdout without one."""
+    if path:
+        write_section(path, heading, text)
+    else:
+        print(text)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks._machine import cpu_model
-from benchmarks._results import write_section
+from benchmarks._results import report
 from spoa.config import LBNODE_SCHEMA, load
 from spoa.lbnode.cluster.tier import TierMember
 from spoa.lbnode.node import columns
@@ -70,7 +70,7 @@ async def measure(n: int, intervals: int, seeds: list[str], key_file: str) -> di
         plain.table.ingest_batch(batch, now_ms())
         plain.table.end_interval(now_ms())
         t1 = time.process_time()
-        kept = tier.owned_records(batch)
+        kept, _forwards = tier.owned_records(batch)
         t2 = time.process_time()
         a.table.ingest_batch(kept, now_ms())
         changed = np.flatnonzero(a.table.refreshed)
@@ -136,10 +136,7 @@ def main() -> None:
             "| connections | in-memory µs | filter µs | snapshot µs | write CPU µs | tier total µs | write ms "
             "| commands/conn | bytes/conn | load µs |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, ""])
-        if args.results:
-            write_section(args.results, "## LB-node tier: cost of persistence", text)
-        else:
-            print(text)
+        report(args.results, "## LB-node tier: cost of persistence", text)
 
 
 if __name__ == "__main__":

@@ -26,3 +26,14 @@ def test_benchmark_script_starts(script):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage:" in result.stdout
+
+
+def test_tier_scale_benchmark_runs_at_tiny_sizes():
+    """bench_tier_scale.py end to end (store cluster, 1 and 3 LB-node processes, the failover) at
+    a size that takes seconds: its figures are measured elsewhere, here only that it runs."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "benchmarks/bench_tier_scale.py", "--connections", "300", "--intervals",
+                             "2", "--interval-ms", "200", "--nodes", "1", "3"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| 3 |" in result.stdout and "Failover with 3 nodes" in result.stdout

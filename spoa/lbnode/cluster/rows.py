@@ -48,21 +48,29 @@ class RowCodec:
 
     def __init__(self, table: Any) -> None:
         self.table = table
+        # (capacity, fields, dtype): found again only when the table grew (its parts may have
+        # replaced their arrays, never their set of arrays otherwise); every write reads them
+        self._cached: tuple[int, list, np.dtype] | None = None
 
     def _fields(self) -> list[tuple[str, Any, str]]:
-        table = self.table
-        fields = [(f"table.{column}", table, column) for column in ROW_COLUMNS]
-        for name in TABLE_PARTS:
-            part = getattr(table, name, None)
-            if part is not None:
-                _part_arrays(name, part, table.capacity, fields)
-        return fields
+        return self._layout()[0]
 
     def dtype(self) -> np.dtype:
-        columns = [(name, getattr(owner, attr).dtype, getattr(owner, attr).shape[1:])
-                   for name, owner, attr in self._fields()]
-        # key: server node id (u64 LE) + conn_id; gone: 1 in a deletion (the connection ended)
-        return np.dtype([("key", f"V{CONN_KEY_BYTES}"), ("gone", np.uint8), ("frontend", np.uint32)] + columns)
+        return self._layout()[1]
+
+    def _layout(self) -> tuple[list[tuple[str, Any, str]], np.dtype]:
+        table = self.table
+        if self._cached is None or self._cached[0] != table.capacity:
+            fields = [(f"table.{column}", table, column) for column in ROW_COLUMNS]
+            for name in TABLE_PARTS:
+                part = getattr(table, name, None)
+                if part is not None:
+                    _part_arrays(name, part, table.capacity, fields)
+            columns = [(name, getattr(owner, attr).dtype, getattr(owner, attr).shape[1:]) for name, owner, attr in fields]
+            # key: server node id (u64 LE) + conn_id; gone: 1 in a deletion (the connection ended)
+            dtype = np.dtype([("key", f"V{CONN_KEY_BYTES}"), ("gone", np.uint8), ("frontend", np.uint32)] + columns)
+            self._cached = (table.capacity, fields, dtype)
+        return self._cached[1], self._cached[2]
 
     def layout(self) -> bytes:
         """What a record holds, as text: equal layouts read each other's records."""
@@ -70,9 +78,11 @@ class RowCodec:
 
     def pack(self, rows: np.ndarray, keys: np.ndarray, frontends: np.ndarray) -> np.ndarray:
         """The records of `rows` (keys: uint8[n, 24]; frontends: each row's index into its
-        slot's frontend names)."""
-        packed = np.empty(len(rows), self.dtype())
-        for name, owner, attr in self._fields():
+        slot's frontend names), in the order of `rows`: callers order rows first (by slot), so
+        the records, the widest arrays here, are written once and never moved."""
+        fields, dtype = self._layout()
+        packed = np.empty(len(rows), dtype)
+        for name, owner, attr in fields:
             packed[name] = getattr(owner, attr)[rows]
         packed["key"] = keys.view(f"V{CONN_KEY_BYTES}").reshape(-1)
         packed["gone"] = 0

@@ -47,7 +47,9 @@ class SegmentCodec:
 
     def pack(self, rows: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(the records of the live segments of table `rows`, each record's position in
-        `rows`); keys: uint8[n, 24], the rows' connection keys."""
+        `rows`), in the order of `rows` (stable: a connection's segments keep their order);
+        keys: uint8[n, 24], the rows' connection keys. Rows come ordered by slot (writer.by_slot):
+        so do the records, and nothing moves them again."""
         segments = self.table.segments
         live = np.flatnonzero(segments.keys.in_use)
         live = live[segments.seen[live] == segments.conn_epoch[segments.owner[live]]]
@@ -55,6 +57,8 @@ class SegmentCodec:
         position[rows] = np.arange(len(rows))
         which = position[segments.owner[live]]
         segs, which = live[which >= 0], which[which >= 0]
+        order = np.argsort(which, kind="stable")  # indexes sorted, not the wider records after
+        segs, which = segs[order], which[order]
         packed = np.empty(len(segs), self.dtype())
         packed["key"] = keys[which].view(f"V{CONN_KEY_BYTES}").reshape(-1)
         for name in ("direction", "start", "byte_count", "level", "last_activity"):

@@ -1,4 +1,4 @@
-"""Per interval, what changed in the owned slots, written to the store in one pipeline.
+"""Per interval, what changed in the owned slots, written to the store in one round trip per primary.
 
 A slot's state is one hash, `NS:{NS.SLOT}:rows` (slots.slot_key), of a few fields:
 - `base`: the records (rows.RowCodec) of every connection of the slot, back to back;
@@ -12,20 +12,23 @@ A slot's state is one hash, `NS:{NS.SLOT}:rows` (slots.slot_key), of a few field
   writing is refused by the store itself.
 A loader applies base, then the chunks in order (rows.latest).
 
-So per interval and slot the write is one EVAL setting one field, a blob built with whole-array
-operations (no Python work per connection): the store client's own cost per command (about
-30 µs in redis-py) is paid per slot, not per connection. Every `COMPACT_EVERY` chunks the slot
-is compacted: a new base from the table (which holds the slot's whole state), an HDEL of its
-chunks and a PEXPIRE, the garbage-collection backstop (`cluster.gc_ms`, far longer than
-COMPACT_EVERY intervals) for a slot nobody owns any more, in the same pipeline (one shard,
-one connection: applied in order). Slots compact in turn (their counts start staggered), so
-each interval rewrites about 1/COMPACT_EVERY of them. A slot gained from another node gets a
-base at the first write (its chunks, loaded, deleted): from then on only its owner writes it.
+So per interval and slot the write is one EVALSHA (WRITE_SCRIPT, loaded once per client)
+setting the chunk's fields, blobs built with whole-array operations (no Python work per
+connection): rows are ordered by slot before their records are made (`by_slot`), and each
+slot's records are a view of one array. Every `COMPACT_EVERY` chunks the slot is compacted in
+the same script: a new base from the table (which holds the slot's whole state), an HDEL of
+its chunks and a PEXPIRE, the garbage-collection backstop (`cluster.gc_ms`, far longer than
+COMPACT_EVERY intervals) for a slot nobody owns any more. Slots compact in turn (their counts
+start staggered), so each interval rewrites about 1/COMPACT_EVERY of them. A slot gained from
+another node gets a base at the first write (its chunks, loaded, deleted): from then on only
+its owner writes it.
 
-redis-py groups the pipeline by shard and sends the shards' parts in parallel. A flush the
-store does not acknowledge is kept and sent with the next interval's changes (appended: the
-later records win); a slot whose kept chunks reach COMPACT_EVERY gets a base instead, so
-an outage costs at most one rewrite of each slot when the store is back, never a backlog.
+The commands go out packed as RESP, each primary's share at once (Store.packed), so the client
+costs a reply read per slot rather than redis-py's ≈ 30 µs of Python per pipelined command. A
+flush the store does not acknowledge is kept and sent with the next interval's changes
+(appended: the later records win); a slot whose kept chunks reach COMPACT_EVERY gets a base
+instead, so an outage costs at most one rewrite of each slot when the store is back, never a
+backlog.
 """
 
 from __future__ import annotations
@@ -39,8 +42,7 @@ import numpy as np
 from .rows import RowCodec
 from .segments import SEG_BASE_FIELD, SegmentCodec, segment_field
 from ...wire.slots import conn_keys, conn_slots
-from .store import slot_key
-from .store import Store
+from .store import Store, resp, slot_key
 
 LAYOUT_FIELD = b"layout"
 FRONTENDS_FIELD = b"frontends"
@@ -68,6 +70,24 @@ return 1
 """
 
 
+def by_slot(items: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Items (rows, records) and their slots ordered by slot (stable); as given when they already
+    are. Rows are ordered before their records are made: sorting the records after would move
+    every byte of them once more. Slots are < 16384 (cluster.slots): as uint16 numpy's stable
+    sort is a radix sort, linear."""
+    if len(slots) < 2 or (slots[1:] >= slots[:-1]).all():
+        return items, slots
+    order = np.argsort(slots.astype(np.uint16), kind="stable")
+    return items[order], slots[order]
+
+
+def blob(records: list[np.ndarray]) -> memoryview | bytes:
+    """Record arrays as the bytes of one field: a single contiguous one as it is (no copy)."""
+    if len(records) == 1:
+        return memoryview(records[0].view(np.uint8))
+    return b"".join(r.tobytes() for r in records)
+
+
 def chunk_field(number: int) -> bytes:
     return CHUNK_PREFIX + str(number).encode()
 
@@ -77,13 +97,12 @@ def chunk_number(field: bytes) -> int | None:
     return int(field[len(CHUNK_PREFIX):]) if field.startswith(CHUNK_PREFIX) else None
 
 
-def _by_slot(records: np.ndarray, of: np.ndarray, slots: set[int]) -> dict[int, bytes]:
-    """The blob of `records` (in slots `of`) of each of `slots`."""
-    order = np.argsort(of, kind="stable")
-    records, of = records[order], of[order]
+def _of_slots(records: np.ndarray, of: np.ndarray, slots: set[int]) -> dict[int, np.ndarray]:
+    """The records (in slots `of`) of each of `slots`, a view each."""
+    records, of = by_slot(records, of)
     starts = np.searchsorted(of, sorted(slots))
     ends = np.searchsorted(of, sorted(slots), side="right")
-    return {slot: records[a:b].tobytes() for slot, a, b in zip(sorted(slots), starts.tolist(), ends.tolist())}
+    return {slot: records[a:b] for slot, a, b in zip(sorted(slots), starts.tolist(), ends.tolist())}
 
 
 class StoreWriter:
@@ -155,11 +174,12 @@ class StoreWriter:
         return indexes[inverse.reshape(-1)]
 
     def _add(self, records: np.ndarray, slots: np.ndarray, pending: dict | None = None) -> None:
+        """Records into `pending` (self.pending by default): one view of them per slot, no copy
+        when they come in slot order (snapshot's do, `by_slot`)."""
         if not len(slots):
             return
         pending = self.pending if pending is None else pending
-        order = np.argsort(slots, kind="stable")
-        slots, records = slots[order], records[order]
+        records, slots = by_slot(records, slots)
         bounds = np.flatnonzero(np.diff(slots)) + 1
         for start, end in zip(np.r_[0, bounds].tolist(), np.r_[bounds, len(slots)].tolist()):
             pending.setdefault(int(slots[start]), []).append(records[start:end])
@@ -176,7 +196,7 @@ class StoreWriter:
             return
         slots = self.current_slots(rows)
         mine = owned[slots]
-        rows, slots = rows[mine], slots[mine]
+        rows, slots = by_slot(rows[mine], slots[mine])
         table = self.table
         keys = conn_keys(table.node[rows], table.conn_id[rows])
         self._add(self.codec.pack(rows, keys, self._frontend_indexes(rows, slots)), slots)
@@ -186,8 +206,9 @@ class StoreWriter:
         """Rows ending here (closed, expired): deletions in their slots' next chunk."""
         slots = self.current_slots(rows)
         mine = owned[slots]
+        rows, slots = by_slot(rows[mine], slots[mine])
         table = self.table
-        self._add(self.codec.deletions(conn_keys(table.node[rows[mine]], table.conn_id[rows[mine]])), slots[mine])
+        self._add(self.codec.deletions(conn_keys(table.node[rows], table.conn_id[rows])), slots)
 
     def adopted(self, slot: int, epoch: int, frontends: list[str], chunks: list[bytes]) -> None:
         """A slot just loaded under its new `epoch`: its names, and its chunks to delete when
@@ -208,18 +229,18 @@ class StoreWriter:
             self.needs_base.discard(slot)
             self.frontends_changed.discard(slot)
 
-    def _bases(self, slots: set[int]) -> tuple[dict[int, bytes], dict[int, bytes]]:
-        """A base blob of each slot, from the table: every connection it holds there; and
-        their segments' blob."""
+    def _bases(self, slots: set[int]) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+        """The base records of each slot, from the table: every connection it holds there; and
+        their segments' records."""
         table = self.table
         rows = np.flatnonzero(table.keys.in_use)
         slots_of_rows = self.current_slots(rows)
         mine = np.isin(slots_of_rows, list(slots))
-        rows, slots_of_rows = rows[mine], slots_of_rows[mine]
+        rows, slots_of_rows = by_slot(rows[mine], slots_of_rows[mine])
         keys = conn_keys(table.node[rows], table.conn_id[rows])
         records = self.codec.pack(rows, keys, self._frontend_indexes(rows, slots_of_rows))
-        return (_by_slot(records, slots_of_rows, slots),
-                _by_slot(*self._segments(rows, keys, slots_of_rows), slots))
+        return (_of_slots(records, slots_of_rows, slots),
+                _of_slots(*self._segments(rows, keys, slots_of_rows), slots))
 
     async def taken_over(self, slots: list[int]) -> list[int] | None:
         """Of `slots`, those whose stored epoch is past the one this node writes them under:
@@ -257,32 +278,33 @@ class StoreWriter:
             gone: list[bytes] = []
             chunks = self.chunks.get(slot, [])
             if slot in bases:
-                fields[BASE_FIELD] = bases[slot]
-                fields[SEG_BASE_FIELD] = segment_bases[slot]
-                records += len(bases[slot]) // self.codec.dtype().itemsize
+                fields[BASE_FIELD] = blob([bases[slot]])
+                fields[SEG_BASE_FIELD] = blob([segment_bases[slot]])
+                records += len(bases[slot])
                 fields[LAYOUT_FIELD] = layout
                 fields[FRONTENDS_FIELD] = json.dumps(self.frontends.get(slot, [])).encode()
                 gone, chunks = [f for chunk in chunks for f in (chunk, segment_field(chunk))], []
             elif slot in pending:
                 number = (chunk_number(chunks[-1]) if chunks else 0) + 1
                 chunks = [*chunks, chunk_field(number)]
-                fields[chunks[-1]] = b"".join(r.tobytes() for r in pending[slot])
+                fields[chunks[-1]] = blob(pending[slot])
                 if slot in pending_segments:
-                    fields[segment_field(chunks[-1])] = b"".join(r.tobytes() for r in pending_segments[slot])
+                    fields[segment_field(chunks[-1])] = blob(pending_segments[slot])
                 records += sum(map(len, pending[slot]))
             if slot in frontends_changed:
                 fields[FRONTENDS_FIELD] = json.dumps(self.frontends.get(slot, [])).encode()
             writes.append((slot_key(self.namespace, slot), fields, gone, slot, chunks))
 
-        def build(pipe: Any) -> None:
-            for key, fields, gone, slot, _chunks in writes:
-                flat = [v for item in fields.items() for v in item]
-                pipe.eval(WRITE_SCRIPT, 1, key, self.epochs.get(slot, 0), self.gc_ms if BASE_FIELD in fields else 0,
-                          len(fields), *flat, *gone)
-
         stats = self.store.stats
         began = time.perf_counter()
-        replies = await self.store.pipeline("state write", build)
+        sha = await self.store.script(WRITE_SCRIPT)
+        replies = None
+        if sha is not None:
+            commands = [(key, resp(["EVALSHA", sha, 1, key, self.epochs.get(slot, 0),
+                                    self.gc_ms if BASE_FIELD in fields else 0, len(fields),
+                                    *(v for item in fields.items() for v in item), *gone]))
+                        for key, fields, gone, slot, _chunks in writes]
+            replies = await self.store.packed("state write", commands)
         if replies is None:
             stats.write_errors += 1
             for slot, kept in pending.items():  # older than what came meanwhile: before it

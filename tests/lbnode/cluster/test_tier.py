@@ -101,12 +101,12 @@ def test_a_lone_member_owns_every_slot_and_writes_what_changed(tmp_path, store_c
         await a.tier.round()  # joins, owns everything (alone)
         assert a.tier.membership.state == MEMBER and a.tier.owned.all()
         stats = a.tier.store.stats
-        # gained slots get a base each (empty here): per slot one EVAL (base, layout, names, PEXPIRE)
+        # gained slots get a base each (empty here): per slot one EVALSHA (base, layout, names, PEXPIRE)
         assert stats.write_batches == 1 and new_commands(stats) == FAST["slots"]
         feed(a, CONNECTIONS, lambda i: 1000 * i)
         await a.tier.round()
         assert stats.write_batches == 2 and stats.rows_written == CONNECTIONS and stats.write_errors == 0
-        # then one chunk per slot that changed: one EVAL setting one field
+        # then one chunk per slot that changed: one EVALSHA setting one field
         assert new_commands(stats) == FAST["slots"]
         assert store_view(store_cluster, a, ns)[0] == {i: 1000 * i for i in range(CONNECTIONS)}
         for step in range(2, 3 + COMPACT_EVERY):  # then chunks, and each slot compacted in its turn
@@ -118,7 +118,7 @@ def test_a_lone_member_owns_every_slot_and_writes_what_changed(tmp_path, store_c
             expected = {i: step * 1000 * i for i in range(10 if step >= 3 else 0, CONNECTIONS)}
             connections, most_fields = store_view(store_cluster, a, ns)
             assert connections == expected, step
-            # per slot one EVAL: a chunk, or in its turn a base, an HDEL of the chunks and a PEXPIRE
+            # per slot one EVALSHA: a chunk, or in its turn a base, an HDEL of the chunks and a PEXPIRE
             assert new_commands(stats) == FAST["slots"]
             # base and its segments, layout, names, epoch, and at most COMPACT_EVERY chunks and their segments
             assert most_fields <= 2 * COMPACT_EVERY + 5
@@ -401,6 +401,28 @@ def test_a_joining_node_starts_from_the_tiers_class_priors_not_from_nothing(tmp_
         # records of another layout (another end-bound window) or a bad name are refused
         assert c.tier.priors.seed({b"7|new": b"short", b"x|fe": a.tier.priors.encode()[b"7|fe"]}) == 0
         await c.tier.close()
+
+
+def test_writes_go_on_after_the_store_forgets_the_write_script(tmp_path, new_store_cluster):
+    """A primary without the script (promoted replica, restarted node) answers NOSCRIPT: that
+    write is kept, the script loaded again, and the next write carries both intervals."""
+    store = new_store_cluster(primaries=1, replicas=0)
+    ns = namespace("noscript")
+    a = tier_node(tmp_path, 1, store=store.seeds, namespace=ns, **{**FAST, "membership_ms": 60_000})
+
+    async def scenario():
+        await a.tier.round()
+        stats = a.tier.store.stats
+        feed(a, CONNECTIONS, lambda i: 1000 * i)
+        await a.tier.round()
+        for node in store.nodes:
+            store.client(node).script_flush()
+        feed(a, CONNECTIONS, lambda i: 2000 * i)
+        await a.tier.round()
+        assert stats.write_errors == 1  # NOSCRIPT: the write kept
+        await a.tier.round()
+        assert stats.write_errors == 1 and store_view(store, a, ns)[0] == {i: 2000 * i for i in range(CONNECTIONS)}
+        await a.tier.close()
 
     run(scenario())
 
