@@ -95,9 +95,11 @@ def columns(node_id: int, records: Sequence[ConnectionRecord]) -> SimpleNamespac
 
 # Slots a table starts with; it doubles from there up to its bound.
 INITIAL_CAPACITY = 1024
-# A tier's LB node sends its map to the server nodes when its view changes and every this
-# many intervals (a lost map datagram is made good this soon).
+# A tier's LB node sends its map to the server nodes every this many intervals (a lost map
+# datagram is made good this soon), and in each of the MAP_AFTER_CHANGE intervals after its
+# view changed (when a lost one would leave records going to a dead node).
 MAP_EVERY_INTERVALS = 4
+MAP_AFTER_CHANGE = 3
 
 # The per-connection arrays of a LeaseTable: (name, dtype, value of a fresh slot, what).
 _PER_SLOT = (
@@ -478,6 +480,7 @@ class LbNode:
         self.maps_sent = 0  # tier map datagrams sent to server nodes
         self._announced: tuple = ()  # the members of the last tier map sent
         self._intervals = 0
+        self._changed_maps = 0  # intervals the changed map is still sent in
 
     def on_datagram(self, header: Any, addr: Any) -> None:
         self.addresses[header.node_id] = addr
@@ -503,15 +506,19 @@ class LbNode:
         return True
 
     def _announce(self, tier: Any) -> None:
-        """The tier's map (its live members, spoa.wire.tier_map) to every server node heard from, when this node's view changed and
-        every MAP_EVERY_INTERVALS intervals (a lost one is sent again soon)."""
+        """The tier's map (its live members, spoa.wire.tier_map) to every server node heard
+        from: in each of the MAP_AFTER_CHANGE intervals after its view changed (one lost map
+        must not leave a server node sending to a dead node until the next periodic one), and
+        every MAP_EVERY_INTERVALS intervals."""
         self._intervals += 1
         tier_map = tier.tier_map(self.lbnode_id)
         if tier_map is None:
             return
-        if tier_map.members == self._announced and self._intervals % MAP_EVERY_INTERVALS:
+        if tier_map.members != self._announced:
+            self._announced, self._changed_maps = tier_map.members, MAP_AFTER_CHANGE
+        if not self._changed_maps and self._intervals % MAP_EVERY_INTERVALS:
             return
-        self._announced = tier_map.members
+        self._changed_maps = max(0, self._changed_maps - 1)
         datagram = encode_tier_map(tier_map, self.key)
         for addr in self.addresses.values():
             if self._send(datagram, addr, "map"):

@@ -163,3 +163,29 @@ def test_idle_lb_node_at_the_default_limits_is_small(tmp_path):
     capacity, bound, rss_kib = map(int, out)
     assert (capacity, bound) == (1024, 1_000_000)
     assert rss_kib < 120 * 1024, f"idle LB node RSS {rss_kib / 1024:.0f} MiB"
+
+
+def test_a_changed_tier_map_is_sent_in_each_of_the_next_intervals_then_periodically():
+    """One lost map after a change must not leave a server node routing to a dead LB node until
+    the next periodic one: a changed view goes out MAP_AFTER_CHANGE intervals running."""
+    from spoa.lbnode.node import MAP_AFTER_CHANGE, MAP_EVERY_INTERVALS, LbNode
+    from spoa.wire.tier_map import TierMap, decode_tier_map
+
+    sent = []
+    node = LbNode(LeaseTable(64, SES(64), VolumePolicy(LeaseBounds(1000, 60000, 30000), 1.0), 30000, 1000), b"k" * 32, 9, 1000)
+    node.transport = SimpleNamespace(sendto=lambda data, addr: sent.append(data))
+    node.addresses = {7: ("127.0.0.1", 40000)}
+    view = {"members": ((1, "127.0.0.1", 9001), (9, "127.0.0.1", 9009))}
+    tier = SimpleNamespace(tier_map=lambda lbnode_id: TierMap(lbnode_id, 1, 64, view["members"]))
+    pattern = []
+    for interval in range(12):
+        if interval == 6:
+            view["members"] = ((9, "127.0.0.1", 9009),)  # node 1 died
+        before = len(sent)
+        node._announce(tier)
+        pattern.append(len(sent) - before)
+    # the first view 3 times, the periodic one in the 4th interval, the change 3 times, the 12th
+    assert (MAP_AFTER_CHANGE, MAP_EVERY_INTERVALS) == (3, 4)
+    assert pattern == [1, 1, 1, 1, 0, 0, 1, 1, 1, 0, 0, 1]
+    assert decode_tier_map(sent[-1], b"k" * 32).live == [9]
+    assert node.maps_sent == len(sent)
