@@ -13,8 +13,8 @@ from .e2e.tier import Agent, lbnodes, rss_bytes, start_tier
 
 CONNECTIONS = 30_000
 INTERVAL_MS = 1000  # the default: the agent builds and encodes 30,000 records per interval
-# Rendezvous ownership spreads slots binomially: a share's σ is sqrt(2 / slots) of it, 4.4 % at the
-# default 1024 (ids 100-102 own 0.90/1.05/1.05 of a third there: ±10 % is 2.3 σ), 2.2 % at 4096.
+# Rendezvous ownership spreads slots binomially: a share's σ is sqrt(2 / slots) of it, 2.2 % at the
+# default 4096 (±10 % is 4.5 σ; at 1024, 4.4 %, ids 100-102 owned 0.90/1.05/1.05 of a third).
 SLOTS = 4096
 INTERVALS = 4  # after every connection is held: each written to the store a few times
 SHARE_TOLERANCE = 0.10
