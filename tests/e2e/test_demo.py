@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from spoa.config import LBNODE_SCHEMA
+
 REPO = Path(__file__).resolve().parents[2]
 DURATION = 20
 
@@ -92,7 +94,7 @@ def test_demo_with_a_tier_of_three_lbnodes():
     assert summary["lbnodes"] == 3 and list(summary["lbnode_nodes"]) == names
     assert summary["exit_codes"] == {"haproxy": 0, "agent": 0, **dict.fromkeys(names, 0)}
     nodes = summary["lbnode_nodes"].values()
-    assert sum(n["slots_owned"] for n in nodes) == 1024  # every slot owned once (cluster.slots default)
+    assert sum(n["slots_owned"] for n in nodes) == LBNODE_SCHEMA["cluster"]["slots"].default  # each slot once
     assert all(n["members"] == 3 and n["answering"] and not n["fenced"] for n in nodes), nodes
     assert all(n["slots_owned"] > 0 for n in nodes)  # each its share
     # the sums the single-node summary shows are the tier's: each connection held by one node
