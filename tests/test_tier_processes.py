@@ -58,6 +58,14 @@ async def _routed_only_to_owners(nodes, agent: Agent) -> None:
     assert {conn: node for conn, (node, _t) in agent.hinted.items()} == owner
 
 
+def _healthy(nodes) -> None:
+    """No premature expiry on any node, none fenced."""
+    for node in nodes:
+        m = node.metrics()
+        assert m["spoa_lbnode_premature_expiries_total"] == 0, node.log()
+        assert m["spoa_lbnode_fenced"] == 0, node.log()
+
+
 def test_sigkilled_lbnode_connections_are_adopted_and_the_agent_reroutes(tmp_path, store_cluster):
     async def scenario(nodes, agent):
         held = [metric(n, "spoa_lbnode_connections") for n in nodes]
@@ -86,10 +94,8 @@ def test_sigkilled_lbnode_connections_are_adopted_and_the_agent_reroutes(tmp_pat
         await agent.run_until(lambda: total(survivors, "spoa_lbnode_connections") == CONNECTIONS, 5,
                               "every connection held by a survivor")
         await _routed_only_to_owners(survivors, agent)
-        for node in survivors:
-            m = node.metrics()
-            assert m["spoa_lbnode_premature_expiries_total"] == 0, node.log()
-            assert m["spoa_lbnode_fenced"] == 0 and m["spoa_lbnode_store_write_errors_total"] == 0
+        _healthy(survivors)
+        assert total(survivors, "spoa_lbnode_store_write_errors_total") == 0
         # the victim's connections came to the survivors adopted, none as new
         assert total(survivors, "spoa_lbnode_new_connections_total") == new_before
         for node in survivors:
@@ -119,10 +125,7 @@ def test_frozen_lbnode_is_fenced_on_waking_rejoins_and_gets_its_share_routed_bac
         await agent.run_until(lambda: total(nodes, "spoa_lbnode_connections") == CONNECTIONS, 5,
                               "every connection held once again")
         await _routed_only_to_owners(nodes, agent)
-        for node in nodes:
-            m = node.metrics()
-            assert m["spoa_lbnode_premature_expiries_total"] == 0, node.log()
-            assert m["spoa_lbnode_fenced"] == 0
+        _healthy(nodes)
         assert metric(frozen, "spoa_lbnode_connections_adopted_total") > 0  # its share back, from the store
         for node in nodes:
             assert node.stop() == 0
