@@ -19,13 +19,12 @@ Format v1, big-endian (docs/publishing-packet.md §15):
 
 from __future__ import annotations
 
-import hmac
 import socket
 import struct
 from typing import Any
 
 from ._packet_py import TAG_SIZE, datagram_tag
-from .packet import PacketError
+from .packet import PacketError, check_signed
 
 MAGIC = b"CFWD"
 VERSION = 1
@@ -53,15 +52,8 @@ def is_forward(data: bytes) -> bool:
 
 def decode_forward(data: bytes, key: bytes) -> tuple[bytes, Any]:
     """(inner datagram, the sender's address or None); PacketError on anything wrong."""
-    if len(data) < OVERHEAD:
-        raise PacketError("truncated", "forward envelope shorter than header and tag")
-    magic, version, family, port, packed = _HEADER.unpack_from(data)
-    if magic != MAGIC:
-        raise PacketError("bad_magic", "not a forward envelope")
-    if version != VERSION:
-        raise PacketError("bad_version", f"forward envelope version {version}")
-    if not hmac.compare_digest(datagram_tag(key, memoryview(data)[:-TAG_SIZE]), data[-TAG_SIZE:]):
-        raise PacketError("bad_hmac", "forward envelope tag does not verify")
+    check_signed(data, key, _HEADER.size, MAGIC, VERSION, "forward envelope")
+    _magic, _version, family, port, packed = _HEADER.unpack_from(data)
     inner = data[_HEADER.size:-TAG_SIZE]
     if family == 0:
         return inner, None

@@ -16,7 +16,6 @@ hot path.
 
 from __future__ import annotations
 
-import hmac
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._packet_py import TAG_SIZE, datagram_tag
-from .packet import PacketError
+from .packet import PacketError, check_signed
 from .records import PacketHeader
 
 MAGIC = b"CHNT"
@@ -93,16 +92,8 @@ def hint_count(data: bytes) -> int:
 
 def decode_hints(data: bytes, key: bytes) -> tuple[PacketHeader, list[Hint]]:
     """(header with node_id = the LB node's id, hints); PacketError on anything wrong."""
-    if len(data) < _HEADER.size + TAG_SIZE:
-        raise PacketError("truncated", "hint datagram shorter than header and tag")
-    magic, version, _flags, count, lbnode_id, sequence, timestamp_ms = _HEADER.unpack_from(data)
-    if magic != MAGIC:
-        raise PacketError("bad_magic", "not a hint datagram")
-    if version != VERSION:
-        raise PacketError("bad_version", f"hint version {version}")
-    signed = memoryview(data)[:-TAG_SIZE]
-    if not hmac.compare_digest(datagram_tag(key, signed), data[-TAG_SIZE:]):
-        raise PacketError("bad_hmac", "hint tag does not verify")
+    check_signed(data, key, _HEADER.size, MAGIC, VERSION, "hint datagram")
+    _magic, _version, _flags, count, lbnode_id, sequence, timestamp_ms = _HEADER.unpack_from(data)
     if len(data) != _HEADER.size + count * _ENTRY.size + TAG_SIZE:
         raise PacketError("malformed", "hint count does not match the length")
     hints = []

@@ -10,9 +10,11 @@ LB node's receive path, docs/publishing-packet.md §12).
 
 from __future__ import annotations
 
+import hmac
 from typing import TYPE_CHECKING
 
 from .._accel import load
+from ._packet_py import datagram_tag
 from .records import PacketHeader
 
 _EXPORTED = ("CONN_COLUMNS", "CONN_SIZE", "DEFAULT_MTU", "HEADER_SIZE", "MAGIC", "MAX_DATAGRAM", "MIN_MTU",
@@ -49,6 +51,20 @@ else:
 
 
 
+def check_signed(data: bytes, key: bytes, header_size: int, magic: bytes, version: int, what: str) -> None:
+    """The checks every signed control datagram (hints, tier map, forward envelope) starts with:
+    long enough for its header and tag, its 4-byte magic, its version byte (offset 4), then its
+    tag (as `datagram_tag` makes it). PacketError naming `what` and the reason otherwise."""
+    if len(data) < header_size + TAG_SIZE:
+        raise PacketError("truncated", f"{what} shorter than header and tag")
+    if data[:4] != magic:
+        raise PacketError("bad_magic", f"not a {what}")
+    if data[4] != version:
+        raise PacketError("bad_version", f"{what} version {data[4]}")
+    if not hmac.compare_digest(datagram_tag(key, memoryview(data)[:-TAG_SIZE]), data[-TAG_SIZE:]):
+        raise PacketError("bad_hmac", f"{what} tag does not verify")
+
+
 def decode_datagram_columns(data: bytes, key: bytes) -> tuple[PacketHeader, int, int, ColumnBatch]:
     """decode_datagram's columnar twin: (header, datagram index, datagram count,
     a ColumnBatch of its records). Same checks and PacketErrors. A receiver
@@ -58,4 +74,4 @@ def decode_datagram_columns(data: bytes, key: bytes) -> tuple[PacketHeader, int,
     return header, index, count, batch
 
 
-__all__ = ["IMPLEMENTATION", "decode_datagram_columns", *_EXPORTED]
+__all__ = ["IMPLEMENTATION", "check_signed", "decode_datagram_columns", *_EXPORTED]

@@ -22,12 +22,11 @@ members at mtu 1400; a larger tier's map is one IP-fragmented datagram (maps are
 
 from __future__ import annotations
 
-import hmac
 import struct
 from dataclasses import dataclass
 
 from ._packet_py import TAG_SIZE, datagram_tag
-from .packet import PacketError
+from .packet import PacketError, check_signed
 
 MAGIC = b"CMAP"
 VERSION = 1
@@ -68,15 +67,8 @@ def is_tier_map(data: bytes) -> bool:
 
 def decode_tier_map(data: bytes, key: bytes) -> TierMap:
     """The map a datagram carries; PacketError (reasons as for packets) on anything wrong."""
-    if len(data) < _HEADER.size + TAG_SIZE:
-        raise PacketError("truncated", "tier map shorter than header and tag")
-    magic, version, _flags, count, lbnode_id, view_ms, slots, _reserved = _HEADER.unpack_from(data)
-    if magic != MAGIC:
-        raise PacketError("bad_magic", "not a slot map")
-    if version != VERSION:
-        raise PacketError("bad_version", f"tier map version {version}")
-    if not hmac.compare_digest(datagram_tag(key, memoryview(data)[:-TAG_SIZE]), data[-TAG_SIZE:]):
-        raise PacketError("bad_hmac", "tier map tag does not verify")
+    check_signed(data, key, _HEADER.size, MAGIC, VERSION, "tier map")
+    _magic, _version, _flags, count, lbnode_id, view_ms, slots, _reserved = _HEADER.unpack_from(data)
     if slots < 1 or slots & (slots - 1):
         raise PacketError("malformed", f"tier map: {slots} slots is not a power of two")
     members, at, end = [], _HEADER.size, len(data) - TAG_SIZE
