@@ -4,12 +4,13 @@ sockets; no map, a stale map or a TCP transport: every record to every LB node."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 
 import numpy as np
 
-from spoa.servernode.publisher import Publisher
+from spoa.servernode.publisher import PACKET_RECORDS, Publisher
 from spoa.servernode.routing import Router
 from spoa.wire.packet import ColumnBatch
 from spoa.wire.records import ConnectionRecord, HeaderFlags, PacketHeader
@@ -102,11 +103,27 @@ class Sockets:
             s.close()
 
 
-async def _publish_routed():
-    lbnodes = Sockets([10, 20, 30])
-    publisher = Publisher([f"127.0.0.1:{lbnodes.port(i)}" for i in (10, 20, 30)], KEY, 1400)
+@contextlib.asynccontextmanager
+async def publishing_to(ids: list[int]):
+    """(LB-node stand-ins, the agent's real Publisher configured with all of them, open)."""
+    lbnodes = Sockets(ids)
+    publisher = Publisher([f"127.0.0.1:{lbnodes.port(i)}" for i in ids], KEY, 1400)
     await publisher.open()
     try:
+        yield lbnodes, publisher
+    finally:
+        publisher.close()
+        lbnodes.close()
+
+
+def decoded(got: list[tuple[bytes, tuple]]) -> tuple[ColumnBatch, list[PacketHeader]]:
+    """What an LB-node stand-in received: its records as one batch, and each datagram's header."""
+    batch = ColumnBatch()
+    return batch, [batch.append_datagram(d, KEY)[0] for d, _ in got]
+
+
+async def _publish_routed():
+    async with publishing_to([10, 20, 30]) as (lbnodes, publisher):
         records = [record(i) for i in range(300)]
         header = PacketHeader(node_id=NODE, sequence=1000, timestamp_ms=1, interval_ms=500)
         assert publisher.send(header, records) == 1000  # no map yet: to everyone, one sequence
@@ -114,10 +131,8 @@ async def _publish_routed():
         for i in (10, 20, 30):
             got = lbnodes.received(i)
             agent = got[0][1]  # where the LB node answers (hints, maps)
-            batch = ColumnBatch()
-            for d, _ in got:
-                h = batch.append_datagram(d, KEY)[0]
-                assert not h.flags & HeaderFlags.ROUTED
+            batch, headers = decoded(got)
+            assert not any(h.flags & HeaderFlags.ROUTED for h in headers)
             assert batch.n == 300
         # a tier map from LB node 20, on the agent's own socket (as LbNode.tick sends it)
         ports = {i: lbnodes.port(i) for i in (10, 20, 30)}
@@ -131,18 +146,13 @@ async def _publish_routed():
         expected = owner_ids([10, 20, 30], range(300))
         sequences = set()
         for i in (10, 20, 30):
-            batch = ColumnBatch()
-            for d, _ in lbnodes.received(i):
-                h = batch.append_datagram(d, KEY)[0]
-                assert h.flags & HeaderFlags.ROUTED
-                sequences.add((h.sequence, i))
+            batch, headers = decoded(lbnodes.received(i))
+            assert all(h.flags & HeaderFlags.ROUTED for h in headers)
+            sequences.update((h.sequence, i) for h in headers)
             got = sorted(int.from_bytes(bytes(c), "big") for c in batch.conn_id)
             assert got == [c for c in range(300) if expected[c] == i]  # its share, nothing else
         assert len({s for s, _ in sequences}) == 3  # each LB node its own sequence
         assert publisher.records_routed == 300
-    finally:
-        publisher.close()
-        lbnodes.close()
 
 
 def test_publisher_routes_each_record_to_its_owner_once_a_map_comes():
@@ -171,18 +181,10 @@ def test_a_one_member_map_routes_everything_to_it_in_order():
 
 
 async def _large_interval():
-    lbnodes = Sockets([10])
-    publisher = Publisher([f"127.0.0.1:{lbnodes.port(10)}"], KEY, 1400)
-    await publisher.open()
-    try:
-        import spoa.servernode.publisher as module
-
-        records = [record(i) for i in range(2 * module.PACKET_RECORDS + 5)]
+    async with publishing_to([10]) as (_lbnodes, publisher):
+        records = [record(i) for i in range(2 * PACKET_RECORDS + 5)]
         assert publisher.send(PacketHeader(NODE, 100, 1, 500), records) == 102  # three packets
         assert publisher.send_errors == 0
-    finally:
-        publisher.close()
-        lbnodes.close()
 
 
 def test_an_interval_larger_than_a_packet_goes_out_as_several():
