@@ -95,19 +95,7 @@ class SegmentHistory:
         slots `owner`."""
         self.epoch += 1
         direction = batch.direction[rows]
-        start = batch.start_byte_offset[rows]
-        key_b = np.zeros((len(start), 2), np.uint64)
-        key_b[:, 0] = start
-        key_a = owner.astype(np.uint64) * 2 + direction
-        segs, fresh = self.keys.resolve(key_a, key_b)
-        if (segs == REFUSED).any():
-            self.sweep()  # make room from stale segments first, then grow
-            needed = len(self.keys) + int(np.count_nonzero(segs == REFUSED))
-            if needed > self.capacity < self.max_capacity:
-                self.grow(doubled_capacity(self.capacity, needed, self.max_capacity))
-            segs, fresh = self.keys.resolve(key_a, key_b)
-        kept = segs >= 0
-        self.refused += len(segs) - int(np.count_nonzero(kept))
+        segs, fresh, kept = self._resolve(owner, direction, batch.start_byte_offset[rows])
         if not kept.all():
             rows = np.arange(len(kept))[rows][kept] if isinstance(rows, slice) else rows[kept]
             segs, fresh, owner, direction = segs[kept], fresh[kept], owner[kept], direction[kept]
@@ -125,6 +113,24 @@ class SegmentHistory:
         self.seen[segs] = self.epoch
         self.conn_epoch[conns] = self.epoch
 
+    def _resolve(self, owner: np.ndarray, direction: np.ndarray, start: np.ndarray) -> tuple:
+        """(segment slots, which are fresh, which were given a slot) of the segments keyed
+        (owner connection slot, direction, start offset); room is made from stale segments
+        first, then by growing; what still finds none is counted in `refused`."""
+        key_b = np.zeros((len(start), 2), np.uint64)
+        key_b[:, 0] = start
+        key_a = owner.astype(np.uint64) * 2 + direction
+        segs, fresh = self.keys.resolve(key_a, key_b)
+        if (segs == REFUSED).any():
+            self.sweep()
+            needed = len(self.keys) + int(np.count_nonzero(segs == REFUSED))
+            if needed > self.capacity < self.max_capacity:
+                self.grow(doubled_capacity(self.capacity, needed, self.max_capacity))
+            segs, fresh = self.keys.resolve(key_a, key_b)
+        kept = segs >= 0
+        self.refused += len(segs) - int(np.count_nonzero(kept))
+        return segs, fresh, kept
+
     def adopt(self, conns: np.ndarray, stored: np.ndarray) -> int:
         """Segments of connections adopted from the store (spoa/lbnode/cluster/segments.py):
         connection slot `conns[i]` gets segment `stored[i]` (its direction, start, last report
@@ -134,15 +140,7 @@ class SegmentHistory:
         if not len(conns):
             return 0
         self.epoch += 1
-        key_b = np.zeros((len(conns), 2), np.uint64)
-        key_b[:, 0] = stored["start"]
-        key_a = conns.astype(np.uint64) * 2 + stored["direction"]
-        needed = len(self.keys) + len(conns)
-        if needed > self.capacity < self.max_capacity:
-            self.grow(doubled_capacity(self.capacity, needed, self.max_capacity))
-        segs, _fresh = self.keys.resolve(key_a, key_b)
-        kept = segs >= 0
-        self.refused += len(segs) - int(np.count_nonzero(kept))
+        segs, _fresh, kept = self._resolve(conns, stored["direction"], stored["start"])
         segs, conns, stored = segs[kept], conns[kept], stored[kept]
         self.owner[segs] = conns
         for name in ("direction", "byte_count", "level", "last_activity"):
