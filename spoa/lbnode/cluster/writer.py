@@ -307,10 +307,9 @@ class StoreWriter:
             replies = await self.store.packed("state write", commands)
         if replies is None:
             stats.write_errors += 1
-            for slot, kept in pending.items():  # older than what came meanwhile: before it
-                self.pending[slot] = kept + self.pending.get(slot, [])
-            for slot, kept in pending_segments.items():
-                self.pending_segments[slot] = kept + self.pending_segments.get(slot, [])
+            for into, sent in ((self.pending, pending), (self.pending_segments, pending_segments)):
+                for slot, kept in sent.items():  # older than what came meanwhile: before it
+                    into[slot] = kept + into.get(slot, [])
             self.needs_base |= needs_base
             self.frontends_changed |= frontends_changed
             return False
