@@ -131,7 +131,7 @@ def _finish(raw: np.ndarray, good: np.ndarray, bounds: LeaseBounds) -> tuple[np.
     return lease, source
 
 
-def _per_class(array: np.ndarray, classes: np.ndarray, fresh: float) -> np.ndarray:
+def per_class(array: np.ndarray, classes: np.ndarray, fresh: float) -> np.ndarray:
     """`array` grown (with `fresh`) to cover every class id in `classes`: ids are handed out as classes appear."""
     need = int(classes.max()) + 1 if classes.size else 0
     if need <= array.size:
@@ -165,6 +165,12 @@ class EndBound:
         self.idle_at_close = History(0, window, dtype=np.float32)  # one ring per class
         self.bound_ms = np.full(0, np.nan)  # per class; NaN: too few closes yet
 
+    def cover(self, classes: np.ndarray) -> None:
+        """Room for every class id in `classes` (bound and ring), as ids are handed out."""
+        if classes.size and int(classes.max()) >= self.bound_ms.size:
+            self.bound_ms = per_class(self.bound_ms, classes, np.nan)
+            self.idle_at_close.resize(self.bound_ms.size)
+
     def learn(self, classes: np.ndarray, idle_ms: np.ndarray) -> None:
         classes = np.asarray(classes, dtype=np.intp)
         idle_ms = np.asarray(idle_ms, dtype=np.float64)
@@ -172,9 +178,7 @@ class EndBound:
         classes, idle_ms = classes[ok], idle_ms[ok]
         if not classes.size:
             return
-        if int(classes.max()) >= self.bound_ms.size:
-            self.bound_ms = _per_class(self.bound_ms, classes, np.nan)
-            self.idle_at_close.resize(self.bound_ms.size)
+        self.cover(classes)
         # one ring write per close, in order (a class may close several at once)
         order = np.argsort(classes, kind="stable")
         classes, idle_ms = classes[order], idle_ms[order]
@@ -282,7 +286,7 @@ class VolumePolicy(_Policy):
         if self.calibrated_lease_ms is None or classes is None or not act.size:
             return
         cls = np.asarray(classes, dtype=np.intp)[active]
-        self.class_log_volume = _per_class(self.class_log_volume, cls, np.nan)
+        self.class_log_volume = per_class(self.class_log_volume, cls, np.nan)
         counts = np.bincount(cls, minlength=self.class_log_volume.size)
         sums = np.bincount(cls, weights=np.log(np.asarray(per_interval, dtype=np.float64)[active]),
                            minlength=self.class_log_volume.size)

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..lease_policy import per_class
 from .store import Store
 
 # Intervals between two writes of the classes (they change slowly; one HSET of a few hundred
@@ -35,14 +36,6 @@ _FIXED = struct.Struct("<dddii")
 
 def priors_key(namespace: str) -> str:
     return f"{namespace}:{{{namespace}.classes}}:priors"
-
-
-def _grown(array: np.ndarray, size: int) -> np.ndarray:
-    if array.size >= size:
-        return array
-    out = np.full(size, np.nan)
-    out[:array.size] = array
-    return out
 
 
 class ClassPriors:
@@ -58,16 +51,13 @@ class ClassPriors:
         self.seeded = 0  # classes seeded from the store
 
     def _class_arrays(self, size: int) -> None:
-        """Every per-class array grown to `size` classes (they grow lazily as classes are met)."""
-        table = self.table
-        table.class_lease = _grown(table.class_lease, size)
+        """The policy's per-class arrays grown to cover `size` classes, as the policy grows them
+        when it meets a class (the table's class_lease grows with each class it hands out)."""
+        ids = np.arange(size)
         if self.volume is not None:
-            self.volume.class_log_volume = _grown(self.volume.class_log_volume, size)
-        end = self.end_bound
-        if end is not None:
-            end.bound_ms = _grown(end.bound_ms, size)
-            if end.idle_at_close.capacity < size:
-                end.idle_at_close.resize(size)
+            self.volume.class_log_volume = per_class(self.volume.class_log_volume, ids, np.nan)
+        if self.end_bound is not None:
+            self.end_bound.cover(ids)
 
     def encode(self) -> dict[bytes, bytes]:
         """Each class's record, by field name (server node id | frontend)."""
