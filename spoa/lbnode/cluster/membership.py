@@ -24,9 +24,12 @@ is gone *while its own renewals were failing* therefore sets it again (**re-asse
 instead of fencing itself, and the tier checks in the store that none of its slots changed
 hands meanwhile (TierMember: a slot whose stored epoch moved past this node's was taken by
 another node, during a partition that cut only this one off: that slot is handed over, the
-rest kept). For one lease after a store outage ends, members missing from the live set are
-kept in it (`settle_until`): the others need a renewal period to re-assert theirs, and
-reading them as gone would move their slots for nothing.
+rest kept). For two renewal periods after a store outage ends, members missing from the live
+set are kept in it (`settle_until`): each of the others re-asserts its key at its next renewal,
+at most one renewal period after the store answers again (a second covers a renewal that was
+still waiting out `cluster.timeout_ms` when the store came back), and reading them as gone
+would move their slots for nothing. A whole lease would only delay the takeover of a node that
+died with the store primary.
 """
 
 from __future__ import annotations
@@ -70,6 +73,11 @@ class Membership:
     def renew_every(self) -> float:
         return self.lease / 3
 
+    @property
+    def settle(self) -> float:
+        """How long after a store outage missing members still count as live (module doc)."""
+        return 2 * self.renew_every
+
     def answering(self, now: float | None = None) -> bool:
         """May this node send hints (and write state) now? See the module doc."""
         if self.state != MEMBER:
@@ -104,8 +112,8 @@ class Membership:
             self.state, self.renew_failed = FENCED, False
             self.fences += 1
             return self.state
-        if self.renew_failed:  # the store is back: give the others a lease to renew too
-            self.settle_until = time.monotonic() + self.lease
+        if self.renew_failed:  # the store is back: give the others time to re-assert theirs
+            self.settle_until = time.monotonic() + self.settle
         self.renewed_at, self.renew_failed = sent, False
         return self.state
 
@@ -118,7 +126,7 @@ class Membership:
         self.renewed_at, self.renew_failed = sent, False
         self.reasserts += 1
         self.reasserted = True
-        self.settle_until = time.monotonic() + self.lease
+        self.settle_until = time.monotonic() + self.settle
         return self.state
 
     async def read_live(self) -> list[int] | None:
