@@ -33,7 +33,7 @@ from spoa.spop.codec import FrameReader, FrameWriter  # noqa: E402
 from spoa.spop.constants import FrameType  # noqa: E402
 from spoa.spop.frames import write_notify  # noqa: E402
 from spoa.wire.hints import Hint  # noqa: E402
-from spoa.wire.packet import encode_packet  # noqa: E402
+from spoa.wire.packet import encode_batch  # noqa: E402
 from spoa.wire.records import LeaseSource, PacketHeader  # noqa: E402
 
 
@@ -79,8 +79,8 @@ def main() -> int:
                                                   for i in range(n)])
     now = time.time_ns() // 1_000_000
     module.tracker.end_interval(now)
-    records = module.tracker.publish(now)
-    encode_packet(PacketHeader(1, 2, now, 1000), records, b"k" * 32, 1400)
+    records = module.tracker.publish_batch(now)  # as LeaseModule.tick publishes
+    encode_batch(PacketHeader(1, 2, now, 1000), records, b"k" * 32, 1400)
     module.tracker.begin_interval(now)
     del records
     gc.collect()

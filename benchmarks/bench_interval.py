@@ -9,11 +9,12 @@ datagrams encoded but not sent:
 
 - apply: _apply_kernel_sample (join the sample on the tracker's keys, two
   update_batch calls, closing states, touch)
-- end_interval; publish(now) (a quiet connection whose refresh is not due
-  yet is left out before its record is built; each published one's next
-  refresh time is set in the slab); begin_interval
-- encode: encode_packet of the due records (mtu 1400, HMAC included), in
-  packets of at most PACKET_RECORDS (as Publisher.send splits them)
+- end_interval; publish: publish_batch(now), the due records in wire form
+  written from the slab (a quiet connection whose refresh is not due yet is
+  left out; each published one's next refresh time is set in the slab);
+  begin_interval
+- encode: encode_batch of those records into signed datagrams (mtu 1400, HMAC
+  included), in packets of at most PACKET_RECORDS (as Publisher.send splits them)
 
 Two traffic shapes: "active" (every connection moves bytes every interval: every
 record goes out) and "idle, predicted" (no bytes, predicted leases of 60 s from
@@ -56,7 +57,7 @@ def run(n: int, rounds: int, idle: bool) -> dict:
     from spoa.servernode.tracker import SegmentTracker
     from spoa.wire.hints import Hint
     from spoa.servernode.publisher import PACKET_RECORDS
-    from spoa.wire.packet import encode_packet
+    from spoa.wire.packet import encode_batch
     from spoa.wire.records import LeaseSource, PacketHeader
 
     tracker = SegmentTracker(max_connections=n + 1, max_total_segments=8 * n + 64)
@@ -92,14 +93,14 @@ def run(n: int, rounds: int, idle: bool) -> dict:
         tracker.end_interval(now)
         took["end_interval"] = time.perf_counter() - started
         started = time.perf_counter()
-        records = tracker.publish(now)
+        records = tracker.publish_batch(now)
         took["publish"] = time.perf_counter() - started
         started = time.perf_counter()
         tracker.begin_interval(now)
         took["begin_interval"] = time.perf_counter() - started
         started = time.perf_counter()
         for start in range(0, len(records), PACKET_RECORDS):
-            encode_packet(PacketHeader(1, r, now, 1000), records[start:start + PACKET_RECORDS], b"k" * 32, 1400)
+            encode_batch(PacketHeader(1, r, now, 1000), records, b"k" * 32, 1400, start, start + PACKET_RECORDS)
         took["encode"] = time.perf_counter() - started
         if r > 2:  # the first two rounds register counters and publish everything once
             published = len(records)

@@ -44,6 +44,7 @@ import math
 import sys
 from typing import Any
 
+from ..wire.packet import RecordBatch
 from ..wire.records import (
     DIR_IN,
     DIR_OUT,
@@ -600,6 +601,13 @@ class SegmentTracker:
         out.extend(self._closed)
         self._closed = []
         return out
+
+    def publish_batch(self, now_ms: int) -> RecordBatch:
+        """publish(now_ms) in wire form: a spoa.wire.packet.RecordBatch of the same records (the
+        compiled twin writes it from its slab, no record object per live connection). Errors
+        are publish() + RecordBatch.from_records()'s: every due connection counts as published
+        even when one record cannot be encoded."""
+        return RecordBatch.from_records(self.publish(now_ms))
 
     def keys(self) -> list[bytes]:
         """Live keys in registration order."""

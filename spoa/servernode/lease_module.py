@@ -294,12 +294,12 @@ class LeaseModule:
             self._apply_kernel_sample(now)
         self.tracker.end_interval(now)
         deferred = self.tracker.stats["deferred"]
-        records = self.tracker.publish(now)
+        records = self.tracker.publish_batch(now)  # in wire form, written from the tracker's slab
         self.stats.records_deferred += self.tracker.stats["deferred"] - deferred
         self.tracker.begin_interval(now)
         if self.publisher is not None:
             self._watch_hints(now)
-        if self.publisher is not None and records:
+        if self.publisher is not None and len(records):
             self._sequence += 1
             header = PacketHeader(node_id=self.node_id, sequence=self._sequence, timestamp_ms=now,
                                   interval_ms=self.interval_ms)

@@ -24,7 +24,7 @@ from typing import Any
 from ..netutil import set_receive_buffer
 from ..netutil import parse_address
 from ..wire.hints import decode_hints, hint_count
-from ..wire.packet import REASONS, PacketError, ReplayGuard, encode_packet
+from ..wire.packet import REASONS, PacketError, RecordBatch, ReplayGuard, encode_batch
 from ..wire.records import ConnectionRecord, HeaderFlags, PacketHeader
 from ..wire.stream_transport import StreamClient
 from ..wire.tier_map import decode_tier_map, is_tier_map
@@ -103,11 +103,14 @@ class Publisher:
             set_receive_buffer(transport.get_extra_info("socket"), HINT_RECEIVE_BUFFER)
             self._transports[family] = transport
 
-    def send(self, header: PacketHeader, records: Sequence[ConnectionRecord]) -> int:
-        """Publish the interval's records; the last packet sequence used: header.sequence, one
-        more per further packet (one per LB node routed to, and one per PACKET_RECORDS)."""
+    def send(self, header: PacketHeader, records: RecordBatch | Sequence[ConnectionRecord]) -> int:
+        """Publish the interval's records (a RecordBatch, as SegmentTracker.publish_batch makes
+        it, or ConnectionRecords); the last packet sequence used: header.sequence, one more per
+        further packet (one per LB node routed to, and one per PACKET_RECORDS)."""
         router = self.router
-        if not self._streams and records and router.route():
+        if not isinstance(records, RecordBatch):
+            records = RecordBatch.from_records(records)
+        if not self._streams and len(records) and router.route():
             sequence = header.sequence - 1
             for target, group in router.split(header.node_id, records):
                 sequence = self._send_packets(header, sequence + 1, group, HeaderFlags.ROUTED, [router.targets[target]])
@@ -115,7 +118,7 @@ class Publisher:
             return sequence
         return self._send_packets(header, header.sequence, records, 0, self.targets)
 
-    def _send_packets(self, header: PacketHeader, sequence: int, records: Sequence[ConnectionRecord], flags: int,
+    def _send_packets(self, header: PacketHeader, sequence: int, records: RecordBatch, flags: int,
                       targets: list[tuple[int, Any]]) -> int:
         """`records` as packets of at most PACKET_RECORDS records from `sequence` on; the last
         sequence used."""
@@ -124,7 +127,7 @@ class Publisher:
                 sequence += 1
             packet = PacketHeader(header.node_id, sequence, header.timestamp_ms, header.interval_ms,
                                   header.flags | flags)
-            self._send_datagrams(encode_packet(packet, records[first:first + PACKET_RECORDS], self.key, self.mtu),
+            self._send_datagrams(encode_batch(packet, records, self.key, self.mtu, first, first + PACKET_RECORDS),
                                  targets)
         return sequence
 

@@ -18,12 +18,11 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from ..wire.records import ConnectionRecord
+from ..wire.packet import RecordBatch
 from ..wire.slots import conn_slots, owners
 from ..wire.tier_map import TierMap
 
@@ -84,13 +83,12 @@ class Router:
         self._expires = time.monotonic() + self.ttl
         self._expired_said = False
 
-    def split(self, node_id: int, records: Sequence[ConnectionRecord]) -> list[tuple[int, list[ConnectionRecord]]]:
-        """(target index, its records) for each member owning some of `records`, order kept."""
-        n = len(records)
-        conn_ids = np.frombuffer(b"".join([rec.conn_id for rec in records]), "S16")
+    def split(self, node_id: int, batch: RecordBatch) -> list[tuple[int, RecordBatch]]:
+        """(target index, its records) for each member owning some of `batch`, order kept."""
+        n = len(batch)
+        conn_ids = np.frombuffer(batch.conn_ids(), "S16")
         slots = conn_slots(np.full(n, node_id, np.uint64), conn_ids, self.map.slots)
         owner = self.owner[slots]
         order = np.argsort(owner, kind="stable")
         bounds = np.flatnonzero(np.diff(owner[order])) + 1
-        return [(int(owner[group[0]]), [records[i] for i in group.tolist()])
-                for group in np.split(order, bounds) if len(group)]
+        return [(int(owner[group[0]]), batch.take(group)) for group in np.split(order, bounds) if len(group)]

@@ -337,9 +337,14 @@ def encode_packet(
     """
     _check_key(key)
     mtu = _check_mtu(mtu)
-    node_id, sequence, timestamp_ms, interval_ms, flags = _header_fields(header)
+    fields = _header_fields(header)
+    return _datagrams([_encode_record(rec, i, mtu) for i, rec in enumerate(connections)], fields, key, mtu)
+
+
+def _datagrams(bodies: list[bytes], fields: tuple[int, ...], key: bytes, mtu: int) -> list[bytes]:
+    """Records already encoded (each fits one datagram) as the packet's signed datagrams."""
+    node_id, sequence, timestamp_ms, interval_ms, flags = fields
     limit = mtu - OVERHEAD
-    bodies = [_encode_record(rec, i, mtu) for i, rec in enumerate(connections)]
     groups = []
     start = size = 0
     for k, body in enumerate(bodies):
@@ -362,6 +367,65 @@ def encode_packet(
         )  # fmt: skip
         out.append(signed + datagram_tag(key, signed))
     return out
+
+
+class RecordBatch:
+    """Connection records in their wire form (docs/publishing-packet.md §4), in order, not yet
+    cut into datagrams: what the server node's tracker publishes each interval
+    (SegmentTracker.publish_batch writes its records straight into one, no record object per
+    connection), what Router.split divides by owner (take), and what encode_batch cuts into a
+    packet's datagrams. Records are checked as encode_packet checks them when they are added,
+    except their size against the mtu, which encode_batch checks (the mtu is the packet's)."""
+
+    __slots__ = ("_bodies",)
+
+    def __init__(self) -> None:
+        self._bodies: list[bytes] = []
+
+    @classmethod
+    def from_records(cls, records: Sequence[ConnectionRecord]) -> RecordBatch:
+        batch = cls()
+        batch.add_records(records)
+        return batch
+
+    def add_records(self, records: Sequence[ConnectionRecord]) -> None:
+        """Append records; on an invalid one (TypeError/ValueError naming it by its index in the
+        batch, connections[i]) none of them is added."""
+        start = len(self._bodies)
+        self._bodies.extend([_encode_record(rec, start + i, MAX_DATAGRAM) for i, rec in enumerate(records)])
+
+    def __len__(self) -> int:
+        return len(self._bodies)
+
+    def conn_ids(self) -> bytes:
+        """The records' 16-byte connection ids, back to back (what routing hashes)."""
+        return b"".join([body[:16] for body in self._bodies])
+
+    def take(self, indices: Sequence[int]) -> RecordBatch:
+        """A new batch of the records at `indices` (ints, e.g. a numpy array), in that order."""
+        bodies = self._bodies
+        out = RecordBatch()
+        out._bodies = [bodies[operator.index(i)] for i in indices]
+        return out
+
+
+def encode_batch(header: PacketHeader, batch: RecordBatch, key: bytes, mtu: int = DEFAULT_MTU, start: int = 0,
+                 stop: int | None = None) -> list[bytes]:
+    """encode_packet for records already encoded: batch's records [start:stop] (slice
+    semantics) as one packet's datagrams. ValueError names a record too big for the mtu by
+    its index in the batch."""
+    _check_key(key)
+    mtu = _check_mtu(mtu)
+    fields = _header_fields(header)
+    if not isinstance(batch, RecordBatch):
+        raise TypeError(f"batch must be a RecordBatch, not {type(batch).__name__}")
+    first, last, _ = slice(start, stop).indices(len(batch))
+    bodies = batch._bodies[first:last]
+    limit = mtu - OVERHEAD
+    for k, body in enumerate(bodies):
+        if len(body) > limit:
+            raise _record_too_big(first + k, body[81], int.from_bytes(body[82:84], "big"), mtu)
+    return _datagrams(bodies, fields, key, mtu)
 
 
 # -- decoding -----------------------------------------------------------------------------
@@ -716,9 +780,11 @@ __all__ = [
     "TAG_SIZE",
     "VERSION",
     "PacketError",
+    "RecordBatch",
     "ReplayGuard",
     "datagram_tag",
     "decode_datagram",
+    "encode_batch",
     "encode_packet",
     "max_segments",
 ]

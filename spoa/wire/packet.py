@@ -19,7 +19,7 @@ from .records import PacketHeader
 
 _EXPORTED = ("CONN_COLUMNS", "CONN_SIZE", "DEFAULT_MTU", "HEADER_SIZE", "MAGIC", "MAX_DATAGRAM", "MIN_MTU",
              "OVERHEAD", "REASONS", "SEG_COLUMNS", "SEG_SIZE", "TAG_SIZE", "VERSION", "ColumnBatch", "PacketError",
-             "ReplayGuard", "decode_datagram", "encode_packet", "max_segments")
+             "RecordBatch", "ReplayGuard", "decode_datagram", "encode_batch", "encode_packet", "max_segments")
 
 if TYPE_CHECKING:
     from ._packet_py import (
@@ -38,8 +38,10 @@ if TYPE_CHECKING:
         VERSION,
         ColumnBatch,
         PacketError,
+        RecordBatch,
         ReplayGuard,
         decode_datagram,
+        encode_batch,
         encode_packet,
         max_segments,
     )

@@ -12,7 +12,7 @@ import numpy as np
 
 from spoa.servernode.publisher import PACKET_RECORDS, Publisher
 from spoa.servernode.routing import Router
-from spoa.wire.packet import ColumnBatch
+from spoa.wire.packet import ColumnBatch, RecordBatch
 from spoa.wire.records import ConnectionRecord, HeaderFlags, PacketHeader
 from spoa.wire.slots import conn_slots, owners
 from spoa.wire.tier_map import TierMap, encode_tier_map
@@ -44,16 +44,16 @@ def test_router_splits_by_the_lb_nodes_owner_and_keeps_the_newest_view():
     router = Router(ttl_ms=60_000)
     assert not router.fresh
     router.take(tier_map({10: 9001, 20: 9002, 30: 9003}, view_ms=100))
-    records = [record(i) for i in range(500)]
-    split = router.split(NODE, records)
+    split = router.split(NODE, RecordBatch.from_records([record(i) for i in range(500)]))
     expected = owner_ids([10, 20, 30], range(500))
     got = {}
     for target, group in split:
         member = router.map.members[target][0]
-        assert [int.from_bytes(r.conn_id, "big") for r in group] == sorted(int.from_bytes(r.conn_id, "big")
-                                                                           for r in group)  # order kept
-        for rec in group:
-            got[int.from_bytes(rec.conn_id, "big")] = member
+        ids = group.conn_ids()
+        numbers = [int.from_bytes(ids[k:k + 16], "big") for k in range(0, len(ids), 16)]
+        assert numbers == sorted(numbers)  # order kept
+        for number in numbers:
+            got[number] = member
     assert [got[i] for i in range(500)] == expected
     assert len(split) == 3 and all(100 < len(g) < 250 for _t, g in split)
     # an older view (a node that has not re-read the live set) does not steer records back
@@ -176,8 +176,8 @@ def test_tcp_transport_sends_to_the_configured_lb_nodes_even_with_a_map():
 def test_a_one_member_map_routes_everything_to_it_in_order():
     router = Router(ttl_ms=60_000)
     router.take(tier_map({10: 9001}, view_ms=1))
-    records = [record(i) for i in range(50)]
-    assert router.split(NODE, records) == [(0, records)]
+    batch = RecordBatch.from_records([record(i) for i in range(50)])
+    assert [(target, group.conn_ids()) for target, group in router.split(NODE, batch)] == [(0, batch.conn_ids())]
 
 
 async def _large_interval():

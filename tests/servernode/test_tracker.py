@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spoa.servernode import _tracker_py
-from spoa.wire.records import DIR_IN, DIR_OUT, ConnFlags, pack_key
+from spoa.wire.packet import encode_batch, encode_packet
+from spoa.wire.records import DIR_IN, DIR_OUT, ConnFlags, PacketHeader, pack_key
 
 from tests.conftest import compiled_fixture, twin_fixture
 
@@ -24,6 +25,19 @@ compiled_tracker = compiled_fixture("tracker")
 KiB = 1024
 KEYS = [bytes([i]) * (1 + 5 * i) for i in range(8)]  # 1..36 bytes: every key length path
 K = pack_key("10.0.0.2", 80, "10.0.0.1", 1)  # the product's key shape
+
+
+HEADER = PacketHeader(node_id=7, sequence=1, timestamp_ms=1000, interval_ms=100)
+WIRE_KEY = b"k" * 32
+
+
+def outcome(fn, *args):
+    """fn's result, or the (type, message) of what it raised: a record the wire cannot carry
+    (addresses of two families) must fail alike on both paths."""
+    try:
+        return fn(*args)
+    except (TypeError, ValueError) as exc:
+        return type(exc), str(exc)
 
 
 def small_tracker(cls, **overrides):
@@ -80,7 +94,9 @@ operations = st.lists(
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(operations)
 def test_twins_agree_and_invariants_hold(both_trackers, ops):
-    trackers = [small_tracker(cls) for cls in both_trackers]
+    # 0, 1: compiled and twin publishing records; 2, 3: the same publishing in wire form
+    # (publish_batch), which must give the very bytes encode_packet writes for 0's records.
+    trackers = [small_tracker(cls) for cls in both_trackers * 2]
     for t in trackers:  # a cadence the ticks' steps (1..400 ms) cross
         t.set_refresh(50, 0.34, 300)
     now = 1000
@@ -93,7 +109,7 @@ def test_twins_agree_and_invariants_hold(both_trackers, ops):
             key, src, dst = op[1], op[2], op[3]
             results = [t.register(KEYS[key], bytes([key]) * 16, src, 40000 + key, dst, 80, f"fe{key % 3}", now)
                        for t in trackers]
-            assert results[0] == results[1]
+            assert len(set(results)) == 1
             if results[0] and bytes([key]) * 16 not in deltas:
                 deltas[bytes([key]) * 16] = {DIR_IN: [0, 0], DIR_OUT: [0, 0]}
         elif op[0] == "update":
@@ -101,7 +117,7 @@ def test_twins_agree_and_invariants_hold(both_trackers, ops):
             b, p = counters.get((key, direction), (0, 0))
             b, p = b + more_bytes, p + more_packets
             results = [t.update(KEYS[key], direction, b, p, now, 0) for t in trackers]
-            assert results[0] == results[1]
+            assert len(set(results)) == 1
             if results[0]:
                 counters[(key, direction)] = (b, p)
                 d = deltas[bytes([key]) * 16][direction]
@@ -114,10 +130,10 @@ def test_twins_agree_and_invariants_hold(both_trackers, ops):
             _, k, lease_ms, source, level, anomaly, lease_source = op
             results = [t.set_hint(bytes([k]) * 16, lease_ms, source, level, anomaly, now, 30000, lease_source)
                        for t in trackers]
-            assert results[0] == results[1] == (KEYS[k] in trackers[0] if k < 8 else False)
+            assert set(results) == {KEYS[k] in trackers[0] if k < 8 else False}
         elif op[0] == "close":
             results = [t.close(KEYS[op[1]], now) for t in trackers]
-            assert results[0] == results[1]
+            assert len(set(results)) == 1
             if results[0]:
                 counters.pop((op[1], DIR_IN), None)
                 counters.pop((op[1], DIR_OUT), None)
@@ -132,8 +148,11 @@ def test_twins_agree_and_invariants_hold(both_trackers, ops):
             assert [t.hint(k) for k in KEYS for t in trackers[:1]] == [trackers[1].hint(k) for k in KEYS]
             assert trackers[0].total_segments == trackers[1].total_segments
             assert trackers[0].total_segments <= trackers[0].max_total_segments
-            published = [t.publish(now) for t in trackers]
+            published = [t.publish(now) for t in trackers[:2]]
             assert published[0] == published[1]
+            wire = [outcome(encode_packet, HEADER, published[0], WIRE_KEY)]
+            wire += [outcome(lambda t: encode_batch(HEADER, t.publish_batch(now), WIRE_KEY), t) for t in trackers[2:]]
+            assert wire[0] == wire[1] == wire[2]
             # deferral never holds back a connection that moved something this interval
             live = {rec.conn_id for rec in snapshots[0]}
             active = {cid for cid, d in deltas.items() if cid in live and any(b or p for b, p in d.values())}
@@ -145,9 +164,9 @@ def test_twins_agree_and_invariants_hold(both_trackers, ops):
             for t in trackers:
                 t.begin_interval(now)
             deltas = {cid: {DIR_IN: [0, 0], DIR_OUT: [0, 0]} for cid in deltas}
-    assert trackers[0].stats == trackers[1].stats
+    assert all(t.stats == trackers[0].stats for t in trackers)
     final = [t.publish() for t in trackers]
-    assert final[0] == final[1]
+    assert all(f == final[0] for f in final)
 
 
 @pytest.fixture
@@ -409,3 +428,35 @@ def test_a_predicted_lease_refreshes_a_quiet_connection_on_its_cadence(tracker_c
     t.set_hint(bytes([1]) * 16, 100, 1, 0, False, 6000, 100, 1)  # short lease: the interval bounds it
     assert published(6001) == [2] and published(6002) == [1, 2]  # 5002 + 1000
     assert t.stats["deferred"] == 4
+
+
+@pytest.mark.parametrize("trouble", ["two_families", "long_frontend", "negative_stamp", "none"])
+def test_publish_batch_writes_what_encode_packet_writes_and_fails_alike(both_trackers, trouble):
+    """Wire form from the slab against records + encode_packet, on trackers fed alike (compiled
+    and twin, each both ways): the same datagrams, or the same error for a record the wire cannot
+    carry; either way every due connection counts as published and the closed ones are gone."""
+    def fed(cls):
+        t = small_tracker(cls, max_connections=50, max_total_segments=400)
+        t.set_refresh(50, 0.34, 300)
+        for i in range(20):
+            v6 = i % 4 == 0
+            src, dst = (f"2001:db8::{i + 1:x}", "2001:db8::ff") if v6 else (f"10.0.0.{i + 1}", "10.0.1.1")
+            if trouble == "two_families" and i == 7:
+                dst = "2001:db8::ff"
+            frontend = "é" * 128 if trouble == "long_frontend" and i == 9 else f"fe{i % 3}"
+            key = pack_key(dst, 443, src, 2000 + i)
+            t.register(key, bytes([i + 1]) * 16, src, 2000 + i, dst, 443, frontend, 1000)
+            t.update(key, DIR_IN, 100_000 * i, 10 * i, -5 if trouble == "negative_stamp" and i == 11 else 1000, 1)
+            t.update(key, DIR_OUT, 300_000 * i, 20 * i, 1000, 1)
+        t.set_hint(bytes([3]) * 16, 60_000, 1, 0, 0, 1000, 30_000, 1)
+        t.close(t.keys()[5], 1000)
+        t.end_interval(1000)
+        return t
+    for cls in both_trackers:
+        by_records, by_wire = fed(cls), fed(cls)
+        expected = outcome(lambda: encode_packet(HEADER, by_records.publish(1100), WIRE_KEY))
+        got = outcome(lambda: encode_batch(HEADER, by_wire.publish_batch(1100), WIRE_KEY))
+        assert got == expected
+        assert isinstance(got, tuple) == (trouble != "none")
+        assert by_wire.publish(1200) == by_records.publish(1200)  # the same slab state after
+        assert by_wire.stats == by_records.stats

@@ -542,6 +542,59 @@ def reason(mod: ModuleType, data: bytes, key: bytes = KEY) -> str:
     return info.value.reason
 
 
+# -- records in wire form (RecordBatch, encode_batch) ------------------------------------------
+
+
+@FAST
+@given(packets(), st.integers(0, 14), st.integers(0, 14))
+def test_a_record_batch_encodes_as_its_records_do(packet, case, start, stop):
+    header, records, key, mtu = case
+    batch = packet.RecordBatch.from_records(records)
+    assert len(batch) == len(records)
+    assert batch.conn_ids() == b"".join([r.conn_id for r in records])
+    assert packet.encode_batch(header, batch, key, mtu) == reference.encode_packet(header, records, key, mtu)
+    assert (packet.encode_batch(header, batch, key, mtu, start, stop)
+            == reference.encode_packet(header, records[start:stop], key, mtu))
+    order = list(range(len(records)))[::-1]
+    assert (packet.encode_batch(header, batch.take(order), key, mtu)
+            == reference.encode_packet(header, [records[i] for i in order], key, mtu))
+
+
+def test_a_record_batch_grows_by_whole_additions(packet):
+    batch = packet.RecordBatch()
+    batch.add_records([sample_record(1), sample_record(2, v6=True)])
+    with pytest.raises(ValueError, match=r"connections\[3\]"):
+        batch.add_records([sample_record(3), replace(sample_record(4), src_port=70000)])
+    assert len(batch) == 2  # the failed addition left nothing behind
+    batch.add_records([sample_record(5)])
+    assert (packet.encode_batch(HEADER, batch, KEY)
+            == reference.encode_packet(HEADER, [sample_record(1), sample_record(2, v6=True), sample_record(5)], KEY))
+    assert packet.encode_batch(HEADER, packet.RecordBatch(), KEY) == reference.encode_packet(HEADER, [], KEY)
+
+
+def test_record_batch_bad_input_same_error(compiled):
+    """Both twins refuse alike: not a batch, a record too big for the mtu (named by its index in
+    the batch), an index out of range, a bad record, a bad key or mtu."""
+    def cases(mod):
+        batch = mod.RecordBatch.from_records([sample_record(0), sample_record(1, nseg=40)])
+        return [
+            lambda: mod.encode_batch(HEADER, [sample_record(0)], KEY),
+            lambda: mod.encode_batch(HEADER, batch, KEY, 1400),
+            lambda: mod.encode_batch(HEADER, batch, KEY, 1400, 1),
+            lambda: mod.encode_batch(HEADER, batch, b"short"),
+            lambda: mod.encode_batch(HEADER, batch, KEY, 100),
+            lambda: batch.take([2]),
+            lambda: batch.take(["0"]),
+            lambda: mod.RecordBatch.from_records([sample_record(0), 5]),
+        ]
+    for mine, theirs in zip(cases(compiled), cases(reference)):
+        error = raised(theirs)
+        assert error is not None
+        assert raised(mine) == error
+    assert compiled.encode_batch(HEADER, compiled.RecordBatch.from_records([sample_record(0), sample_record(1, nseg=40)]),
+                                 KEY, 9000, 0, 1) == reference.encode_packet(HEADER, [sample_record(0)], KEY, 9000)
+
+
 def test_truncated_every_prefix(packet):
     data = valid_datagram()
     for n in range(len(data)):

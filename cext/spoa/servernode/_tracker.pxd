@@ -5,6 +5,8 @@
 cimport cython
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
+from spoa.wire._packet cimport RecordBatch
+
 
 cdef struct Segment:
     # No start offset: segments tile [0, total), so a start is the sum of the counts before it.
@@ -88,6 +90,7 @@ cdef class SegmentTracker:
     cdef readonly int64_t hint_ttl_ms          # and no later than its hint stays fresh
     cdef list _closed                          # final records waiting for publish()
     cdef list _frontends                       # interned frontend names, by index
+    cdef list _frontend_wire                   # the same as the packet carries them (UTF-8 bytes; None: it cannot)
     cdef dict _frontend_ids                    # frontend name -> index in _frontends
     # slab
     cdef Conn **_chunks                        # CHUNK_BYTES regions of SLOTS_PER_CHUNK structs, never moved
@@ -134,3 +137,5 @@ cdef class SegmentTracker:
     cdef int _enforce_total_bound(self) except -1
     cdef int64_t _refresh_after(self, Conn *c, HintState *h) noexcept
     cdef object _record(self, Conn *c)
+    cdef int _publish_into(self, list out, RecordBatch batch, bint filtering, int64_t now) except -1
+    cdef int _put_wire(self, RecordBatch batch, Conn *c) except -1

@@ -18,8 +18,11 @@ from libc.math cimport ceil
 from libc.stdlib cimport qsort
 from libc.string cimport memcmp, memcpy, memmove
 
-from spoa._netbytes cimport address_chars, address_text, is_v4_mapped, load_u32, load_u64, pton_ipv4, pton_ipv6
+from spoa._netbytes cimport (address_chars, address_text, is_v4_mapped, load_u32, load_u64, pton_ipv4, pton_ipv6,
+                             store_be16, store_be32, store_be64)
+from spoa.wire._packet cimport RecordBatch
 from spoa.wire._record_builder cimport new_connection, new_segment
+from spoa.wire import _packet_py
 from spoa.wire.records import DIR_IN, DIR_OUT, ConnFlags, CounterSource, LeaseSource
 
 cdef extern from * nogil:
@@ -46,6 +49,16 @@ cdef enum:
     # HintState.state bits
     HINTED = 1                  # a hint was set (set_hint)
     PUBLISHED = 2               # publish(now) built a record (last_published holds when)
+
+# The connection record's wire layout (docs/publishing-packet.md §4), which _put_wire writes.
+cdef enum:
+    C_CONN = 84           # fixed part of a record
+    C_SEG = 42            # one segment
+    C_MAX_FRONTEND = 255  # frontend name, bytes of UTF-8
+    FAMILY_IPV4 = 4
+    FAMILY_IPV6 = 6
+assert (_packet_py.CONN_SIZE, _packet_py.SEG_SIZE, _packet_py.MAX_FRONTEND, _packet_py.FAMILY_IPV4,
+        _packet_py.FAMILY_IPV6) == (84, 42, 255, 4, 6)
 
 KEY_MAX = 40  # longest key, bytes (Conn.key); the product key (records.pack_key) is 36
 cdef Py_ssize_t C_KEY_MAX = KEY_MAX
@@ -150,6 +163,16 @@ cdef int check_level(int level) except -1:
     if not -128 <= level <= 127:
         raise ValueError(f"level must be -128..127, got {level}")
     return 0
+
+
+cdef object frontend_wire(str name):
+    """A frontend name as the packet carries it (UTF-8, at most 255 bytes), or None when it
+    cannot be carried (publishing its records then raises the packet codec's error)."""
+    try:
+        data = name.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return data if len(data) <= C_MAX_FRONTEND else None
 
 
 cdef int check_small(str name, object value) except -1:
@@ -356,6 +379,7 @@ cdef class SegmentTracker:
         self.expire_ms = expire_ms
         self._closed = []
         self._frontends = []
+        self._frontend_wire = []
         self._frontend_ids = {}
         self.total_segments = 0
         self.set_refresh(1000, 0.34, 5000)
@@ -555,7 +579,8 @@ cdef class SegmentTracker:
                 + region_bytes((self._mask + <size_t>1) * sizeof(uint32_t))
                 + self._chunks_allocated * (sizeof(Conn *) + sizeof(HintState *)) + self._overflow_bytes
                 + sys.getsizeof(self._frontends) + sys.getsizeof(self._frontend_ids)
-                + sum([sys.getsizeof(name) for name in self._frontends]))
+                + sum([sys.getsizeof(name) for name in self._frontends])
+                + sys.getsizeof(self._frontend_wire) + sum([sys.getsizeof(name) for name in self._frontend_wire]))
 
     # -- sizes and levels ---------------------------------------------------------
     cdef uint64_t _capacity(self, int level) noexcept:
@@ -651,6 +676,7 @@ cdef class SegmentTracker:
         if index is None:
             index = self._frontend_ids[frontend] = len(self._frontends)
             self._frontends.append(frontend)
+            self._frontend_wire.append(frontend_wire(frontend))
         if 2 * (self._count + 1) > self._mask + <Py_ssize_t>1:
             self._grow_table()
         c = self._new_slot(&slot)
@@ -1207,18 +1233,39 @@ cdef class SegmentTracker:
         its record is not even built; one whose record is built counts as
         published at now_ms (its next refresh time follows, see set_hint)."""
         cdef list out = []
+        self._publish_into(out, None, now_ms is not None, now_ms if now_ms is not None else 0)
+        return out
+
+    def publish_batch(self, int64_t now_ms):
+        """publish(now_ms) in wire form: a spoa.wire.packet.RecordBatch of the same records, the
+        same bytes encode_packet would write for them, written from the slab (no record object
+        per live connection). Errors are publish() + RecordBatch.from_records()'s: every due
+        connection counts as published even when one record cannot be encoded."""
+        cdef RecordBatch batch = RecordBatch.__new__(RecordBatch)
+        self._publish_into(None, batch, True, now_ms)
+        return batch
+
+    cdef int _publish_into(self, list out, RecordBatch batch, bint filtering, int64_t now) except -1:
+        """publish()'s walk: each live connection due goes to `out` as a record, or to `batch`
+        in wire form; then the closed ones. A record that cannot be encoded stops the batch's
+        writing, not the walk (so the slab ends as publish() leaves it); its error is raised last."""
         cdef int32_t slot = self._head
         cdef Conn *c
-        cdef bint filtering = now_ms is not None
-        cdef int64_t now = now_ms if filtering else 0
         cdef Py_ssize_t deferred = 0
         cdef HintState *h
+        cdef object error = None
         while slot >= 0:
             c = conn_at(self._chunks, slot)
             if filtering and c.publish_after > now and quiet(c):
                 deferred += 1
             else:
-                out.append(self._record(c))
+                if batch is None:
+                    out.append(self._record(c))
+                elif error is None:
+                    try:
+                        self._put_wire(batch, c)
+                    except (TypeError, ValueError) as exc:
+                        error = exc
                 if filtering:
                     h = hint_at(self._hint_chunks, slot)
                     h.state |= PUBLISHED
@@ -1228,9 +1275,69 @@ cdef class SegmentTracker:
             slot = c.next
         if deferred:
             self.stats["deferred"] += deferred
-        out.extend(self._closed)
-        self._closed = []
-        return out
+        closed, self._closed = self._closed, []
+        if batch is None:
+            out.extend(closed)
+        elif error is None:
+            batch.add_records(closed)
+        if error is not None:
+            raise error
+        return 0
+
+    cdef int _put_wire(self, RecordBatch batch, Conn *c) except -1:
+        """c's record appended to batch as encode_packet writes it (docs/publishing-packet.md
+        §4). What the wire cannot carry (a frontend name over 255 bytes of UTF-8, addresses of
+        two families, a negative activity stamp) takes the record path, which raises the
+        packet codec's own error for it."""
+        cdef object frontend = <object>PyList_GET_ITEM(self._frontend_wire, c.frontend)
+        cdef Py_ssize_t flen, nseg = segment_count(c), size, i
+        cdef bint v4 = is_v4_mapped(c.cold[0].addr)
+        cdef uint8_t *p
+        cdef Segment *s
+        cdef uint64_t start
+        cdef int k
+        if frontend is None or v4 != is_v4_mapped(c.cold[1].addr):
+            batch.add_records((self._record(c),))
+            return 0
+        flen = PyBytes_GET_SIZE(frontend)
+        size = C_CONN + flen + nseg * C_SEG
+        p = batch.reserve(size)
+        memcpy(p, c.conn_id, 16)
+        store_be64(p + 16, c.cold[0].tail_start + c.hot[0].tail.count)
+        store_be64(p + 24, c.cold[1].tail_start + c.hot[1].tail.count)
+        memcpy(p + 32, c.cold[0].addr, 16)  # IPv4 as IPv4-mapped: the wire's form too
+        memcpy(p + 48, c.cold[1].addr, 16)
+        store_be16(p + 64, c.cold[0].port)
+        store_be16(p + 66, c.cold[1].port)
+        store_be32(p + 68, c.requested_lease)
+        store_be32(p + 72, c.predicted_lease)
+        p[76] = FAMILY_IPV4 if v4 else FAMILY_IPV6
+        p[77] = c.flags
+        p[78] = c.source
+        p[79] = c.lease_source
+        p[80] = <uint8_t>(c.cold[0].level if c.cold[0].level > c.cold[1].level else c.cold[1].level)
+        p[81] = <uint8_t>flen
+        store_be16(p + 82, nseg)
+        memcpy(p + C_CONN, PyBytes_AS_STRING(frontend), flen)
+        p += C_CONN + flen
+        for k in range(2):
+            start = 0
+            for i in range(c.cold[k].nolder + 1):
+                s = seg_at(c, k, i)
+                if s.last_activity < 0:  # not committed: the record path raises for it
+                    batch.add_records((self._record(c),))
+                    return 0
+                p[0] = <uint8_t>k
+                p[1] = <uint8_t>s.level
+                store_be64(p + 2, start)
+                store_be64(p + 10, s.count)
+                store_be64(p + 18, s.bytes_interval)
+                store_be64(p + 26, s.packets_interval)
+                store_be64(p + 34, <uint64_t>s.last_activity)
+                start += s.count
+                p += C_SEG
+        batch.commit(size)
+        return 0
 
     def keys(self):
         """Live keys in registration order (the twin's dict order)."""

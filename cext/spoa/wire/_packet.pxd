@@ -16,6 +16,15 @@ cdef struct Scratch:
     Py_ssize_t rcap                 # entries allocated for ends
 
 
+# Records in wire form, not yet cut into datagrams (the twin's RecordBatch): the compiled
+# tracker writes its records straight in, reserve(size) then commit(size) per record.
+cdef class RecordBatch:
+    cdef Scratch s
+
+    cdef uint8_t *reserve(self, Py_ssize_t size) except NULL  # room for one record at the end
+    cdef void commit(self, Py_ssize_t size) noexcept          # that record written: counted
+
+
 cdef class _NodeWindow:
     cdef uint64_t highest           # highest sequence accepted from this node
     cdef dict seen                  # sequence (int) -> bitmap (int) of accepted datagram indexes, last `window` sequences

@@ -275,67 +275,170 @@ def encode_packet(header, connections, key, mtu=DEFAULT_MTU):
     heartbeat). ValueError/TypeError name the offending field.
     """
     cdef Scratch s
-    cdef Py_ssize_t cmtu, limit, k, first, start, count, index, length, payload
-    cdef uint64_t node_id, sequence, timestamp_ms, interval_ms, flags
-    cdef uint8_t *p
-    cdef list out = []
-    cdef bytes datagram
+    cdef Py_ssize_t cmtu
+    cdef uint64_t fields[5]
     _check_key(key)
     cmtu = _check_mtu(mtu)
-    node_id, sequence, timestamp_ms, interval_ms, flags = _header_fields(header)
-    limit = cmtu - C_OVERHEAD
+    fields[0], fields[1], fields[2], fields[3], fields[4] = _header_fields(header)
     s.data = NULL
     s.ends = NULL
     s.len = s.cap = s.nrec = s.rcap = 0
     try:
         for k, rec in enumerate(connections):
             put_record(&s, rec, k, cmtu)
-        # Pass 1: count the datagrams (greedy, records in order).
-        count = 1
-        start = 0
-        for k in range(s.nrec):
-            if s.ends[k] - start > limit:
-                count += 1
-                start = s.ends[k - 1]
-        if count > C_MAX_DATAGRAMS:
-            raise _too_many_datagrams(count)
-        # Pass 2: write them.
-        index = 0
-        first = 0
-        start = 0
-        k = 0
-        while True:
-            while k < s.nrec and s.ends[k] - start <= limit:
-                k += 1
-            payload = (s.ends[k - 1] if k > first else start) - start
-            length = C_HEADER + payload + C_TAG
-            datagram = PyBytes_FromStringAndSize(NULL, length)
-            p = <uint8_t *>PyBytes_AS_STRING(datagram)
-            memcpy(p, C_MAGIC, 4)
-            p[4] = C_VERSION
-            p[5] = <uint8_t>flags
-            store_be16(p + 6, length)
-            store_be64(p + 8, node_id)
-            store_be64(p + 16, sequence)
-            store_be64(p + 24, timestamp_ms)
-            store_be32(p + 32, interval_ms)
-            store_be16(p + 36, index)
-            store_be16(p + 38, count)
-            store_be16(p + 40, k - first)
-            if payload:
-                memcpy(p + C_HEADER, s.data + start, payload)
-            # The bytes object is ours alone until returned: sign it in place.
-            hmac_tag(key, p, length - C_TAG, p + length - C_TAG)
-            out.append(datagram)
-            index += 1
-            if k >= s.nrec:
-                break
-            first = k
-            start += payload
+        return cut_datagrams(&s, 0, s.nrec, fields, key, cmtu - C_OVERHEAD)
     finally:
         PyMem_Free(s.data)
         PyMem_Free(s.ends)
+
+
+cdef list cut_datagrams(Scratch *s, Py_ssize_t a, Py_ssize_t b, uint64_t *fields, object key, Py_ssize_t limit):
+    """Records [a, b) of s (each at most `limit` bytes) as signed datagrams of at most
+    `limit` payload bytes each, packed greedily in order; fields: the header's node_id,
+    sequence, timestamp_ms, interval_ms, flags."""
+    cdef Py_ssize_t base = s.ends[a - 1] if a > 0 else 0
+    cdef Py_ssize_t k, first, start, count, index, length, payload
+    cdef uint8_t *p
+    cdef list out = []
+    cdef bytes datagram
+    # Pass 1: count the datagrams (greedy, records in order).
+    count = 1
+    start = base
+    for k in range(a, b):
+        if s.ends[k] - start > limit:
+            count += 1
+            start = s.ends[k - 1]
+    if count > C_MAX_DATAGRAMS:
+        raise _too_many_datagrams(count)
+    # Pass 2: write them.
+    index = 0
+    first = a
+    start = base
+    k = a
+    while True:
+        while k < b and s.ends[k] - start <= limit:
+            k += 1
+        payload = (s.ends[k - 1] if k > first else start) - start
+        length = C_HEADER + payload + C_TAG
+        datagram = PyBytes_FromStringAndSize(NULL, length)
+        p = <uint8_t *>PyBytes_AS_STRING(datagram)
+        memcpy(p, C_MAGIC, 4)
+        p[4] = C_VERSION
+        p[5] = <uint8_t>fields[4]
+        store_be16(p + 6, length)
+        store_be64(p + 8, fields[0])
+        store_be64(p + 16, fields[1])
+        store_be64(p + 24, fields[2])
+        store_be32(p + 32, fields[3])
+        store_be16(p + 36, index)
+        store_be16(p + 38, count)
+        store_be16(p + 40, k - first)
+        if payload:
+            memcpy(p + C_HEADER, s.data + start, payload)
+        # The bytes object is ours alone until returned: sign it in place.
+        hmac_tag(key, p, length - C_TAG, p + length - C_TAG)
+        out.append(datagram)
+        index += 1
+        if k >= b:
+            break
+        first = k
+        start += payload
     return out
+
+
+# -- records in wire form ---------------------------------------------------------------
+
+cdef class RecordBatch:
+    """Connection records in their wire form, in order (the twin's docstring says what for).
+    The compiled tracker writes records straight into its scratch (reserve, then commit)."""
+
+    def __cinit__(self):
+        self.s.data = NULL
+        self.s.ends = NULL
+        self.s.len = self.s.cap = self.s.nrec = self.s.rcap = 0
+
+    def __dealloc__(self):
+        PyMem_Free(self.s.data)
+        PyMem_Free(self.s.ends)
+
+    @classmethod
+    def from_records(cls, records):
+        cdef RecordBatch batch = RecordBatch.__new__(RecordBatch)
+        batch.add_records(records)
+        return batch
+
+    def add_records(self, records):
+        """Append records; on an invalid one (TypeError/ValueError naming it by its index in the
+        batch, connections[i]) none of them is added."""
+        cdef Py_ssize_t length = self.s.len, nrec = self.s.nrec
+        try:
+            for rec in records:
+                put_record(&self.s, rec, self.s.nrec, C_MAX_DATAGRAM)
+        except BaseException:
+            self.s.len, self.s.nrec = length, nrec
+            raise
+
+    cdef uint8_t *reserve(self, Py_ssize_t size) except NULL:
+        scratch_reserve(&self.s, size)
+        return self.s.data + self.s.len
+
+    cdef void commit(self, Py_ssize_t size) noexcept:
+        self.s.len += size
+        self.s.ends[self.s.nrec] = self.s.len
+        self.s.nrec += 1
+
+    def __len__(self):
+        return self.s.nrec
+
+    def conn_ids(self):
+        """The records' 16-byte connection ids, back to back (what routing hashes)."""
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, 16 * self.s.nrec)
+        cdef uint8_t *p = <uint8_t *>PyBytes_AS_STRING(out)
+        cdef Py_ssize_t k
+        for k in range(self.s.nrec):
+            memcpy(p + 16 * k, self.s.data + (self.s.ends[k - 1] if k else 0), 16)
+        return out
+
+    def take(self, indices):
+        """A new batch of the records at `indices` (ints, e.g. a numpy array), in that order."""
+        cdef RecordBatch out = RecordBatch.__new__(RecordBatch)
+        cdef Py_ssize_t i, begin, size, n = self.s.nrec
+        for index in indices:
+            i = index
+            if i < 0:
+                i += n
+            if not 0 <= i < n:
+                raise IndexError("list index out of range")
+            begin = self.s.ends[i - 1] if i else 0
+            size = self.s.ends[i] - begin
+            memcpy(out.reserve(size), self.s.data + begin, size)
+            out.commit(size)
+        return out
+
+
+def encode_batch(header, batch, key, mtu=DEFAULT_MTU, start=0, stop=None):
+    """encode_packet for records already encoded: batch's records [start:stop] (slice
+    semantics) as one packet's datagrams. ValueError names a record too big for the mtu by
+    its index in the batch."""
+    cdef Py_ssize_t cmtu, limit, a, b, k, begin
+    cdef uint64_t fields[5]
+    cdef const uint8_t *p
+    cdef RecordBatch records
+    _check_key(key)
+    cmtu = _check_mtu(mtu)
+    fields[0], fields[1], fields[2], fields[3], fields[4] = _header_fields(header)
+    if not isinstance(batch, RecordBatch):
+        raise TypeError(f"batch must be a RecordBatch, not {type(batch).__name__}")
+    records = batch
+    a, b, _ = slice(start, stop).indices(records.s.nrec)
+    b = max(a, b)
+    limit = cmtu - C_OVERHEAD
+    for k in range(a, b):
+        begin = records.s.ends[k - 1] if k else 0
+        if records.s.ends[k] - begin > limit:
+            p = records.s.data + begin
+            raise _record_too_big(k, p[81], load_be16(p + 82), cmtu)
+    return cut_datagrams(&records.s, a, b, fields, key, limit)
 
 
 # -- decoding ---------------------------------------------------------------------------
