@@ -130,7 +130,7 @@ def main() -> None:
         return
     print(f"{cpu_model()}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; µs per connection per interval,"
           f" best of {args.rounds} rounds")
-    header = f"{'shape':8}{'conns':>9}{'impl':>8}" + "".join(f"{p:>17}" for p in PHASES) + f"{'total':>9}{'sent':>9}"
+    header = f"{'shape':8}{'conns':>9}{'impl':>8}" + "".join(f"{p:>17}" for p in PHASES) + f"{'total':>9}{'sent':>11}"
     print(header)
     for n in (int(x) for x in args.connections.split(",")):
         twin = child(n // 10, args.rounds)
@@ -139,7 +139,7 @@ def main() -> None:
             for impl, row in rows:
                 cells = "".join(f"{row['us_per_connection'][p]:>17.2f}" for p in PHASES)
                 print(f"{shape:8}{row['connections']:>9,}{impl:>8}{cells}{row['total_us_per_connection']:>9.2f}"
-                      f"{row['published_per_interval']:>9,}")
+                      f"{row['published_per_interval']:>11,}")
             ratio = rows[1][1]["total_us_per_connection"] / rows[0][1]["total_us_per_connection"]
             print(f"{'':25}python / cython total: {ratio:.1f}x")
 

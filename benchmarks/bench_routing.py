@@ -3,14 +3,15 @@
   PYTHONPATH=. python benchmarks/bench_routing.py [--connections 100000] [--lbnodes 3] [--rounds 5]
                                                   [--results benchmarks/RESULTS.md]
 
-One interval's records of N connections (2 segments each) go through the agent's real
+One interval's records of N connections (2 segments each), in wire form as the tracker's
+publish_batch hands them over (a RecordBatch), go through the agent's real
 Publisher (spoa/servernode/publisher.py) over UDP to `--lbnodes` bound sockets on 127.0.0.1
 (the LB nodes' stand-ins, drained between intervals), in one run:
 - **to all**: no tier map, every record to every LB node (as without a tier);
 - **routed**: with a tier map, each record to its slot's owner only.
 Per record: the agent's CPU (process time of Publisher.send), datagrams and bytes sent (to all,
 each LB node gets every one of them; routed, its share). The routed path adds the split by owner (CRC16 of every key,
-the owner lookup, one list per owner) and saves encoding and sending each datagram once per
+the owner lookup, one batch per owner) and saves encoding and sending each datagram once per
 LB node.
 """
 
@@ -27,6 +28,7 @@ from pathlib import Path
 from benchmarks._machine import cpu_model
 from benchmarks._results import write_section
 from spoa.servernode.publisher import Publisher
+from spoa.wire.packet import RecordBatch
 from spoa.wire.records import ConnectionRecord, PacketHeader, SegmentRecord
 from spoa.wire.tier_map import TierMap
 
@@ -34,15 +36,15 @@ KEY = b"k" * 32
 NODE = 7
 
 
-def records(n: int) -> list[ConnectionRecord]:
+def records(n: int) -> RecordBatch:
     now = int(time.time() * 1000)
-    return [ConnectionRecord(conn_id=i.to_bytes(16, "big"), src="192.0.2.1", src_port=1024 + i % 60000,
+    return RecordBatch.from_records([ConnectionRecord(conn_id=i.to_bytes(16, "big"), src="192.0.2.1", src_port=1024 + i % 60000,
                              dst="192.0.2.2", dst_port=443, frontend="fe", flags=0, counter_source=0,
                              granularity_level=0, requested_lease_ms=0, predicted_lease_ms=0, lease_source=0,
                              bytes_in_total=100, bytes_out_total=1000 + i,
                              segments=(SegmentRecord(0, 0, 1 << 20, 1000, 1, now, 0),
                                        SegmentRecord(1, 0, 1 << 20, 1000, 1, now, 0)))
-            for i in range(n)]
+            for i in range(n)])
 
 
 def drain(sock: socket.socket) -> None:
