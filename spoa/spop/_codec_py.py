@@ -8,6 +8,7 @@ extension is not built.
 
 from __future__ import annotations
 
+import logging
 import socket
 from ipaddress import IPv4Address, IPv6Address
 from operator import index
@@ -628,12 +629,98 @@ class FrameWriter:
             raise
 
 
+# -- answering NOTIFY frames -----------------------------------------------------------------
+# The agent's per-message loop lives with the codec so that the compiled twin runs it in C
+# next to the reader and writer it drives (issue 14); spoa/spop/protocol.py calls it.
+
+_NOTIFY = int(FrameType.NOTIFY)
+_ACK = int(FrameType.ACK)
+_TXN = 2  # Scope.TXN
+# An ACK must never be empty (HAProxy 3.1.0 stalls on it until `timeout processing`):
+# handlers that set nothing get this harmless unset-var.
+NOOP_VAR = "noop"
+_agent_log = logging.getLogger("spoa.spop.agent")
+_protocol_log = logging.getLogger("spoa.spop.protocol")
+
+
+def _run_handler(handler: Any, message: Any, out: Any, stats: Any) -> None:
+    """One message's synchronous handler writing its actions into `out`: a failing one loses
+    only its own actions (counted handler_errors, logged)."""
+    mark = out.mark()
+    try:
+        handler(message, out)
+    except Exception:
+        stats.handler_errors += 1
+        _agent_log.exception("handler for message %r failed", message.name)
+        out.truncate(mark)
+
+
+def end_ack(out: Any, start: int, stats: Any, max_frame_size: int, peer: str) -> None:
+    """Close the ACK begun at `start`: one HAProxy would refuse (over max_frame_size) keeps no
+    actions (counted acks_truncated); one with none carries the no-op unset-var."""
+    if out.frame_length() > max_frame_size:
+        stats.acks_truncated += 1
+        _protocol_log.warning("ACK to %s exceeded max-frame-size %d: actions dropped", peer, max_frame_size)
+        out.truncate(start)
+    if out.mark() == start:
+        out.unset_var(_TXN, NOOP_VAR)
+    out.end_frame()
+    stats.acks += 1
+    stats.frames_out += 1
+
+
+def write_ack(frame: Frame, messages: list, out: Any, handlers: dict, fallback: Any, stats: Any,
+              max_frame_size: int, peer: str) -> None:
+    """The ACK of one NOTIFY, its messages answered by synchronous handlers in order: each by its
+    registered one (`handlers`: name -> handler), else by `fallback` (counted
+    unknown_messages; None: no actions)."""
+    out.begin_frame(_ACK, frame.stream_id, frame.frame_id)
+    start = out.mark()
+    for message in messages:
+        handler = handlers.get(message.name)
+        if handler is None:
+            stats.unknown_messages += 1
+            handler = fallback
+            if handler is None:
+                continue
+        _run_handler(handler, message, out, stats)
+    end_ack(out, start, stats, max_frame_size, peer)
+
+
+def answer_notifies(reader: FrameReader, out: Any, handlers: dict, fallback: Any, stats: Any,
+                    max_frame_size: int, peer: str) -> tuple[Frame | None, int]:
+    """Answer the whole (FIN) NOTIFY frames buffered in `reader`, one ACK each into `out`
+    (write_ack), until a frame of another kind comes (returned: the caller's general path takes
+    it) or none is left (None); with the NOTIFYs answered: (frame or None, count).
+
+    For a connection past its HELLO, no fragmented NOTIFY pending and every handler
+    synchronous: the caller's conditions. A SpopError from decoding propagates (the ACKs already
+    written stay in `out`). Counts frames_in, notify_frames, messages, acks, frames_out."""
+    answered = 0
+    while True:
+        frame = reader.next_frame()
+        if frame is None:
+            return None, answered
+        stats.frames_in += 1
+        if frame.type != _NOTIFY or not frame.flags & FLAG_FIN:
+            return frame, answered
+        stats.notify_frames += 1
+        messages = frame.messages()
+        stats.messages += len(messages)
+        write_ack(frame, messages, out, handlers, fallback, stats, max_frame_size, peer)
+        answered += 1
+
+
 __all__ = [
+    "NOOP_VAR",
     "Frame",
     "FrameReader",
     "FrameType",
     "FrameWriter",
     "Message",
+    "answer_notifies",
     "decode_varint",
     "encode_varint",
+    "end_ack",
+    "write_ack",
 ]

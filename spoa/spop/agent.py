@@ -90,19 +90,6 @@ class Agent:
             return self.registry.fallback
         return handler
 
-    def dispatch(self, message: Any, actions: Any) -> None:
-        """Run the message's handler; a failing one loses only its own actions."""
-        handler = self._handler_for(message.name)
-        if handler is None:
-            return
-        mark = actions.mark()
-        try:
-            handler(message, actions)
-        except Exception:
-            self.stats.handler_errors += 1
-            log.exception("handler for message %r failed", message.name)
-            actions.truncate(mark)
-
     async def dispatch_async(self, message: Any, actions: Any) -> None:
         handler = self._handler_for(message.name)
         if handler is None:

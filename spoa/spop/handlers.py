@@ -17,10 +17,12 @@ Handler = Callable[[Any, Any], Any]
 
 
 class HandlerRegistry:
-    __slots__ = ("_handlers", "_async_names", "fallback")
+    __slots__ = ("handlers", "_async_names", "fallback")
 
     def __init__(self) -> None:
-        self._handlers: dict[str, Handler] = {}
+        # name -> handler; read by the per-message loop (spoa.spop.codec.answer_notifies), changed
+        # only through register().
+        self.handlers: dict[str, Handler] = {}
         self._async_names: set[str] = set()
         # Called for messages no handler is registered for (may be None).
         self.fallback: Handler | None = None
@@ -28,7 +30,7 @@ class HandlerRegistry:
     def register(self, name: str, handler: Handler) -> None:
         if not callable(handler):
             raise TypeError(f"handler for {name!r} is not callable")
-        self._handlers[name] = handler
+        self.handlers[name] = handler
         # Objects with an `async def __call__` are async handlers too.
         if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(getattr(handler, "__call__", None)):
             self._async_names.add(name)
@@ -45,11 +47,16 @@ class HandlerRegistry:
         return decorate
 
     def get(self, name: str) -> Handler | None:
-        return self._handlers.get(name)
+        return self.handlers.get(name)
+
+    @property
+    def has_async(self) -> bool:
+        """Is any handler async? Without one, every NOTIFY is answered inline."""
+        return bool(self._async_names)
 
     def needs_task(self, messages: list) -> bool:
         """True when one of these messages has an async handler."""
         return bool(self._async_names) and any(m.name in self._async_names for m in messages)
 
     def names(self) -> list[str]:
-        return sorted(self._handlers)
+        return sorted(self.handlers)

@@ -9,19 +9,16 @@ with an AGENT-DISCONNECT carrying the matching status before closing.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .codec import Frame, FrameWriter
-from .codec import FrameReader
+from .codec import Frame, FrameReader, FrameWriter, answer_notifies, end_ack, write_ack
 from .constants import (
     FLAG_ABORT,
     FLAG_FIN,
     MIN_MAX_FRAME_SIZE,
     SPOP_VERSION,
     FrameType,
-    Scope,
     Status,
 )
 from .errors import SpopError
@@ -37,10 +34,6 @@ _UNSET = int(FrameType.UNSET)
 _HELLO = int(FrameType.HAPROXY_HELLO)
 _DISCONNECT = int(FrameType.HAPROXY_DISCONNECT)
 _ACK = int(FrameType.ACK)
-_TXN = int(Scope.TXN)
-# An ACK must never be empty (HAProxy 3.1.0 stalls on it until `timeout
-# processing`): handlers that set nothing get this harmless unset-var.
-NOOP_VAR = "noop"
 
 # DRAINING: the agent is stopping; pending async NOTIFYs get their ACK, then
 # the AGENT-DISCONNECT goes out.
@@ -98,22 +91,32 @@ class SpopProtocol(asyncio.Protocol):
         """Answer every complete frame buffered, until paused by the in-flight bound."""
         stats = self._stats
         reader = self._reader
+        registry = self._agent.registry
         depth = 0
         frames_before = stats.frames_in
         try:
             while self._state < _DRAINING and not self._paused:
-                frame = reader.next_frame()
-                if frame is None:
-                    break
-                stats.frames_in += 1
-                # A whole NOTIFY while a fragmented one is pending goes the
-                # slow way, to be refused as interlaced.
-                if (frame.type == _NOTIFY and self._state == _READY and frame.flags & FLAG_FIN
-                        and self._fragment is None):
-                    depth += 1
-                    self._on_notify(frame)
+                if self._state == _READY and self._fragment is None and not registry.has_async:
+                    # The per-message loop (in C when compiled): whole NOTIFYs answered until
+                    # another frame comes, which the general path below takes.
+                    frame, answered = answer_notifies(reader, self._out, registry.handlers, registry.fallback,
+                                                      stats, self._max_frame_size, self._peer)
+                    depth += answered
+                    if frame is None:
+                        break
                 else:
-                    self._on_other_frame(frame)
+                    frame = reader.next_frame()
+                    if frame is None:
+                        break
+                    stats.frames_in += 1
+                    # A whole NOTIFY while a fragmented one is pending goes the
+                    # slow way, to be refused as interlaced.
+                    if (frame.type == _NOTIFY and self._state == _READY and frame.flags & FLAG_FIN
+                            and self._fragment is None):
+                        depth += 1
+                        self._on_notify(frame)
+                        continue
+                self._on_other_frame(frame)
         except SpopError as exc:
             self._fail(exc.status, exc.detail)
         except Exception:  # a bug of ours: say so to HAProxy rather than hang it
@@ -286,32 +289,18 @@ class SpopProtocol(asyncio.Protocol):
             self._on_notify(Frame.from_payload(_NOTIFY, FLAG_FIN, key[0], key[1], buf))
 
     def _on_notify(self, frame: Frame) -> None:
+        """A whole NOTIFY the per-message loop did not take (async handlers registered, or
+        reassembled from fragments)."""
         stats = self._stats
         stats.notify_frames += 1
         messages = frame.messages()
         stats.messages += len(messages)
-        agent = self._agent
-        if agent.registry.needs_task(messages):
+        registry = self._agent.registry
+        if registry.needs_task(messages):
             self._start_task(frame, messages)
             return
-        out = self._out
-        out.begin_frame(_ACK, frame.stream_id, frame.frame_id)
-        start = out.mark()
-        for message in messages:
-            agent.dispatch(message, out)
-        self._end_ack(out, start)
-
-    def _end_ack(self, out: Any, start: int) -> None:
-        if out.frame_length() > self._max_frame_size:
-            # Never send a frame HAProxy must refuse: drop the actions, keep the ACK.
-            self._stats.acks_truncated += 1
-            log.warning("ACK to %s exceeded max-frame-size %d: actions dropped", self._peer, self._max_frame_size)
-            out.truncate(start)
-        if out.mark() == start:
-            out.unset_var(_TXN, NOOP_VAR)
-        out.end_frame()
-        self._stats.acks += 1
-        self._stats.frames_out += 1
+        write_ack(frame, messages, self._out, registry.handlers, registry.fallback, stats, self._max_frame_size,
+                  self._peer)
 
     # -- async handlers ------------------------------------------------------------
     def _start_task(self, frame: Frame, messages: list) -> None:
@@ -333,7 +322,7 @@ class SpopProtocol(asyncio.Protocol):
         start = out.mark()
         for message in messages:
             await self._agent.dispatch_async(message, out)
-        self._end_ack(out, start)
+        end_ack(out, start, self._stats, self._max_frame_size, self._peer)
         if self._state != _CLOSING and not self._transport.is_closing():
             data = out.take()
             self._stats.bytes_out += len(data)

@@ -607,3 +607,98 @@ def test_api_misuse_matches(compiled_codec, python_codec, call):
     compiled = exception_type_or_value(lambda: call(compiled_codec))
     python = exception_type_or_value(lambda: call(python_codec))
     assert compiled == python
+
+
+# -- the per-message loop: answer_notifies / write_ack / end_ack ------------------------------
+
+class _Stats:
+    """The AgentStats counters the loop adds to."""
+
+    def __init__(self) -> None:
+        for name in ("frames_in", "notify_frames", "messages", "acks", "frames_out", "unknown_messages",
+                     "handler_errors", "acks_truncated"):
+            setattr(self, name, 0)
+
+
+def _loop_handler(message, out):
+    """Sets a var per argument; fails after setting one when told to (its actions must go)."""
+    for name, value in message.items():
+        out.set_var(2, "a" + name[:8], value if isinstance(value, (int, str)) else 0)
+        if name == "fail":
+            raise RuntimeError("handler failure on purpose")
+
+
+loop_streams = st.lists(
+    st.tuples(
+        st.sampled_from(["lease", "lease", "other", "async"]),  # message names: other is unknown
+        st.lists(st.tuples(st.sampled_from(["cid", "n", "fail", "long"]), st.integers(0, 1 << 40)), max_size=4),
+        st.sampled_from([FrameType.NOTIFY, FrameType.NOTIFY, FrameType.NOTIFY, FrameType.HAPROXY_DISCONNECT]),
+        st.sampled_from([FLAG_FIN, FLAG_FIN, 0]),
+    ),
+    max_size=12,
+)
+
+
+@FAST
+@given(loop_streams, st.sampled_from([60, 200, 16380]), st.booleans(), st.integers(1, 7))
+def test_the_message_loop_answers_alike(compiled_codec, python_codec, stream, max_frame_size, with_fallback, chunk):
+    """Both twins' answer_notifies on the same bytes, fed in pieces: the same ACK bytes, stats,
+    stopping frames and errors (a failing handler, an unknown message with or without a fallback,
+    an ACK over max_frame_size, a frame of another kind or a fragment stopping the loop)."""
+    def run(codec):
+        w = codec.FrameWriter()
+        for k, (name, args, ftype, flags) in enumerate(stream):
+            w.begin_frame(ftype, k + 1, 1, flags)
+            w.put_name(name)
+            w.put_uint8(len(args))
+            for arg, value in args:
+                w.put_name(arg)
+                w.put_typed(value)
+            w.end_frame()
+        data = w.take()
+        reader, out, stats, seen = codec.FrameReader(16380), codec.FrameWriter(), _Stats(), []
+        fallback = _loop_handler if with_fallback else None
+        for start in range(0, len(data) + 1, chunk):
+            reader.feed(data[start:start + chunk])
+            while True:
+                try:
+                    frame, answered = codec.answer_notifies(reader, out, {"lease": _loop_handler}, fallback, stats,
+                                                            max_frame_size, "peer")
+                except SpopError as exc:
+                    seen.append(("error", exc.status, exc.detail))
+                    return seen, out.take(), vars(stats)
+                seen.append(("answered", answered))
+                if frame is None:
+                    break
+                seen.append(("stopped at", frame.type, frame.flags, frame.stream_id))
+        return seen, out.take(), vars(stats)
+
+    assert run(compiled_codec) == run(python_codec)
+
+
+def test_end_ack_and_write_ack_alike(compiled_codec, python_codec):
+    """The async path's end_ack and the general path's write_ack, on both twins."""
+    def run(codec):
+        stats = _Stats()
+        w = codec.FrameWriter()
+        src = codec.FrameWriter()
+        src.begin_frame(FrameType.NOTIFY, 5, 1)
+        for name in ("lease", "other"):
+            src.put_name(name)
+            src.put_uint8(1)
+            src.put_name("n")
+            src.put_typed(7)
+        src.end_frame()
+        reader = codec.FrameReader(16380)
+        reader.feed(src.take())
+        frame = reader.next_frame()
+        codec.write_ack(frame, frame.messages(), w, {"lease": _loop_handler}, None, stats, 16380, "peer")
+        w.begin_frame(FrameType.ACK, 6, 1)
+        start = w.mark()
+        w.set_var(2, "x", "y" * 300)
+        codec.end_ack(w, start, stats, 100, "peer")  # over max_frame_size: actions dropped, no-op var
+        return w.take(), vars(stats)
+
+    compiled, python = run(compiled_codec), run(python_codec)
+    assert compiled == python
+    assert python[1]["acks"] == 2 and python[1]["unknown_messages"] == 1 and python[1]["acks_truncated"] == 1
