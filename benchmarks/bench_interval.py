@@ -7,8 +7,9 @@ kernel sample handed in ready-made (a dict of TcpSample, as KernelSampler.sample
 returns it; the dump and parse themselves are in bench_sampler.py) and the
 datagrams encoded but not sent:
 
-- apply: _apply_kernel_sample (join the sample on the tracker's keys, two
-  update_batch calls, closing states, touch)
+- apply: _apply_kernel_sample (one SegmentTracker.apply_sample call: the sample
+  joined to the tracker, counters of both directions, closing states, touch,
+  closes of the missing)
 - end_interval; publish: publish_batch(now), the due records in wire form
   written from the slab (a quiet connection whose refresh is not due yet is
   left out; each published one's next refresh time is set in the slab);

@@ -118,6 +118,42 @@ def _check_small(name: str, value: int) -> None:
         raise ValueError(f"{name} must be 0..255, got {value}")
 
 
+# The fields apply_sample reads from each sample value (a TcpSample), in this
+# order, and their upper bounds: the kernel's tcp_info widths, u32 for the "ms ago".
+SAMPLE_FIELDS = ("state", "bytes_received", "data_segs_in", "last_data_recv_ms",
+                 "bytes_acked", "data_segs_out", "last_data_sent_ms")
+_SAMPLE_MAX = (0xFF, 2**64 - 1, 2**64 - 1, 0xFFFFFFFF, 2**64 - 1, 2**64 - 1, 0xFFFFFFFF)
+_MISSING = object()
+
+
+def _sample_fields(key: bytes, value: object) -> tuple[int, ...]:
+    """The SAMPLE_FIELDS of one sample value, checked (the compiled twin's read_sample)."""
+    out = []
+    for name, top in zip(SAMPLE_FIELDS, _SAMPLE_MAX):
+        x = getattr(value, name, _MISSING)
+        if x is _MISSING:
+            raise TypeError(f"sample value of key {key.hex()} has no {name}: "
+                            f"{type(value).__name__} is not a TcpSample")
+        if not isinstance(x, int):
+            raise TypeError(f"{name} of the sample of key {key.hex()} must be int, not {type(x).__name__}")
+        if not 0 <= x <= top:
+            raise ValueError(f"{name} of the sample of key {key.hex()} must be 0..{top}, got {x}")
+        out.append(int(x))
+    return tuple(out)
+
+
+def _state_mask(states: Any) -> int:
+    """Bit s set for each TCP state s (an int 0..255) of `states`."""
+    mask = 0
+    for state in states:
+        if not isinstance(state, int):
+            raise TypeError(f"closing_states must hold ints, not {type(state).__name__}")
+        if not 0 <= state <= 255:
+            raise ValueError(f"closing_states must hold 0..255, got {state}")
+        mask |= 1 << state
+    return mask
+
+
 def share(total: int, weights: list[int]) -> list[int]:
     """Split `total` in proportion to `weights` (largest remainder, ties to the later one)."""
     whole = sum(weights)
@@ -355,12 +391,18 @@ class SegmentTracker:
         _check_small("source", source)
         if bytes_total < 0 or packets_total < 0:
             raise OverflowError("counters are unsigned")
+        if self._count_update(conn, direction, bytes_total, packets_total, last_activity_ms, source):
+            self.stats["counter_resets"] += 1
+        return True
+
+    def _count_update(self, conn: _Connection, direction: int, bytes_total: int, packets_total: int,
+                      last_activity_ms: int, source: int) -> bool:
+        """Apply one cumulative counter pair; True when it went backwards (a reset)."""
         conn.source = source
         if last_activity_ms > conn.last_seen:
             conn.last_seen = last_activity_ms
         d = conn.dirs[direction]
         if bytes_total < d.bytes_counter or packets_total < d.packets_counter:
-            self.stats["counter_resets"] += 1
             d.bytes_counter, d.packets_counter = bytes_total, packets_total
             return True
         delta_bytes = bytes_total - d.bytes_counter
@@ -368,7 +410,7 @@ class SegmentTracker:
         d.bytes_counter, d.packets_counter = bytes_total, packets_total
         if delta_bytes or delta_packets:
             self._attribute(conn, d, delta_bytes, delta_packets, last_activity_ms)
-        return True
+        return False
 
     def update_batch(self, keys: list, direction: int, bytes_totals: Any, packets_totals: Any,
                      last_activity_ms: Any, source: int) -> int:
@@ -408,6 +450,67 @@ class SegmentTracker:
             _check_key(key)
         for key in keys:
             self.touch(key, now_ms)
+
+    def apply_sample(self, sample: dict, now_ms: int, source: int, closing_states: Any,
+                     close_missing: bool) -> tuple[int, int]:
+        """Join a kernel sample (KernelSampler.sample(): pack_key -> TcpSample) to the
+        tracked connections, in one call; returns (known, closed).
+
+        - Every tracked connection whose key is in `sample` gets, as update_batch
+          would, a DIR_IN update (bytes_received, data_segs_in, now_ms -
+          last_data_recv_ms) and a DIR_OUT one (bytes_acked, data_segs_out, now_ms
+          - last_data_sent_ms) with counter source `source` (counter resets
+          counted), is touched (last seen = now_ms if later) and, when the
+          sample's `state` is in `closing_states` (TCP states, ints 0..255), marked
+          closing. `known` counts them.
+        - If `close_missing` is true, or `known` > 0 (the sample shows this
+          tracker's sockets, so one missing has closed), every tracked connection
+          missing from the sample is closed as by close(key, now_ms), in
+          registration order (their final records come out of publish() in that
+          order). `closed` counts them.
+        - Sample keys that are not tracked are ignored (not unknown_updates).
+
+        Checked before anything changes: `sample` is a dict (TypeError), its keys
+        bytes (TypeError; any length: one that no key can have is just untracked),
+        every value has the SAMPLE_FIELDS attributes (TypeError), each an int
+        (TypeError) within its range (ValueError): state 0..255, byte and packet
+        counters 0..2^64-1, last_data_*_ms 0..2^32-1 (tcp_info's u32); source
+        0..255 and closing_states as said (ValueError/TypeError). The messages
+        name the field and the key, the same in both twins. Once those hold,
+        only a MemoryError can stop it half-way.
+        """
+        if not isinstance(sample, dict):
+            raise TypeError(f"sample must be a dict, not {type(sample).__name__}")
+        _check_small("source", source)
+        closing = _state_mask(closing_states)
+        rows = []
+        for key, value in sample.items():
+            if not isinstance(key, bytes):
+                raise TypeError(f"sample keys must be bytes, not {type(key).__name__}")
+            rows.append((key, _sample_fields(key, value)))
+        conns = self._conns
+        known = resets = 0
+        try:
+            for key, (state, bytes_in, packets_in, recv_ago, bytes_out, packets_out, sent_ago) in rows:
+                conn = conns.get(key)
+                if conn is None:
+                    continue
+                known += 1
+                if closing >> state & 1:
+                    conn.flags |= ConnFlags.CLOSING
+                resets += self._count_update(conn, DIR_IN, bytes_in, packets_in, now_ms - recv_ago, source)
+                resets += self._count_update(conn, DIR_OUT, bytes_out, packets_out, now_ms - sent_ago, source)
+                if now_ms > conn.last_seen:
+                    conn.last_seen = now_ms
+        finally:
+            if resets:
+                self.stats["counter_resets"] += resets
+        closed = 0
+        if known < len(conns) and (close_missing or known):
+            for key in [key for key in conns if key not in sample]:
+                self.close(key, now_ms)
+                closed += 1
+        return known, closed
 
     def _attribute(self, conn: _Connection, d: _Direction, delta_bytes: int, delta_packets: int,
                    stamp: int) -> None:

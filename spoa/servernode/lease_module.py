@@ -23,7 +23,6 @@ import hashlib
 import logging
 import struct
 import time
-from array import array
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
@@ -331,33 +330,14 @@ class LeaseModule:
             return
         self.stats.samples += 1
         self.stats.sample_seconds += time.perf_counter() - started
-        tracker = self.tracker
-        kernel = CounterSource.KERNEL
-        keys = tracker.keys()
-        if not self._kernel_sees_haproxy:
-            self._kernel_sees_haproxy = any(key in sample for key in keys)
-        present, infos = [], []
-        for key in keys:
-            info = sample.get(key)
-            if info is None:
-                if self._kernel_sees_haproxy:
-                    # Closed, possibly before any sample saw it: its final
-                    # record carries what the last sample (if any) counted.
-                    tracker.close(key, now)
-                    self.stats.connections_closed += 1
-                continue
-            present.append(key)
-            infos.append(info)
-            if info.state in _CLOSING_STATES:
-                tracker.set_closing(key)
-        if not present:
-            return
-        # One call per direction for the whole sample (see update_batch).
-        tracker.update_batch(present, DIR_IN, array("Q", [i.bytes_received for i in infos]),
-                             array("Q", [i.data_segs_in for i in infos]),
-                             array("q", [now - i.last_data_recv_ms for i in infos]), kernel)
-        tracker.update_batch(present, DIR_OUT, array("Q", [i.bytes_acked for i in infos]),
-                             array("Q", [i.data_segs_out for i in infos]),
-                             array("q", [now - i.last_data_sent_ms for i in infos]), kernel)
-        tracker.touch_batch(present, now)
-        self.stats.sources["kernel"] += len(present)
+        # One call joins the sample to the tracker (SegmentTracker.apply_sample):
+        # counters of the sampled connections, closing states, and, once the
+        # kernel has shown one of ours, closes for those missing (closed,
+        # possibly before any sample saw them: their final record carries what
+        # the last sample, if any, counted).
+        known, closed = self.tracker.apply_sample(sample, now, CounterSource.KERNEL, _CLOSING_STATES,
+                                                  self._kernel_sees_haproxy)
+        if known:
+            self._kernel_sees_haproxy = True
+        self.stats.connections_closed += closed
+        self.stats.sources["kernel"] += known

@@ -9,10 +9,14 @@ object. docs/tracker.md, "Memory layout and speed", has the byte budget.
 
 import os
 import sys
+from types import MemberDescriptorType
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_Next, PyDict_Size
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
-from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.long cimport PyLong_Check
+from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.object cimport PyObject, PyTypeObject
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.math cimport ceil
 from libc.stdlib cimport qsort
@@ -31,6 +35,16 @@ cdef extern from * nogil:
     int __builtin_clzll(unsigned long long)
     void __builtin_prefetch(const void *addr, int rw, int locality)
 
+cdef extern from "Python.h":
+    # the macros on a borrowed pointer (no reference counting)
+    char *bytes_data "PyBytes_AS_STRING"(PyObject *o) nogil
+    Py_ssize_t bytes_size "PyBytes_GET_SIZE"(PyObject *o) nogil
+    ctypedef struct PyMemberDef:
+        int type
+        Py_ssize_t offset
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef *d_member
+
 cdef extern from "<sys/mman.h>":
     void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
     int munmap(void *addr, size_t length)
@@ -38,6 +52,8 @@ cdef extern from "<sys/mman.h>":
     int PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS, MADV_HUGEPAGE
     void *MAP_FAILED
 
+cdef int DIR_IN_C = DIR_IN
+cdef int DIR_OUT_C = DIR_OUT
 cdef int FLAG_CLOSED = ConnFlags.CLOSED
 cdef int FLAG_EXPIRED = ConnFlags.EXPIRED
 cdef int FLAG_CLOSING = ConnFlags.CLOSING
@@ -299,6 +315,126 @@ def set_prefetch_window(Py_ssize_t window):
 
 cdef inline Conn *conn_at(Conn **chunks, int32_t slot) noexcept nogil:
     return chunks[slot >> SLOT_BITS] + (slot & SLOT_MASK)
+
+
+cdef inline void prefetch_conn(Entry *table, uint32_t mask, Conn **chunks, uint32_t tag, int direction) noexcept nogil:
+    """Stage 2 of the batch pipelines: the key's table entry is in cache; prefetch the
+    Conn it points to, line 0 (key, flags, last seen) and the DirHot line of direction
+    (-1: of both), if the tag is in the table."""
+    cdef uint32_t e = tag & mask
+    cdef Conn *c
+    while table[e].slot1:
+        if table[e].tag == tag:
+            c = conn_at(chunks, table[e].slot1 - 1)
+            __builtin_prefetch(c, 1, 3)
+            if direction != DIR_OUT_C:
+                __builtin_prefetch(&c.hot[DIR_IN_C], 1, 3)
+            if direction != DIR_IN_C:
+                __builtin_prefetch(&c.hot[DIR_OUT_C], 1, 3)
+            return
+        e = (e + 1) & mask
+
+
+# -- kernel samples (apply_sample) ----------------------------------------------------------
+# The fields apply_sample reads from each sample value (a TcpSample), in this
+# order, and their ranges: the kernel's tcp_info widths, u32 for the "ms ago".
+SAMPLE_FIELDS = ("state", "bytes_received", "data_segs_in", "last_data_recv_ms",
+                 "bytes_acked", "data_segs_out", "last_data_sent_ms")
+cdef enum:
+    N_SAMPLE_FIELDS = 7
+    F_STATE = 0                 # then per direction: bytes, packets, ms ago (in: 1-3, out: 4-6)
+    T_OBJECT_EX = 16            # structmember.h (Py_T_OBJECT_EX in 3.12+)
+cdef uint64_t sample_max[N_SAMPLE_FIELDS]
+sample_max[:] = [0xFF, 0xFFFFFFFFFFFFFFFF, 0xFFFFFFFFFFFFFFFF, 0xFFFFFFFF,
+                 0xFFFFFFFFFFFFFFFF, 0xFFFFFFFFFFFFFFFF, 0xFFFFFFFF]
+
+# Reading a field: the slot itself when the value's type is a slots class whose
+# fields are plain member descriptors (TcpSample: no Python call, no descriptor
+# lookup), found once per type; any other type through getattr.
+cdef object sample_type = None              # the type last learnt
+cdef bint sample_direct = False             # its fields are read from sample_offsets
+cdef Py_ssize_t sample_offsets[N_SAMPLE_FIELDS]
+
+
+cdef int learn_sample_type(object t) except -1:
+    global sample_type, sample_direct
+    cdef PyMemberDef *member
+    cdef bint direct = getattr(t, "__getattribute__", None) is object.__getattribute__
+    for i, name in enumerate(SAMPLE_FIELDS):
+        if not direct:
+            break
+        descr = getattr(t, name, None)  # through the MRO, as an instance's lookup finds it
+        if type(descr) is not MemberDescriptorType:
+            direct = False
+            break
+        member = (<PyMemberDescrObject *>descr).d_member
+        if (member == NULL or member.type != T_OBJECT_EX or member.offset < <Py_ssize_t>sizeof(PyObject)
+                or member.offset + <Py_ssize_t>sizeof(void *) > (<PyTypeObject *>t).tp_basicsize):
+            direct = False
+            break
+        sample_offsets[i] = member.offset
+    sample_type = t
+    sample_direct = direct
+    return 0
+
+
+cdef int read_sample(object key, object value, uint64_t *out) except -1:
+    """The N_SAMPLE_FIELDS fields of one sample value, checked (the twin's _sample_fields);
+    1 if any was read through getattr (Python code may have run), else 0."""
+    cdef PyObject *slot
+    cdef Py_ssize_t i
+    cdef uint64_t v
+    cdef bint bad
+    cdef int generic = 0
+    if type(value) is not sample_type:
+        learn_sample_type(type(value))
+    for i in range(N_SAMPLE_FIELDS):
+        slot = NULL
+        if sample_direct:
+            slot = (<PyObject **>((<char *><PyObject *>value) + sample_offsets[i]))[0]
+        if slot is not NULL:
+            x = <object>slot
+        else:
+            generic = 1
+            try:
+                x = getattr(value, SAMPLE_FIELDS[i])
+            except AttributeError:
+                raise TypeError(f"sample value of key {key.hex()} has no {SAMPLE_FIELDS[i]}: "
+                                f"{type(value).__name__} is not a TcpSample") from None
+        if not PyLong_Check(x):
+            raise TypeError(f"{SAMPLE_FIELDS[i]} of the sample of key {key.hex()} must be int, "
+                            f"not {type(x).__name__}")
+        try:
+            v = x
+        except OverflowError:  # negative, or past 2^64
+            bad = True
+        else:
+            bad = v > sample_max[i]
+        if bad:
+            raise ValueError(f"{SAMPLE_FIELDS[i]} of the sample of key {key.hex()} must be "
+                             f"0..{sample_max[i]}, got {x}")
+        out[i] = v
+    return generic
+
+
+cdef int state_mask(object states, uint64_t *mask) except -1:
+    """Bits 0..255 of a collection of TCP states (ints 0..255), as the twin's _state_mask."""
+    mask[0] = mask[1] = mask[2] = mask[3] = 0
+    for state in states:
+        if not isinstance(state, int):
+            raise TypeError(f"closing_states must hold ints, not {type(state).__name__}")
+        if not 0 <= state <= 255:
+            raise ValueError(f"closing_states must hold 0..255, got {state}")
+        mask[<int>state >> 6] |= (<uint64_t>1) << (<int>state & 63)
+    return 0
+
+
+cdef struct Pending:
+    # One sample entry between apply_sample's two passes: checked and converted, not applied yet.
+    PyObject *key               # borrowed from the sample dict
+    uint64_t hash               # key_hash of it
+    uint64_t fields[7]          # N_SAMPLE_FIELDS, SAMPLE_FIELDS order
+    int32_t slot                # found in the tracker (pass 2; -1: untracked)
 
 
 cdef inline HintState *hint_at(HintState **chunks, int32_t slot) noexcept nogil:
@@ -850,7 +986,6 @@ cdef class SegmentTracker:
         cdef const unsigned char *k
         cdef uint64_t hashes[64]  # RING
         cdef uint64_t h
-        cdef uint32_t tag, e
         cdef Entry *table = self._table
         cdef uint32_t mask = self._mask
         cdef Conn **chunks = self._chunks
@@ -881,15 +1016,7 @@ cdef class SegmentTracker:
                 # points to (line 0 for the key, the direction's DirHot line)
                 b = i + w
                 if w and 0 <= b < n:
-                    tag = <uint32_t>hashes[b & (RING - 1)]
-                    e = tag & mask
-                    while table[e].slot1:
-                        if table[e].tag == tag:
-                            c = conn_at(chunks, table[e].slot1 - 1)
-                            __builtin_prefetch(c, 1, 3)
-                            __builtin_prefetch(&c.hot[direction], 1, 3)
-                            break
-                        e = (e + 1) & mask
+                    prefetch_conn(table, mask, chunks, <uint32_t>hashes[b & (RING - 1)], direction)
                 # stage 3, item i: look up and update
                 if i < 0:
                     continue
@@ -932,6 +1059,127 @@ cdef class SegmentTracker:
             c = self._lookup(<object>PyList_GET_ITEM(keys, i))
             if c is not NULL and now_ms > c.last_seen:
                 c.last_seen = now_ms
+
+    def apply_sample(self, sample, int64_t now_ms, int source, closing_states, bint close_missing):
+        """Join a kernel sample to the tracked connections, in one call; returns (known, closed).
+
+        The rules, shared with the twin, are in the twin's docstring
+        (spoa/servernode/_tracker_py.py) and in docs/tracker.md. Here: pass 1
+        reads and checks every entry of the dict (PyDict_Next; TcpSample's
+        slots read at their offsets, found once per type) into a C array,
+        hashing each key; pass 2 looks the keys up and applies them in
+        update_batch's prefetch pipeline (table entry, then the Conn's line 0
+        and both DirHot lines); then, if anything tracked is missing and
+        missing ones are to close, one walk of the live list in registration
+        order closes the slots not marked in a bitmap of the found ones.
+        """
+        cdef uint64_t closing[4]
+        cdef Py_ssize_t n, i, a, b, pos = 0, w = prefetch_window
+        cdef Py_ssize_t known = 0, resets = 0, closed = 0, klen
+        cdef PyObject *key
+        cdef PyObject *value
+        cdef Pending *pending
+        cdef Pending *p
+        cdef bint generic = False
+        cdef Entry *table = self._table
+        cdef uint32_t mask = self._mask
+        cdef Conn **chunks = self._chunks
+        cdef Conn *c
+        cdef int32_t slot, following
+        cdef uint64_t *seen = NULL
+        cdef int state
+        if not isinstance(sample, dict):
+            raise TypeError(f"sample must be a dict, not {type(sample).__name__}")
+        check_small("source", source)
+        state_mask(closing_states, closing)
+        n = PyDict_Size(sample)
+        pending = <Pending *>PyMem_Malloc(n * sizeof(Pending) + 1)
+        if pending is NULL:
+            raise MemoryError()
+        try:
+            # pass 1: every entry checked and converted; nothing changes yet
+            i = 0
+            while PyDict_Next(sample, &pos, &key, &value):
+                if i == n:
+                    raise RuntimeError("the sample changed while it was read")
+                k = <object>key  # held while its value is read: getattr may run code that drops them
+                v = <object>value
+                if not PyBytes_Check(k):
+                    raise TypeError(f"sample keys must be bytes, not {type(k).__name__}")
+                p = &pending[i]
+                generic |= read_sample(k, v, p.fields)
+                p.key = key
+                klen = bytes_size(key)
+                if 1 <= klen <= C_KEY_MAX:
+                    p.hash = key_hash(<const unsigned char *>bytes_data(key), klen)
+                    p.slot = -1  # to look up
+                else:
+                    p.slot = -2  # no tracked key has that length
+                i += 1
+            if generic and i == n:
+                # Python code ran (getattr): the keys kept must still be the dict's
+                pos = 0
+                i = 0
+                while PyDict_Next(sample, &pos, &key, &value):
+                    if i == n or pending[i].key != key:
+                        i = -1
+                        break
+                    i += 1
+            if i != n:
+                raise RuntimeError("the sample changed while it was read")
+            # pass 2: look up (pipelined as in update_batch) and apply
+            for i in range(-2 * w, n):
+                a = i + 2 * w  # stage 1: prefetch its table entry and key bytes
+                if a < n and pending[a].slot == -1:
+                    __builtin_prefetch(&table[<uint32_t>pending[a].hash & mask], 0, 3)
+                    __builtin_prefetch(bytes_data(pending[a].key), 0, 3)
+                b = i + w  # stage 2: its entry is in cache: prefetch its Conn
+                if w and 0 <= b < n and pending[b].slot == -1:
+                    prefetch_conn(table, mask, chunks, <uint32_t>pending[b].hash, -1)
+                if i < 0:
+                    continue
+                p = &pending[i]  # stage 3: look up and apply
+                if p.slot == -2:
+                    continue
+                slot = self._find(<const unsigned char *>bytes_data(p.key), bytes_size(p.key), p.hash)
+                if slot < 0:
+                    continue
+                p.slot = slot
+                known += 1
+                c = conn_at(chunks, slot)
+                state = <int>p.fields[F_STATE]
+                if (closing[state >> 6] >> (state & 63)) & 1:
+                    c.flags |= FLAG_CLOSING
+                resets += self._count_update(c, DIR_IN_C, p.fields[1], p.fields[2],
+                                             now_ms - <int64_t>p.fields[3], <uint8_t>source)
+                resets += self._count_update(c, DIR_OUT_C, p.fields[4], p.fields[5],
+                                             now_ms - <int64_t>p.fields[6], <uint8_t>source)
+                if now_ms > c.last_seen:
+                    c.last_seen = now_ms
+            # the tracked ones missing from the sample, in registration order
+            if known < self._count and (close_missing or known):
+                seen = <uint64_t *>PyMem_Calloc(((self._nchunks << SLOT_BITS) >> 6) + 1, sizeof(uint64_t))
+                if seen is NULL:
+                    raise MemoryError()
+                for i in range(n):
+                    slot = pending[i].slot
+                    if slot >= 0:
+                        seen[slot >> 6] |= (<uint64_t>1) << (slot & 63)
+                PyMem_Free(pending)
+                pending = NULL
+                slot = self._head
+                while slot >= 0:
+                    following = conn_at(self._chunks, slot).next
+                    if not (seen[slot >> 6] >> (slot & 63)) & 1:
+                        self._close_slot(slot, now_ms, FLAG_CLOSED)
+                        closed += 1
+                    slot = following
+        finally:
+            PyMem_Free(pending)
+            PyMem_Free(seen)
+            if resets:
+                self.stats["counter_resets"] += resets
+        return known, closed
 
     cdef int _count_update(self, Conn *c, int k, uint64_t bytes_total, uint64_t packets_total,
                            int64_t last_activity_ms, uint8_t source) except -1:
