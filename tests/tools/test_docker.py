@@ -253,6 +253,24 @@ def test_prometheus_scrapes_both_metrics_endpoints():
     assert f"lbnode:{lbnode['metrics']['listen'].rsplit(':', 1)[1]}" in targets
 
 
+def test_tier_prometheus_scrapes_every_lbnode_under_the_dashboards_jobs():
+    """With compose.tier.yaml, Prometheus reads tier/prometheus.yml: each LB node's /metrics (the
+    port its tier config listens on), under the job names the single stack uses (the dashboard's
+    panels select by job)."""
+    tier = tier_services()
+    prom = yaml.safe_load(host_path(tier["prometheus"], "/etc/prometheus/prometheus.yml").read_text())
+    jobs = {job["job_name"]: {t for sc in job["static_configs"] for t in sc["targets"]}
+            for job in prom["scrape_configs"]}
+    single = {job["job_name"] for job in yaml.safe_load((DOCKER / "prometheus.yml").read_text())["scrape_configs"]}
+    assert set(jobs) == single
+    expected = set()
+    for service, config in (("lbnode", "lbnode1.yaml"), ("lbnode2", "lbnode2.yaml"), ("lbnode3", "lbnode3.yaml")):
+        raw = yaml.safe_load((DOCKER / "tier" / config).read_text())
+        assert service in tier and service in _depends(tier["prometheus"])
+        expected.add(f"{service}:{raw['metrics']['listen'].rsplit(':', 1)[1]}")
+    assert jobs["spoa-lbnode"] == expected
+
+
 @pytest.mark.parametrize("line", provision.LINES)
 def test_haproxy_configs_pass_haproxy_check(line, tmp_path):
     """The very files and environment the haproxy service uses, through `haproxy -c`.
