@@ -292,11 +292,16 @@ def encode_packet(header, connections, key, mtu=DEFAULT_MTU):
         PyMem_Free(s.ends)
 
 
+cdef inline Py_ssize_t record_start(Scratch *s, Py_ssize_t k) noexcept nogil:
+    """Offset of record k in s.data (records are back to back: where record k - 1 ends)."""
+    return s.ends[k - 1] if k > 0 else 0
+
+
 cdef list cut_datagrams(Scratch *s, Py_ssize_t a, Py_ssize_t b, uint64_t *fields, object key, Py_ssize_t limit):
     """Records [a, b) of s (each at most `limit` bytes) as signed datagrams of at most
     `limit` payload bytes each, packed greedily in order; fields: the header's node_id,
     sequence, timestamp_ms, interval_ms, flags."""
-    cdef Py_ssize_t base = s.ends[a - 1] if a > 0 else 0
+    cdef Py_ssize_t base = record_start(s, a)
     cdef Py_ssize_t k, first, start, count, index, length, payload
     cdef uint8_t *p
     cdef list out = []
@@ -396,7 +401,7 @@ cdef class RecordBatch:
         cdef uint8_t *p = <uint8_t *>PyBytes_AS_STRING(out)
         cdef Py_ssize_t k
         for k in range(self.s.nrec):
-            memcpy(p + 16 * k, self.s.data + (self.s.ends[k - 1] if k else 0), 16)
+            memcpy(p + 16 * k, self.s.data + record_start(&self.s, k), 16)
         return out
 
     def take(self, indices):
@@ -409,7 +414,7 @@ cdef class RecordBatch:
                 i += n
             if not 0 <= i < n:
                 raise IndexError("list index out of range")
-            begin = self.s.ends[i - 1] if i else 0
+            begin = record_start(&self.s, i)
             size = self.s.ends[i] - begin
             memcpy(out.reserve(size), self.s.data + begin, size)
             out.commit(size)
@@ -434,7 +439,7 @@ def encode_batch(header, batch, key, mtu=DEFAULT_MTU, start=0, stop=None):
     b = max(a, b)
     limit = cmtu - C_OVERHEAD
     for k in range(a, b):
-        begin = records.s.ends[k - 1] if k else 0
+        begin = record_start(&records.s, k)
         if records.s.ends[k] - begin > limit:
             p = records.s.data + begin
             raise _record_too_big(k, p[81], load_be16(p + 82), cmtu)
