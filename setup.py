@@ -23,7 +23,7 @@ extra_compile_args = compile_args(DEBUG)
 
 # Extension name -> the sub-package it is built into (the process that runs it, or wire/ for both).
 MODULES = {"_record_builder": "wire", "_packet": "wire", "_codec": "spop", "_tracker": "servernode",
-           "_sampler": "servernode", "_slotmap": "lbnode"}
+           "_sampler": "servernode", "_lease_answer": "servernode", "_slotmap": "lbnode"}
 if os.environ.get("SPOA_MODULES"):
     wanted = os.environ["SPOA_MODULES"].split(",")
     unknown = set(wanted) - set(MODULES)

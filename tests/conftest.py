@@ -26,6 +26,7 @@ TWINS = {
     "packet": ("spoa.wire._packet", "spoa.wire._packet_py"),
     "tracker": ("spoa.servernode._tracker", "spoa.servernode._tracker_py"),
     "slotmap": ("spoa.lbnode._slotmap", "spoa.lbnode._slotmap_py"),
+    "lease_answer": ("spoa.servernode._lease_answer", "spoa.servernode._lease_answer_py"),
 }
 
 

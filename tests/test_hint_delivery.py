@@ -7,6 +7,8 @@ and hint sender) and the agent's publisher and lease module.
 from __future__ import annotations
 
 import asyncio
+from ipaddress import IPv4Address
+
 import pytest
 
 from spoa import config as cfg
@@ -14,6 +16,9 @@ from spoa.lbnode.service import open_lbnode
 from spoa.servernode.lease_module import LeaseModule, LeaseSettings
 from spoa.servernode.publisher import Publisher
 from spoa.servernode.tracker import SegmentTracker
+from spoa.spop import frames
+from spoa.spop.codec import FrameReader, FrameWriter
+from spoa.spop.constants import FrameType
 from spoa.wire.hints import max_hints
 from spoa.wire.records import PacketHeader
 
@@ -34,33 +39,20 @@ async def start_lbnode(key_file: str, node_id=None, port: int = 0):
 
 
 def register(module: LeaseModule, count: int, first: int = 0) -> None:
-    """`count` connections as HAProxy's lease-request messages register them."""
+    """`count` connections as HAProxy's lease-request messages register them (real SPOP frames)."""
+    notify = FrameWriter()
     for i in range(first, first + count):
         cid = f"{i:08x}-0000-4000-8000-000000000000"
-        msg = {"cid": cid, "src": f"10.0.{i >> 8}.{i & 255}", "src_port": 40000 + i % 20000,
-               "dst": "127.0.0.1", "dst_port": 8080, "frontend": "fe"}
-        module.on_message(_Message(msg), _Actions())
-
-
-class _Message:
-    def __init__(self, args):
-        self._args = args
-
-    def get(self, name):
-        return self._args.get(name)
-
-    get_address = get
-
-    def get_addresses(self, names):
-        return [self._args.get(name) for name in names]
-
-
-class _Actions:
-    def set_var(self, *args):
-        pass
-
-    def put_raw(self, data):
-        pass
+        args = [("cid", cid), ("src", IPv4Address(f"10.0.{i >> 8}.{i & 255}")), ("src_port", 40000 + i % 20000),
+                ("dst", IPv4Address("127.0.0.1")), ("dst_port", 8080), ("frontend", "fe")]
+        frames.write_notify(notify, i + 1, 1, [("lease-request", args)])
+    reader = FrameReader(1 << 16)
+    reader.feed(notify.take())
+    actions = FrameWriter()
+    while (frame := reader.next_frame()) is not None:
+        actions.begin_frame(FrameType.ACK, frame.stream_id, frame.frame_id)
+        module.on_message(frame.messages()[0], actions)
+        actions.end_frame()
 
 
 async def exchange(module: LeaseModule, lbnodes: list, rounds: int = 2) -> None:

@@ -109,6 +109,17 @@ cdef class SegmentTracker:
     cdef uint32_t *_ids                        # conn_id -> slot + 1, same size and probing; no tag:
                                                # hints are rarer than updates, 4 bytes a slot instead of 8
 
+    # The lease answer's registration in C (spoa.servernode._lease_answer): register() is
+    # its checks on Python objects, then _register_raw; _renew is register()'s common case
+    # (the connection is known) without a frontend name to build.
+    cdef int32_t _renew(self, const unsigned char *key, Py_ssize_t n, const unsigned char *conn_id,
+                        int64_t now_ms) noexcept
+    cdef int32_t _register_raw(self, const unsigned char *key, Py_ssize_t n, const unsigned char *conn_id,
+                               const unsigned char *src, uint16_t src_port, const unsigned char *dst,
+                               uint16_t dst_port, str frontend, int64_t now_ms) except -2
+    cdef int32_t _slot_of(self, object key) except? -2
+    # hint() of a live slot: False without a hint, else *h and *lease_ms (Conn.predicted_lease) set
+    cdef bint _hint_of(self, int32_t slot, HintState *h, uint32_t *lease_ms) noexcept
     cdef Conn *_new_slot(self, int32_t *slot) except NULL
     cdef int32_t _find(self, const unsigned char *key, Py_ssize_t n, uint64_t h) noexcept
     cdef void _table_insert(self, uint32_t tag, int32_t slot) noexcept

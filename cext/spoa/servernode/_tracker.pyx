@@ -787,9 +787,6 @@ cdef class SegmentTracker:
         cdef const unsigned char *k = key_bytes(key, &n)
         cdef unsigned char src_raw[16]
         cdef unsigned char dst_raw[16]
-        cdef uint64_t h
-        cdef int32_t slot
-        cdef Conn *c
         check_conn_id(conn_id)
         parse_address(src, src_raw)
         check_port(src_port)
@@ -797,17 +794,38 @@ cdef class SegmentTracker:
         check_port(dst_port)
         if not isinstance(frontend, str):
             raise TypeError(f"frontend must be str, not {type(frontend).__name__}")
-        h = key_hash(k, n)
-        slot = self._find(k, n, h)
+        return self._register_raw(k, n, <const unsigned char *>PyBytes_AS_STRING(conn_id), src_raw, src_port,
+                                  dst_raw, dst_port, frontend, now_ms) >= 0
+
+    cdef int32_t _renew(self, const unsigned char *key, Py_ssize_t n, const unsigned char *conn_id,
+                        int64_t now_ms) noexcept:
+        """The slot of key's connection if it has conn_id (now seen alive), else -1."""
+        cdef int32_t slot = self._find(key, n, key_hash(key, n))
+        cdef Conn *c
+        if slot < 0:
+            return -1
+        c = conn_at(self._chunks, slot)
+        if memcmp(c.conn_id, conn_id, 16) != 0:
+            return -1
+        c.last_seen = now_ms
+        return slot
+
+    cdef int32_t _register_raw(self, const unsigned char *k, Py_ssize_t n, const unsigned char *conn_id,
+                               const unsigned char *src, uint16_t src_port, const unsigned char *dst,
+                               uint16_t dst_port, str frontend, int64_t now_ms) except -2:
+        """register() of checked values (addresses packed): the slot, -1 when refused (full)."""
+        cdef uint64_t h = key_hash(k, n)
+        cdef int32_t slot = self._find(k, n, h)
+        cdef Conn *c
         if slot >= 0:
             c = conn_at(self._chunks, slot)
-            if memcmp(c.conn_id, PyBytes_AS_STRING(conn_id), 16) == 0:
+            if memcmp(c.conn_id, conn_id, 16) == 0:
                 c.last_seen = now_ms
-                return True
+                return slot
             self._close_slot(slot, now_ms, FLAG_CLOSED)  # the 4-tuple was reused: the old connection is over
         if self._count >= self.max_connections:
             self.stats["refused"] += 1
-            return False
+            return -1
         index = self._frontend_ids.get(frontend)
         if index is None:
             index = self._frontend_ids[frontend] = len(self._frontends)
@@ -823,15 +841,15 @@ cdef class SegmentTracker:
         c.lease_source = LEASE_STANDARD
         c.frontend = index
         c.last_seen = now_ms
-        memcpy(c.conn_id, PyBytes_AS_STRING(conn_id), 16)
+        memcpy(c.conn_id, conn_id, 16)
         c.requested_lease = 0
         c.predicted_lease = 0
         c.publish_after = 0
         hint_at(self._hint_chunks, slot).state = 0
         self._init_direction(c, 0)
         self._init_direction(c, 1)
-        memcpy(c.cold[0].addr, src_raw, 16)
-        memcpy(c.cold[1].addr, dst_raw, 16)
+        memcpy(c.cold[0].addr, src, 16)
+        memcpy(c.cold[1].addr, dst, 16)
         c.cold[0].port = src_port
         c.cold[1].port = dst_port
         self.total_segments += 2
@@ -846,13 +864,17 @@ cdef class SegmentTracker:
         self._tail = slot
         self._count += 1
         self.stats["registered"] += 1
-        return True
+        return slot
+
+    cdef int32_t _slot_of(self, object key) except? -2:
+        """The live slot of key, -1 if none (TypeError/ValueError for a bad key)."""
+        cdef Py_ssize_t n
+        cdef const unsigned char *k = key_bytes(key, &n)
+        return self._find(k, n, key_hash(k, n))
 
     cdef Conn *_lookup(self, object key) except? NULL:
         """The live connection of key, NULL if none (TypeError/ValueError for a bad key)."""
-        cdef Py_ssize_t n
-        cdef const unsigned char *k = key_bytes(key, &n)
-        cdef int32_t slot = self._find(k, n, key_hash(k, n))
+        cdef int32_t slot = self._slot_of(key)
         return NULL if slot < 0 else conn_at(self._chunks, slot)
 
     def set_closing(self, key):
@@ -908,16 +930,19 @@ cdef class SegmentTracker:
     def hint(self, key):
         """The last hint of the key's connection, (lease_ms, source, level,
         anomaly 0/1, received unix ms), or None (no hint, or not tracked)."""
-        cdef Py_ssize_t n
-        cdef const unsigned char *k = key_bytes(key, &n)
-        cdef int32_t slot = self._find(k, n, key_hash(k, n))
-        cdef HintState *h
-        if slot < 0:
+        cdef int32_t slot = self._slot_of(key)
+        cdef HintState h
+        cdef uint32_t lease_ms
+        if slot < 0 or not self._hint_of(slot, &h, &lease_ms):
             return None
-        h = hint_at(self._hint_chunks, slot)
+        return (lease_ms, h.source, h.level, h.anomaly, h.received)
+
+    cdef bint _hint_of(self, int32_t slot, HintState *h, uint32_t *lease_ms) noexcept:
+        h[0] = hint_at(self._hint_chunks, slot)[0]
         if not h.state & HINTED:
-            return None
-        return (conn_at(self._chunks, slot).predicted_lease, h.source, h.level, h.anomaly, h.received)
+            return False
+        lease_ms[0] = conn_at(self._chunks, slot).predicted_lease
+        return True
 
     cdef int64_t _refresh_after(self, Conn *c, HintState *h) noexcept:
         """publish_after of a hinted connection (set_hint): 0 unless published under a predicted lease."""

@@ -4,6 +4,22 @@
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 
+cdef enum:
+    # SPOP data types (the low 4 bits of a typed value's tag) and action types
+    T_NULL = 0
+    T_BOOL = 1
+    T_INT32 = 2
+    T_UINT32 = 3
+    T_INT64 = 4
+    T_UINT64 = 5
+    T_IPV4 = 6
+    T_IPV6 = 7
+    T_STRING = 8
+    T_BINARY = 9
+    A_SET_VAR = 1
+    A_UNSET_VAR = 2
+
+
 cdef class Message:
     cdef readonly str name          # SPOE message name, as configured in the spoe-message section
     cdef readonly int nargs         # argument count HAProxy announced (one byte on the wire)
@@ -45,3 +61,25 @@ cdef class FrameWriter:
     cdef int _put_name(self, object name) except -1
     cdef int _put_typed(self, object value) except -1
     cdef int _put_typed_as(self, int dtype, object value) except -1
+
+
+cdef struct ArgView:
+    # One argument of a Message as find_args() saw it, read in place (no object built).
+    int dtype                       # SPOP data type of its value; -1 when the message has no such argument
+    Py_ssize_t at                   # offset of the value's tag in the message's buffer
+    const uint8_t *data             # IPv4/IPv6: the address bytes; STRING/BINARY: the bytes; else NULL
+    Py_ssize_t size                 # bytes at data (4, 16, or the string's length)
+    uint64_t value                  # integer types: the varint as read (INT32/INT64: two's complement)
+
+
+# The values of names[0..count) (UTF-8, sizes[i] bytes each) into out[0..count), in one pass
+# over the arguments that stops once all are found: the same pass, the same errors for a
+# malformed message, and the same first-argument-of-a-name-wins rule as Message.get_addresses.
+cdef int find_args(Message message, const char **names, const Py_ssize_t *sizes, Py_ssize_t count,
+                   ArgView *out) except -1
+
+
+cdef class NativeHandler:
+    # A message handler the agent's message loop calls in C, without a Python call per
+    # message (_write_ack); calling the object from Python does the same.
+    cdef int answer(self, Message message, FrameWriter out) except -1

@@ -43,18 +43,6 @@ cdef enum:
     FLAG_FIN = 1
     TYPE_MASK = 0x0F
     BOOL_TRUE = 0x10
-    T_NULL = 0
-    T_BOOL = 1
-    T_INT32 = 2
-    T_UINT32 = 3
-    T_INT64 = 4
-    T_UINT64 = 5
-    T_IPV4 = 6
-    T_IPV6 = 7
-    T_STRING = 8
-    T_BINARY = 9
-    A_SET_VAR = 1
-    A_UNSET_VAR = 2
     INITIAL_CAPACITY = 1024
     # take() gives memory back when a burst grew the buffer past this
     SHRINK_ABOVE = 65536
@@ -279,6 +267,58 @@ cdef object decode_address(const uint8_t *p, Py_ssize_t *pos, Py_ssize_t end):
     return decode_typed(p, pos, end)
 
 
+cdef int view_typed(const uint8_t *p, Py_ssize_t *pos, Py_ssize_t end, ArgView *v) except -1:
+    """Step over the typed value at pos (skip_typed: its checks, its errors), noting where it lies."""
+    cdef Py_ssize_t at = pos[0]
+    cdef Py_ssize_t i = at + 1
+    cdef Py_ssize_t start
+    skip_typed(p, pos, end)
+    v.dtype = p[at] & TYPE_MASK
+    v.at = at
+    v.data = NULL
+    v.size = 0
+    v.value = 0
+    if T_INT32 <= v.dtype <= T_UINT64:
+        read_varint(p, &i, end, &v.value)
+    elif v.dtype == T_IPV4 or v.dtype == T_IPV6:
+        v.data = p + i
+        v.size = pos[0] - i
+    elif v.dtype == T_STRING or v.dtype == T_BINARY:
+        read_name(p, &i, end, &start)
+        v.data = p + start
+        v.size = i - start
+    return 0
+
+
+cdef int find_args(Message message, const char **names, const Py_ssize_t *sizes, Py_ssize_t count,
+                   ArgView *out) except -1:
+    cdef const uint8_t *p = data_of(message._buf)
+    cdef Py_ssize_t pos = message._start
+    cdef Py_ssize_t start, length, j
+    cdef Py_ssize_t missing = count
+    cdef Py_ssize_t first
+    cdef int i
+    for j in range(count):
+        out[j].dtype = -1
+    for i in range(message.nargs):
+        if not missing:
+            break  # what follows is not read: a malformed tail fails no lookup, as in get()
+        read_name(p, &pos, message._end, &start)
+        length = pos - start
+        first = -1
+        for j in range(count):
+            if out[j].dtype < 0 and length == sizes[j] and memcmp(p + start, names[j], length) == 0:
+                if first < 0:
+                    view_typed(p, &pos, message._end, &out[j])
+                    first = j
+                else:
+                    out[j] = out[first]  # the same name asked twice
+                missing -= 1
+        if first < 0:
+            skip_typed(p, &pos, message._end)
+    return 0
+
+
 # -- decoded objects ------------------------------------------------------------
 
 cdef class Message:
@@ -330,41 +370,25 @@ cdef class Message:
 
     def get_addresses(self, tuple names not None):
         """[get_address(name) for name in names] (None for an absent one) in
-        one pass over the arguments instead of one per name: the lease
-        handler reads 5 identity arguments per message."""
+        one pass over the arguments instead of one per name (find_args)."""
         cdef Py_ssize_t count = len(names)
         cdef Py_ssize_t wlen[MAX_LOOKUP]
         cdef const char *w[MAX_LOOKUP]
+        cdef ArgView views[MAX_LOOKUP]
         cdef list out = [None] * count
         cdef const uint8_t *p = data_of(self._buf)
-        cdef Py_ssize_t pos = self._start
-        cdef Py_ssize_t start, length, j
-        cdef Py_ssize_t missing = count
-        cdef bint taken
-        cdef object value = None
-        cdef int i
+        cdef Py_ssize_t j, at
         if count > MAX_LOOKUP:
             raise ValueError(f"at most {MAX_LOOKUP} names per get_addresses()")
         if len(_ESCAPED_NAMES) + count >= 1024:
             _ESCAPED_NAMES.clear()  # now, not between two names: it would free the first's bytes
         for j in range(count):
             w[j] = utf8_of(names[j], &wlen[j])
-        for i in range(self.nargs):
-            if not missing:
-                break
-            read_name(p, &pos, self._end, &start)
-            length = pos - start  # pos moves on once the value is decoded
-            taken = False
-            for j in range(count):
-                if w[j] != NULL and length == wlen[j] and memcmp(p + start, w[j], length) == 0:
-                    if not taken:
-                        value = decode_address(p, &pos, self._end)
-                        taken = True
-                    out[j] = value
-                    w[j] = NULL  # the first argument of a name wins, as in get()
-                    missing -= 1
-            if not taken:
-                skip_typed(p, &pos, self._end)
+        find_args(self, w, wlen, count, views)
+        for j in range(count):
+            if views[j].dtype >= 0:
+                at = views[j].at
+                out[j] = decode_address(p, &at, self._end)
         return out
 
     def items(self):
@@ -890,6 +914,17 @@ cdef object _agent_log = logging.getLogger("spoa.spop.agent")
 cdef object _protocol_log = logging.getLogger("spoa.spop.protocol")
 
 
+cdef class NativeHandler:
+    """Base of the handlers answered in C (spoa.servernode._lease_answer): the loop below
+    calls their answer() directly; from Python they are called like any handler."""
+
+    cdef int answer(self, Message message, FrameWriter out) except -1:
+        raise NotImplementedError(f"{type(self).__name__} does not define answer()")
+
+    def __call__(self, Message message not None, FrameWriter out not None):
+        self.answer(message, out)
+
+
 cdef struct Counts:
     # what one call adds to the agent's stats, written back once when it returns
     Py_ssize_t frames_in, notify_frames, messages, acks, unknown_messages, handler_errors, acks_truncated
@@ -940,7 +975,10 @@ cdef int _write_ack(Frame frame, list messages, FrameWriter out, dict handlers, 
                 continue
         mark = out._len
         try:
-            handler(message, out)
+            if isinstance(handler, NativeHandler):
+                (<NativeHandler>handler).answer(message, out)
+            else:
+                handler(message, out)
         except Exception:
             c.handler_errors += 1
             _agent_log.exception("handler for message %r failed", message.name)
