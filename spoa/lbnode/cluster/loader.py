@@ -2,7 +2,8 @@
 
 The caller (tier.TierMember) loads a gained slot in the same round that computes the gain,
 before the interval's expiry can run on it: one pipelined HGETALL per slot, then the slot's
-base and chunks applied in order (rows.latest). The same round trip increments the slot's
+base and chunks applied in order (rows.latest: each connection's last record, its history
+rings rebuilt from the base's whole rings and the chunks' newest cells, deltas.py). The same round trip increments the slot's
 epoch: from then on only this node's writes of the slot apply. Each stored connection becomes a table row
 (LeaseTable.adopt) with its whole state restored (RowCodec), and its lease deadline
 
@@ -73,30 +74,44 @@ class StateLoader:
 
     def records(self, slot: int, stored: dict[bytes, bytes]) -> np.ndarray | None:
         """The slot's live records (base, then chunks in order); None when another layout wrote them."""
+        return self._records(slot, stored)[0]
+
+    def _records(self, slot: int, stored: dict[bytes, bytes]) -> tuple[np.ndarray | None, dict[bytes, int]]:
+        """(records as `records` gives them; each one's connection key -> the blob, 0 the base,
+        i the i-th chunk, that holds its last record)."""
         fields = self._fields(stored)
         blobs = [stored.get(field, b"") for field in fields]
         self.writer.adopted(slot, int(stored.get(EPOCH_FIELD, 0)), json.loads(stored.get(FRONTENDS_FIELD, b"[]")),
                             fields[1:])
         if not any(blobs):
-            return self.codec.unpack(b"")
+            return self.codec.unpack(b""), {}
         if stored.get(LAYOUT_FIELD) != self.writer.layout():
             count = sum(map(len, blobs)) // self.codec.dtype().itemsize
             self.store.stats.rows_refused += count
             log.warning("slot %d: about %d stored records not adopted: stored under another layout (another "
-                        "forecaster, policy or history length?)", slot, count)
-            return None
-        return latest(self.codec.unpack(b"".join(blobs)))
+                        "forecaster, policy or history length, or another format?)", slot, count)
+            return None, {}
+        chunks = [self.codec.unpack(blob, delta=True) for blob in blobs[1:]]
+        deltas = np.concatenate(chunks) if chunks else self.codec.unpack(b"", delta=True)
+        packed, last, inexact = latest(self.codec.unpack(blobs[0]), deltas, self.codec.rings())
+        self.store.stats.rings_inexact += inexact
+        blob_of = np.repeat(np.arange(len(blobs)), [len(blobs[0]) // self.codec.dtype().itemsize] +
+                            [len(chunk) for chunk in chunks])[last]
+        return packed, dict(zip(packed["key"].tolist(), blob_of.tolist()))
 
-    def segments(self, stored: dict[bytes, bytes]) -> np.ndarray:
-        """The segment records of the slot's live connections (of a layout `records` accepted)."""
+    def segments(self, stored: dict[bytes, bytes], row_blob_of: dict[bytes, int]) -> np.ndarray:
+        """The segment records of the slot's live connections (of a layout `records` accepted;
+        row_blob_of: as `_records` gives it)."""
         fields = self._fields(stored)
-        return latest_segments([self.codec.unpack(stored.get(field, b"")) for field in fields],
-                               [self.segment_codec.unpack(stored.get(segment_field(field), b"")) for field in fields],
-                               self.segment_codec.dtype())
+        codec = self.segment_codec
+        blobs = [codec.unpack(stored.get(segment_field(field), b""), delta=i > 0) for i, field in enumerate(fields)]
+        segments, inexact = latest_segments(row_blob_of, blobs, codec.ring(), codec.dtype())
+        self.store.stats.rings_inexact += inexact
+        return segments
 
     def adopt(self, slot: int, stored: dict[bytes, bytes], now: int) -> int:
         """The connections of one slot's stored hash into the table; how many were new here."""
-        packed = self.records(slot, stored)
+        packed, row_blob_of = self._records(slot, stored)
         if packed is None or not len(packed):
             return 0
         node_ids, conn_ids = record_keys(packed)
@@ -109,7 +124,8 @@ class StateLoader:
         new = fresh & held
         deadline = np.maximum(packed["table.expires"], now + self.grace_ms)
         self.codec.restore(rows[new], packed[new])
-        self.segments_adopted += self.segment_codec.restore(rows[new], packed["key"][new], self.segments(stored))
+        self.segments_adopted += self.segment_codec.restore(rows[new], packed["key"][new],
+                                                                  self.segments(stored, row_blob_of))
         table.expires[rows[new]] = deadline[new]
         known = held & ~fresh
         table.expires[rows[known]] = np.maximum(table.expires[rows[known]], deadline[known])

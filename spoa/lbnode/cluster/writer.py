@@ -35,15 +35,15 @@ from __future__ import annotations
 
 import json
 import time
-from itertools import chain
 from typing import Any
 
 import numpy as np
 
+from .deltas import DELTA_CELLS
 from .rows import RowCodec
 from .segments import SEG_BASE_FIELD, SegmentCodec, segment_field
 from ...wire.slots import conn_keys, conn_slots
-from .store import Store, resp, slot_key
+from .store import Store, bulk, slot_key
 
 LAYOUT_FIELD = b"layout"
 FRONTENDS_FIELD = b"frontends"
@@ -82,11 +82,22 @@ def by_slot(items: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return items[order], slots[order]
 
 
-def blob(records: list[np.ndarray]) -> memoryview | bytes:
-    """Record arrays as the bytes of one field: a single contiguous one as it is (no copy)."""
-    if len(records) == 1:
-        return memoryview(records[0].view(np.uint8))
-    return b"".join(r.tobytes() for r in records)
+def blob_pieces(views: list[memoryview]) -> tuple | list:
+    """Records (the bytes of record arrays, `slot_views`) as one field's RESP argument: its
+    length, the views as they are (no copy: the socket write joins a shard's pieces once), the
+    line end."""
+    if len(views) == 1:
+        return b"$%d\r\n" % views[0].nbytes, views[0], b"\r\n"
+    return [b"$%d\r\n" % sum(v.nbytes for v in views), *views, b"\r\n"]
+
+
+def slot_views(records: np.ndarray, slots: np.ndarray) -> tuple[list[int], list[memoryview]]:
+    """(the slots present, each one's records as a view of their bytes) of records and their
+    slots, both in slot order: one memoryview slice per slot, nothing copied."""
+    flat = memoryview(np.ascontiguousarray(records).view(np.uint8))
+    starts = np.r_[0, np.flatnonzero(np.diff(slots)) + 1]
+    bounds = (np.r_[starts, len(slots)] * records.dtype.itemsize).tolist()
+    return slots[starts].tolist(), [flat[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 def chunk_field(number: int) -> bytes:
@@ -98,12 +109,10 @@ def chunk_number(field: bytes) -> int | None:
     return int(field[len(CHUNK_PREFIX):]) if field.startswith(CHUNK_PREFIX) else None
 
 
-def _of_slots(records: np.ndarray, of: np.ndarray, slots: set[int]) -> dict[int, np.ndarray]:
-    """The records (in slots `of`) of each of `slots`, a view each."""
-    records, of = by_slot(records, of)
-    starts = np.searchsorted(of, sorted(slots))
-    ends = np.searchsorted(of, sorted(slots), side="right")
-    return {slot: records[a:b] for slot, a, b in zip(sorted(slots), starts.tolist(), ends.tolist())}
+def _of_slots(records: np.ndarray, of: np.ndarray, slots: set[int]) -> dict[int, memoryview]:
+    """The records (in slots `of`) of each of `slots`, a view of their bytes each (empty: none)."""
+    found = dict(zip(*slot_views(*by_slot(records, of)))) if len(of) else {}
+    return {slot: found.get(slot, memoryview(b"")) for slot in slots}
 
 
 class StoreWriter:
@@ -120,15 +129,21 @@ class StoreWriter:
         self.pending: dict[int, list[np.ndarray]] = {}  # slot -> record arrays not yet written, in order
         self.pending_segments: dict[int, list[np.ndarray]] = {}  # slot -> their connections' segment records
         self.chunks: dict[int, list[bytes]] = {}  # slot -> its chunk fields in the store since its base
+        # slot -> N of its last chunk written: numbers go on past a compaction, so that chunks
+        # older than a base that did not survive (a failover losing it) still load before newer ones
+        self.numbers: dict[int, int] = {}
+        self._keys: dict[int, tuple[str, bytes]] = {}  # slot -> its store key, and it as a RESP argument
         self.needs_base: set[int] = set()  # slots to rewrite whole at the next flush
         self.frontends: dict[int, list[str]] = {}  # slot -> its frontend names, as stored
+        self.frontend_index = np.full((slots, 0), -1, np.int32)  # slot x class id -> index in its names
         self.frontends_changed: set[int] = set()
         self.flushes = 0  # the compaction turn
         self.epochs: dict[int, int] = {}  # slot -> the ownership epoch this node writes it under
 
     def layout(self) -> bytes:
-        """What a connection's and a segment's record hold: equal layouts read each other's."""
-        return self.codec.layout() + b"|" + self.segment_codec.layout()
+        """What a connection's and a segment's record hold, and the chunks' format (deltas.py):
+        equal layouts read each other's."""
+        return b"delta%d|" % DELTA_CELLS + self.codec.layout() + b"|" + self.segment_codec.layout()
 
     def slots_of(self, rows: np.ndarray) -> np.ndarray:
         """The slots of table rows; remembered, so that a compaction finds a slot's rows without hashing."""
@@ -159,31 +174,39 @@ class StoreWriter:
         return slots
 
     def _frontend_indexes(self, rows: np.ndarray, slots: np.ndarray) -> np.ndarray:
-        """Each row's index into its slot's frontend names (new names appended: a handful per slot)."""
+        """Each row's index into its slot's frontend names (new names appended: a handful per
+        slot), looked up in `frontend_index` (slot x class id); only pairs not seen yet there
+        are found by name."""
         table = self.table
-        # (slot, class) pairs as one integer: a 1-D unique is an order of magnitude faster than axis=0
-        pairs, inverse = np.unique(slots << 32 | table.class_id[rows].astype(np.int64), return_inverse=True)
-        indexes = np.empty(len(pairs), np.uint32)
-        for p, pair in enumerate(pairs.tolist()):
-            slot, cid = pair >> 32, pair & 0xFFFFFFFF
-            known = self.frontends.setdefault(slot, [])
-            name = table.class_names[cid]
-            if name not in known:
-                known.append(name)
-                self.frontends_changed.add(slot)
-            indexes[p] = known.index(name)
-        return indexes[inverse.reshape(-1)]
+        classes = table.class_id[rows]
+        index = self.frontend_index
+        if index.shape[1] < len(table.class_names):
+            grown = np.full((self.slots, max(2 * index.shape[1], len(table.class_names))), -1, np.int32)
+            grown[:, :index.shape[1]] = index
+            index = self.frontend_index = grown
+        found = index[slots, classes]
+        unknown = found < 0
+        if unknown.any():
+            # (slot, class) pairs as one integer: a 1-D unique is an order of magnitude faster than axis=0
+            for pair in np.unique(slots[unknown] << 32 | classes[unknown].astype(np.int64)).tolist():
+                slot, cid = pair >> 32, pair & 0xFFFFFFFF
+                known = self.frontends.setdefault(slot, [])
+                name = table.class_names[cid]
+                if name not in known:
+                    known.append(name)
+                    self.frontends_changed.add(slot)
+                index[slot, cid] = known.index(name)
+            found = index[slots, classes]
+        return found.astype(np.uint32)
 
     def _add(self, records: np.ndarray, slots: np.ndarray, pending: dict | None = None) -> None:
-        """Records into `pending` (self.pending by default): one view of them per slot, no copy
-        when they come in slot order (snapshot's do, `by_slot`)."""
+        """Records into `pending` (self.pending by default): one view of their bytes per slot,
+        no copy when they come in slot order (snapshot's do, `by_slot`)."""
         if not len(slots):
             return
         pending = self.pending if pending is None else pending
-        records, slots = by_slot(records, slots)
-        bounds = np.flatnonzero(np.diff(slots)) + 1
-        for start, end in zip(np.r_[0, bounds].tolist(), np.r_[bounds, len(slots)].tolist()):
-            pending.setdefault(int(slots[start]), []).append(records[start:end])
+        for slot, view in zip(*slot_views(*by_slot(records, slots))):
+            pending.setdefault(slot, []).append(view)
 
     def snapshot(self, rows: np.ndarray, owned: np.ndarray) -> None:
         """The records of `rows` (just refreshed) into pending; rows of slots not in `owned`
@@ -195,8 +218,8 @@ class StoreWriter:
         rows, slots = by_slot(rows[mine], slots[mine])
         table = self.table
         keys = conn_keys(table.node[rows], table.conn_id[rows])
-        self._add(self.codec.pack(rows, keys, self._frontend_indexes(rows, slots)), slots)
-        self._add(*self.segment_codec.pack(rows, keys, slots), self.pending_segments)
+        self._add(self.codec.pack(rows, keys, self._frontend_indexes(rows, slots), delta=True), slots)
+        self._add(*self.segment_codec.pack(rows, keys, slots, delta=True), self.pending_segments)
 
     def forget(self, rows: np.ndarray, owned: np.ndarray) -> None:
         """Rows ending here (closed, expired): deletions in their slots' next chunk."""
@@ -211,7 +234,9 @@ class StoreWriter:
         its base is written."""
         self.epochs[slot] = epoch
         self.frontends[slot] = frontends
+        self.frontend_index[slot] = -1
         self.chunks[slot] = chunks
+        self.numbers[slot] = max(map(chunk_number, chunks), default=0)
         self.needs_base.add(slot)
 
     def drop(self, slots: list[int]) -> None:
@@ -220,8 +245,10 @@ class StoreWriter:
             self.pending.pop(slot, None)
             self.pending_segments.pop(slot, None)
             self.chunks.pop(slot, None)
+            self.numbers.pop(slot, None)
             self.epochs.pop(slot, None)
             self.frontends.pop(slot, None)
+            self.frontend_index[slot] = -1
             self.needs_base.discard(slot)
             self.frontends_changed.discard(slot)
 
@@ -249,6 +276,14 @@ class StoreWriter:
             return None
         return [slot for slot, epoch in zip(slots, stored) if int(epoch or 0) > self.epochs.get(slot, 0)]
 
+    def _key(self, slot: int) -> tuple[str, bytes]:
+        """The slot's store key, and it as a RESP argument (made once per slot)."""
+        known = self._keys.get(slot)
+        if known is None:
+            key = slot_key(self.namespace, slot)
+            known = self._keys[slot] = (key, bulk(key.encode()))
+        return known
+
     async def flush(self) -> bool:
         """Everything pending as one pipeline; False (kept for the next) when unacknowledged."""
         self.flushes += 1
@@ -261,48 +296,17 @@ class StoreWriter:
         pending, self.pending = self.pending, {}
         needs_base, self.needs_base = self.needs_base, set()
         frontends_changed, self.frontends_changed = self.frontends_changed, set()
+        pending_segments, self.pending_segments = self.pending_segments, {}
         touched = set(pending) | needs_base | frontends_changed
         if not touched:
             return True
-        bases, segment_bases = self._bases(needs_base) if needs_base else ({}, {})
-        layout = self.layout()
-        pending_segments, self.pending_segments = self.pending_segments, {}
-        writes = []  # (key, fields to set, fields to delete, the slot's chunk list after)
-        records = 0
-        for slot in touched:
-            fields: dict[bytes, bytes] = {}
-            gone: list[bytes] = []
-            chunks = self.chunks.get(slot, [])
-            if slot in bases:
-                fields[BASE_FIELD] = blob([bases[slot]])
-                fields[SEG_BASE_FIELD] = blob([segment_bases[slot]])
-                records += len(bases[slot])
-                fields[LAYOUT_FIELD] = layout
-                fields[FRONTENDS_FIELD] = json.dumps(self.frontends.get(slot, [])).encode()
-                gone, chunks = [f for chunk in chunks for f in (chunk, segment_field(chunk))], []
-            elif slot in pending:
-                number = (chunk_number(chunks[-1]) if chunks else 0) + 1
-                chunks = [*chunks, chunk_field(number)]
-                fields[chunks[-1]] = blob(pending[slot])
-                if slot in pending_segments:
-                    fields[segment_field(chunks[-1])] = blob(pending_segments[slot])
-                records += sum(map(len, pending[slot]))
-            if slot in frontends_changed:
-                fields[FRONTENDS_FIELD] = json.dumps(self.frontends.get(slot, [])).encode()
-            writes.append((slot_key(self.namespace, slot), fields, gone, slot, chunks))
-
         stats = self.store.stats
         began = time.perf_counter()
         sha = await self.store.script(WRITE_SCRIPT)
         replies = None
         if sha is not None:
-            # the arguments as bytes here (resp takes them as they are: a few thousand commands
-            # per interval, each µs of Python per command counts)
-            evalsha, gc_ms = [b"EVALSHA", sha.encode(), b"1"], b"%d" % self.gc_ms
-            commands = [(key, resp([*evalsha, key.encode(), b"%d" % self.epochs.get(slot, 0),
-                                    gc_ms if BASE_FIELD in fields else b"0", b"%d" % len(fields),
-                                    *chain.from_iterable(fields.items()), *gone]))
-                        for key, fields, gone, slot, _chunks in writes]
+            commands, after, payload, records = self._commands(sha.encode(), touched, pending, pending_segments,
+                                                              needs_base, frontends_changed)
             replies = await self.store.packed("state write", commands)
         if replies is None:
             stats.write_errors += 1
@@ -315,13 +319,72 @@ class StoreWriter:
         took = time.perf_counter() - began
         stats.write_batches += 1
         stats.write_commands += len(replies)
-        stats.write_bytes += sum(len(k) + len(v) for _, fields, _, _, _ in writes for k, v in fields.items())
+        stats.write_bytes += payload
         stats.rows_written += records
         stats.write_seconds += took
         stats.last_write_seconds = took
-        for (_key, _fields, _gone, slot, chunks), written in zip(writes, replies):
+        for (slot, chunks), written in zip(after, replies):
             if written:
                 self.chunks[slot] = chunks
+                if chunks:
+                    self.numbers[slot] = chunk_number(chunks[-1])
             else:  # another node took the slot (a newer epoch): ours is history; the next rebalance drops it
                 stats.stale_writes += 1
         return True
+
+    def _commands(self, sha: bytes, touched: set[int], pending: dict, pending_segments: dict, needs_base: set[int],
+                  frontends_changed: set[int]) -> tuple[list, list, int, int]:
+        """(each touched slot's EVALSHA as RESP pieces with its key, for Store.packed; each
+        slot's chunk list once written; payload bytes; records). Built straight as pieces,
+        records as views (`blob_pieces`): at a few thousand slots per interval, each µs of
+        Python per slot counts."""
+        bases, segment_bases = self._bases(needs_base) if needs_base else ({}, {})
+        layout = bulk(LAYOUT_FIELD) + bulk(self.layout())
+        head = bulk(b"EVALSHA") + bulk(sha) + bulk(b"1")
+        gc_ms, no_gc = bulk(b"%d" % self.gc_ms), bulk(b"0")
+        base_names = bulk(BASE_FIELD), bulk(SEG_BASE_FIELD)
+        whole, delta = self.codec.dtype().itemsize, self.codec.delta_dtype().itemsize  # record sizes
+        commands, after = [], []
+        payload = records = 0
+        for slot in touched:
+            key, key_arg = self._key(slot)
+            chunks = self.chunks.get(slot, [])
+            parts = [b"", head, key_arg, bulk(b"%d" % self.epochs.get(slot, 0)), no_gc, b""]
+            fields = 0
+            names_due = slot in frontends_changed
+            if slot in bases:
+                parts[4] = gc_ms
+                rows, segs = bases[slot], segment_bases[slot]
+                parts += (base_names[0], *blob_pieces([rows]), base_names[1], *blob_pieces([segs]), layout)
+                payload += rows.nbytes + segs.nbytes + len(layout)
+                records += rows.nbytes // whole
+                fields += 3
+                names_due = True
+                gone = [bulk(f) for chunk in chunks for f in (chunk, segment_field(chunk))]
+                chunks = []
+            else:
+                gone = ()
+                if slot in pending:
+                    field = chunk_field(self.numbers.get(slot, 0) + 1)
+                    chunks = [*chunks, field]
+                    rows = pending[slot]
+                    parts += (bulk(field), *blob_pieces(rows))
+                    payload += len(field) + sum(r.nbytes for r in rows)
+                    records += sum(r.nbytes for r in rows) // delta
+                    fields += 1
+                    if slot in pending_segments:
+                        segs = pending_segments[slot]
+                        parts += (bulk(segment_field(field)), *blob_pieces(segs))
+                        payload += len(field) + sum(s.nbytes for s in segs)
+                        fields += 1
+            if names_due:
+                names = json.dumps(self.frontends.get(slot, [])).encode()
+                parts += (bulk(FRONTENDS_FIELD), bulk(names))
+                payload += len(FRONTENDS_FIELD) + len(names)
+                fields += 1
+            parts[0] = b"*%d\r\n" % (7 + 2 * fields + len(gone))
+            parts[5] = bulk(b"%d" % fields)
+            parts += gone
+            commands.append((key, parts))
+            after.append((slot, chunks))
+        return commands, after, payload, records
