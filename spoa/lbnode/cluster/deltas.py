@@ -63,6 +63,13 @@ def last_cells(buf: np.ndarray, pos: np.ndarray, rows: np.ndarray, out: np.ndarr
         out[:, j] = flat[at + (nxt - 1 - j) % length]
 
 
+def _before(values: np.ndarray) -> np.ndarray:
+    """values shifted one place on (the first gets 0)."""
+    out = np.empty_like(values)
+    out[0], out[1:] = 0, values[:-1]
+    return out
+
+
 def replay(full: np.ndarray, deltas: np.ndarray, full_keys: np.ndarray, delta_keys: np.ndarray,
            rings: list[Ring]) -> tuple[np.ndarray, np.ndarray, int]:
     """Records of one slot in the order written (`full`: a base's, whole; then `deltas`: its
@@ -75,8 +82,9 @@ def replay(full: np.ndarray, deltas: np.ndarray, full_keys: np.ndarray, delta_ke
     inverse = inverse.reshape(-1)
     order = np.argsort(inverse, kind="stable")  # by key, each key's records in the order written
     group = inverse[order]
-    first = np.r_[True, group[1:] != group[:-1]]
-    ends = np.r_[np.flatnonzero(first)[1:], len(group)] - 1
+    first = np.ones(len(group), bool)
+    first[1:] = group[1:] != group[:-1]
+    ends = np.append(np.flatnonzero(first)[1:], len(group)) - 1
     last = order[ends]
     out = np.empty(len(unique), full.dtype)
     whole = last < n_full
@@ -94,8 +102,9 @@ def replay(full: np.ndarray, deltas: np.ndarray, full_keys: np.ndarray, delta_ke
         length = ring.length
         pos = np.concatenate([full[ring.pos], deltas[ring.pos]])[order].astype(np.int64)
         count = np.concatenate([full[ring.count], deltas[ring.count]])[order].astype(np.int64)
-        step = (pos - np.r_[0, pos[:-1]]) % length
-        follows = (step <= DELTA_CELLS) & (count == np.minimum(np.r_[0, count[:-1]] + step, length))
+        # against the key's record before (a key's first record is an anchor: its "before" is moot)
+        step = (pos - _before(pos)) % length
+        follows = (step <= DELTA_CELLS) & (count == np.minimum(_before(count) + step, length))
         anchor = first | is_full | (count <= DELTA_CELLS)
         inexact += int(np.count_nonzero(~anchor & ~follows))
         # each key's last anchor (its first record is one, so nothing carries over from another key)

@@ -91,12 +91,14 @@ class StateLoader:
             log.warning("slot %d: about %d stored records not adopted: stored under another layout (another "
                         "forecaster, policy or history length, or another format?)", slot, count)
             return None, {}
-        chunks = [self.codec.unpack(blob, delta=True) for blob in blobs[1:]]
-        deltas = np.concatenate(chunks) if chunks else self.codec.unpack(b"", delta=True)
+        # the chunks' bytes joined, then read as one array (concatenating structured arrays
+        # promotes their dtypes field by field, slower than the bytes)
+        deltas = self.codec.unpack(b"".join(blobs[1:]), delta=True)
         packed, last, inexact = latest(self.codec.unpack(blobs[0]), deltas, self.codec.rings())
         self.store.stats.rings_inexact += inexact
+        size = self.codec.delta_dtype().itemsize
         blob_of = np.repeat(np.arange(len(blobs)), [len(blobs[0]) // self.codec.dtype().itemsize] +
-                            [len(chunk) for chunk in chunks])[last]
+                            [len(blob) // size for blob in blobs[1:]])[last]
         return packed, dict(zip(packed["key"].tolist(), blob_of.tolist()))
 
     def segments(self, stored: dict[bytes, bytes], row_blob_of: dict[bytes, int]) -> np.ndarray:
@@ -104,8 +106,11 @@ class StateLoader:
         row_blob_of: as `_records` gives it)."""
         fields = self._fields(stored)
         codec = self.segment_codec
-        blobs = [codec.unpack(stored.get(segment_field(field), b""), delta=i > 0) for i, field in enumerate(fields)]
-        segments, inexact = latest_segments(row_blob_of, blobs, codec.ring(), codec.dtype())
+        blobs = [stored.get(segment_field(field), b"") for field in fields]
+        size = codec.delta_dtype().itemsize
+        segments, inexact = latest_segments(row_blob_of, codec.unpack(blobs[0]),
+                                            codec.unpack(b"".join(blobs[1:]), delta=True),
+                                            [len(blob) // size for blob in blobs[1:]], codec.ring())
         self.store.stats.rings_inexact += inexact
         return segments
 

@@ -52,10 +52,10 @@ class RowCodec:
 
     def __init__(self, table: Any) -> None:
         self.table = table
-        # (capacity, fields, dtype, rings, delta dtype): found again only when the table grew
+        # (capacity, fields, dtype, rings, delta dtype, layout): found again only when the table grew
         # (its parts may have replaced their arrays, never their set of arrays otherwise); every
         # write reads them
-        self._cached: tuple[int, list, np.dtype, list[Ring], np.dtype] | None = None
+        self._cached: tuple[int, list, np.dtype, list[Ring], np.dtype, bytes] | None = None
 
     def _fields(self) -> list[tuple[str, Any, str]]:
         return self._layout()[0]
@@ -75,7 +75,7 @@ class RowCodec:
         cached = self._cached_layout()
         return cached[1], cached[2]
 
-    def _cached_layout(self) -> tuple[int, list, np.dtype, list[Ring], np.dtype]:
+    def _cached_layout(self) -> tuple[int, list, np.dtype, list[Ring], np.dtype, bytes]:
         table = self.table
         if self._cached is None or self._cached[0] != table.capacity:
             fields = [(f"table.{column}", table, column) for column in ROW_COLUMNS]
@@ -88,19 +88,19 @@ class RowCodec:
             dtype = np.dtype([("key", f"V{CONN_KEY_BYTES}"), ("gone", np.uint8), ("frontend", np.uint32)] + columns)
             rings = [Ring(f"{name[:-4]}.buf", f"{name[:-4]}.last", f"{name[:-4]}.pos", f"{name[:-4]}.count",
                           owner.length) for name, owner, attr in fields if attr == "buf" and isinstance(owner, History)]
-            self._cached = (table.capacity, fields, dtype, rings, delta_dtype(dtype, rings))
+            self._cached = (table.capacity, fields, dtype, rings, delta_dtype(dtype, rings), repr(dtype.descr).encode())
         return self._cached
 
     def layout(self) -> bytes:
         """What a record holds, as text: equal layouts read each other's records."""
-        return repr(self.dtype().descr).encode()
+        return self._cached_layout()[5]
 
     def pack(self, rows: np.ndarray, keys: np.ndarray, frontends: np.ndarray, delta: bool = False) -> np.ndarray:
         """The records of `rows` (keys: uint8[n, 24]; frontends: each row's index into its
         slot's frontend names), in the order of `rows`: callers order rows first (by slot), so
         the records, the widest arrays here, are written once and never moved. Whole records,
         or with `delta` each ring's last cells only (a chunk's, deltas.py)."""
-        _capacity, fields, dtype, rings, deltas = self._cached_layout()
+        _capacity, fields, dtype, rings, deltas, _layout = self._cached_layout()
         packed = np.empty(len(rows), deltas if delta else dtype)
         last = {ring.buf: ring.last for ring in rings} if delta else {}
         for name, owner, attr in fields:

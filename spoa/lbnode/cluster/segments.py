@@ -38,8 +38,25 @@ class SegmentCodec:
 
     def __init__(self, table: Any) -> None:
         self.table = table
+        self._dtypes: tuple[int, np.dtype, np.dtype, bytes] | None = None  # (ring length, dtypes, layout)
 
     def dtype(self) -> np.dtype:
+        return self._cached()[1]
+
+    def delta_dtype(self) -> np.dtype:
+        return self._cached()[2]
+
+    def layout(self) -> bytes:
+        return self._cached()[3]
+
+    def _cached(self) -> tuple[int, np.dtype, np.dtype, bytes]:
+        length = self.table.segments.history.length
+        if self._dtypes is None or self._dtypes[0] != length:
+            dtype = self._make_dtype()
+            self._dtypes = (length, dtype, delta_dtype(dtype, [self.ring()]), repr(dtype.descr).encode())
+        return self._dtypes
+
+    def _make_dtype(self) -> np.dtype:
         history = self.table.segments.history
         return np.dtype([("key", f"V{CONN_KEY_BYTES}"), ("direction", np.uint8), ("start", np.uint64),
                          ("byte_count", np.uint64), ("level", np.int8), ("last_activity", np.uint64),
@@ -47,12 +64,6 @@ class SegmentCodec:
 
     def ring(self) -> Ring:
         return Ring("ring", "last", "pos", "count", self.table.segments.history.length)
-
-    def delta_dtype(self) -> np.dtype:
-        return delta_dtype(self.dtype(), [self.ring()])
-
-    def layout(self) -> bytes:
-        return repr(self.dtype().descr).encode()
 
     def pack(self, rows: np.ndarray, keys: np.ndarray, slots: np.ndarray,
              delta: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -109,23 +120,19 @@ def _segment_keys(records: np.ndarray) -> np.ndarray:
     return raw.view(f"V{CONN_KEY_BYTES + 9}").reshape(-1)
 
 
-def latest_segments(row_blob_of: dict[bytes, int], segment_blobs: list[np.ndarray], ring: Ring,
-                    dtype: np.dtype) -> tuple[np.ndarray, int]:
-    """Of segment records stored next to row records (blob 0 a base's whole records, then the
-    chunks' delta records, in the order written), each connection's segments from the blob
-    that holds its last row record (`row_blob_of`: connection key -> that blob), each with its
-    state from its last record there and its ring rebuilt (deltas.replay); and how many records
-    could not continue their rings exactly."""
-    base, chunks = segment_blobs[0], segment_blobs[1:]
-    if not any(map(len, chunks)):
+def latest_segments(row_blob_of: dict[bytes, int], base: np.ndarray, deltas: np.ndarray, chunk_sizes: list[int],
+                    ring: Ring) -> tuple[np.ndarray, int]:
+    """Of segment records stored next to row records (`base`: the base's whole records, then
+    `deltas`: the chunks' delta records in the order written, chunk i holding `chunk_sizes[i]`),
+    each connection's segments from the blob that holds its last row record (`row_blob_of`:
+    connection key -> that blob, 0 the base, i the i-th chunk), each with its state from its
+    last record there and its ring rebuilt (deltas.replay); and how many records could not
+    continue their rings exactly."""
+    if not len(deltas):
         records, blob_of, inexact = base, np.zeros(len(base), np.int64), 0
     else:
-        deltas = np.concatenate(chunks)
-        blob_of = np.repeat(np.arange(len(segment_blobs)), [len(b) for b in segment_blobs])
         records, last, inexact = replay(base, deltas, _segment_keys(base), _segment_keys(deltas), [ring])
-        blob_of = blob_of[last]
-    if not len(records):
-        return np.empty(0, dtype), inexact
+        blob_of = np.repeat(np.arange(len(chunk_sizes) + 1), [len(base)] + chunk_sizes)[last]
     kept = np.fromiter((row_blob_of.get(k) == b for k, b in zip(records["key"].tolist(), blob_of.tolist())),
                        bool, len(records))
     return records[kept], inexact
