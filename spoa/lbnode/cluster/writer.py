@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -128,11 +129,13 @@ class StoreWriter:
         self.row_born = np.full(0, -1, np.int64)  # the row's allocation order then (LeaseTable.born)
         self.pending: dict[int, list[np.ndarray]] = {}  # slot -> record arrays not yet written, in order
         self.pending_segments: dict[int, list[np.ndarray]] = {}  # slot -> their connections' segment records
-        self.chunks: dict[int, list[bytes]] = {}  # slot -> its chunk fields in the store since its base
+        self.chunks: dict[int, Sequence[bytes]] = {}  # slot -> its chunk fields in the store since its base
         # slot -> N of its last chunk written: numbers go on past a compaction, so that chunks
         # older than a base that did not survive (a failover losing it) still load before newer ones
         self.numbers: dict[int, int] = {}
         self._keys: dict[int, tuple[str, bytes]] = {}  # slot -> its store key, and it as a RESP argument
+        # slot -> (epoch, script SHA, key, the head of its chunk command under them)
+        self._prefixes: dict[int, tuple[int, bytes, str, bytes]] = {}
         self.needs_base: set[int] = set()  # slots to rewrite whole at the next flush
         self.frontends: dict[int, list[str]] = {}  # slot -> its frontend names, as stored
         self.frontend_index = np.full((slots, 0), -1, np.int32)  # slot x class id -> index in its names
@@ -346,9 +349,31 @@ class StoreWriter:
         whole, delta = self.codec.dtype().itemsize, self.codec.delta_dtype().itemsize  # record sizes
         commands, after = [], []
         payload = records = 0
+        prefixes, numbers, epochs, chunks_of = self._prefixes, self.numbers, self.epochs, self.chunks
         for slot in touched:
+            rows = pending.get(slot)
+            segs = pending_segments.get(slot)
+            if (rows is not None and segs is not None and len(rows) == 1 and len(segs) == 1 and slot not in bases
+                    and slot not in frontends_changed):
+                # the common case, one interval's chunk: its command's head made once per slot
+                # and epoch, the rest two small formats and the two views
+                epoch = epochs.get(slot, 0)
+                known = prefixes.get(slot)
+                if known is None or known[0] != epoch or known[1] != sha:
+                    key, key_arg = self._key(slot)
+                    known = prefixes[slot] = (epoch, sha, key, b"*11\r\n" + head + key_arg + bulk(b"%d" % epoch) +
+                                              no_gc + bulk(b"2"))
+                number = b"%d" % (numbers.get(slot, 0) + 1)
+                r, g = rows[0], segs[0]
+                commands.append((known[2], (known[3], b"$%d\r\nc:%s\r\n$%d\r\n" % (len(number) + 2, number, r.nbytes), r,
+                                            b"\r\n$%d\r\ng:%s\r\n$%d\r\n" % (len(number) + 2, number, g.nbytes), g,
+                                            b"\r\n")))
+                after.append((slot, (*chunks_of.get(slot, ()), b"c:" + number)))
+                payload += 2 * len(number) + 4 + r.nbytes + g.nbytes
+                records += r.nbytes // delta
+                continue
             key, key_arg = self._key(slot)
-            chunks = self.chunks.get(slot, [])
+            chunks = self.chunks.get(slot, ())
             parts = [b"", head, key_arg, bulk(b"%d" % self.epochs.get(slot, 0)), no_gc, b""]
             fields = 0
             names_due = slot in frontends_changed
@@ -361,12 +386,12 @@ class StoreWriter:
                 fields += 3
                 names_due = True
                 gone = [bulk(f) for chunk in chunks for f in (chunk, segment_field(chunk))]
-                chunks = []
+                chunks = ()
             else:
                 gone = ()
                 if slot in pending:
                     field = chunk_field(self.numbers.get(slot, 0) + 1)
-                    chunks = [*chunks, field]
+                    chunks = (*chunks, field)
                     rows = pending[slot]
                     parts += (bulk(field), *blob_pieces(rows))
                     payload += len(field) + sum(r.nbytes for r in rows)
