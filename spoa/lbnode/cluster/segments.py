@@ -120,19 +120,17 @@ def _segment_keys(records: np.ndarray) -> np.ndarray:
     return raw.view(f"V{CONN_KEY_BYTES + 9}").reshape(-1)
 
 
-def latest_segments(row_blob_of: dict[bytes, int], base: np.ndarray, deltas: np.ndarray, chunk_sizes: list[int],
-                    ring: Ring) -> tuple[np.ndarray, int]:
-    """Of segment records stored next to row records (`base`: the base's whole records, then
-    `deltas`: the chunks' delta records in the order written, chunk i holding `chunk_sizes[i]`),
-    each connection's segments from the blob that holds its last row record (`row_blob_of`:
-    connection key -> that blob, 0 the base, i the i-th chunk), each with its state from its
-    last record there and its ring rebuilt (deltas.replay); and how many records could not
-    continue their rings exactly."""
-    if not len(deltas):
-        records, blob_of, inexact = base, np.zeros(len(base), np.int64), 0
-    else:
-        records, last, inexact = replay(base, deltas, _segment_keys(base), _segment_keys(deltas), [ring])
-        blob_of = np.repeat(np.arange(len(chunk_sizes) + 1), [len(base)] + chunk_sizes)[last]
+def latest_segments(row_blob_of: dict[bytes, int], base: np.ndarray, deltas: np.ndarray, base_sizes: list[int],
+                    chunk_sizes: list[int], ring: Ring) -> tuple[np.ndarray, int]:
+    """Of segment records stored next to row records (`base`: bases' whole records, then
+    `deltas`: chunks' delta records in the order written; blob i holding `(base_sizes +
+    chunk_sizes)[i]` records, the numbering of the row blobs), each connection's segments from
+    the blob that holds its last row record (`row_blob_of`: connection key -> that blob), each
+    with its state from its last record there and its ring rebuilt (deltas.replay); and how
+    many records could not continue their rings exactly."""
+    records, last, inexact = replay(base, deltas, _segment_keys(base), _segment_keys(deltas), [ring]) \
+        if len(deltas) else (base, np.arange(len(base)), 0)
+    blob_of = np.repeat(np.arange(len(base_sizes) + len(chunk_sizes)), base_sizes + chunk_sizes)[last]
     kept = np.fromiter((row_blob_of.get(k) == b for k, b in zip(records["key"].tolist(), blob_of.tolist())),
                        bool, len(records))
     return records[kept], inexact
