@@ -77,6 +77,8 @@ async def read_integers(reader: asyncio.StreamReader, count: int) -> list[int]:
         lines += complete
     if rest or len(lines) > count:
         raise ReplyError("more replies than commands: the connection is out of step")
+    if lines.count(b":1") == count:  # the usual answer: every write applied
+        return [1] * count
     replies = []
     for line in lines:
         if line[:1] != b":":  # an error (or a reply the caller did not expect): the call fails
@@ -163,24 +165,29 @@ class Store:
 
         async def run(client: Any) -> list:
             await client.initialize()  # a no-op once the topology is known
-            shards: dict[str, tuple[Any, list[int]]] = {}
+            # each primary's commands (their indexes) and their pieces, in order
+            shards: dict[str, tuple[Any, list[int], list]] = {}
             nodes = self._nodes
-            for i, (key, _command) in enumerate(commands):
+            for i, (key, command) in enumerate(commands):
                 node = nodes.get(key)
                 if node is None:
                     node = nodes[key] = client.get_node_from_key(key)
-                shards.setdefault(node.name, (node, []))[1].append(i)
+                shard_of = shards.get(node.name)
+                if shard_of is None:
+                    shard_of = shards[node.name] = (node, [], [])
+                shard_of[1].append(i)
+                shard_of[2].extend(command)
             replies: list = [None] * len(commands)
 
-            async def shard(node: Any, indexes: list[int]) -> None:
+            async def shard(node: Any, indexes: list[int], pieces: list) -> None:
                 connection = node.acquire_connection()
                 try:
                     if not connection.is_connected:
                         await connection.connect()
                     # written as one view: asyncio's writelines would join the pieces into
                     # bytes, and its write copy what the socket did not take once more as bytes
-                    # before buffering it (≈ 50 MB an interval at 100,000 connections)
-                    connection._writer.write(memoryview(b"".join([part for i in indexes for part in commands[i][1]])))
+                    # before buffering it (≈ 30 MB an interval at 100,000 connections)
+                    connection._writer.write(memoryview(b"".join(pieces)))
                     await connection._writer.drain()
                     # redis-py's parser has nothing buffered here: every earlier use of this
                     # connection read its replies whole, and a failed one dropped the client
@@ -189,7 +196,7 @@ class Store:
                 finally:
                     node.release(connection)
 
-            tasks = [asyncio.ensure_future(shard(node, indexes)) for node, indexes in shards.values()]
+            tasks = [asyncio.ensure_future(shard(*shard_of)) for shard_of in shards.values()]
             try:
                 await asyncio.gather(*tasks)
             except BaseException:  # one shard failed: the others stop too (the client is dropped next)

@@ -141,6 +141,7 @@ class StoreWriter:
         self.frontend_index = np.full((slots, 0), -1, np.int32)  # slot x class id -> index in its names
         self.frontends_changed: set[int] = set()
         self.flushes = 0  # the compaction turn
+        self.kept = False  # the last flush was not acknowledged: its records wait in pending
         self.epochs: dict[int, int] = {}  # slot -> the ownership epoch this node writes it under
 
     def layout(self) -> bytes:
@@ -290,11 +291,12 @@ class StoreWriter:
     async def flush(self) -> bool:
         """Everything pending as one pipeline; False (kept for the next) when unacknowledged."""
         self.flushes += 1
-        for slot, kept in self.pending.items():
-            # each slot in its turn (staggered by slot), or when an outage piled up its chunks
-            chunks = len(self.chunks.get(slot, ()))
-            if chunks and (self.flushes + slot) % COMPACT_EVERY == 0 or len(kept) >= COMPACT_EVERY:
-                self.needs_base.add(slot)
+        # each slot in its turn (staggered by slot), or when an outage piled up its chunks (only
+        # after an unacknowledged flush can a slot hold more than one interval's)
+        turn = range((-self.flushes) % COMPACT_EVERY, self.slots, COMPACT_EVERY)
+        self.needs_base.update(slot for slot in turn if slot in self.pending and self.chunks.get(slot))
+        if self.kept:
+            self.needs_base.update(slot for slot, kept in self.pending.items() if len(kept) >= COMPACT_EVERY)
         # what the flush sends; what comes while it waits (records' closes) goes to the next
         pending, self.pending = self.pending, {}
         needs_base, self.needs_base = self.needs_base, set()
@@ -311,6 +313,7 @@ class StoreWriter:
             commands, after, payload, records = self._commands(sha.encode(), touched, pending, pending_segments,
                                                               needs_base, frontends_changed)
             replies = await self.store.packed("state write", commands)
+        self.kept = replies is None
         if replies is None:
             stats.write_errors += 1
             for into, sent in ((self.pending, pending), (self.pending_segments, pending_segments)):
@@ -326,11 +329,11 @@ class StoreWriter:
         stats.rows_written += records
         stats.write_seconds += took
         stats.last_write_seconds = took
-        for (slot, chunks), written in zip(after, replies):
+        for (slot, chunks, number), written in zip(after, replies):
             if written:
                 self.chunks[slot] = chunks
-                if chunks:
-                    self.numbers[slot] = chunk_number(chunks[-1])
+                if number:
+                    self.numbers[slot] = number
             else:  # another node took the slot (a newer epoch): ours is history; the next rebalance drops it
                 stats.stale_writes += 1
         return True
@@ -363,17 +366,19 @@ class StoreWriter:
                     key, key_arg = self._key(slot)
                     known = prefixes[slot] = (epoch, sha, key, b"*11\r\n" + head + key_arg + bulk(b"%d" % epoch) +
                                               no_gc + bulk(b"2"))
-                number = b"%d" % (numbers.get(slot, 0) + 1)
+                written = numbers.get(slot, 0) + 1
+                number = b"%d" % written
                 r, g = rows[0], segs[0]
                 commands.append((known[2], (known[3], b"$%d\r\nc:%s\r\n$%d\r\n" % (len(number) + 2, number, r.nbytes), r,
                                             b"\r\n$%d\r\ng:%s\r\n$%d\r\n" % (len(number) + 2, number, g.nbytes), g,
                                             b"\r\n")))
-                after.append((slot, (*chunks_of.get(slot, ()), b"c:" + number)))
+                after.append((slot, (*chunks_of.get(slot, ()), b"c:" + number), written))
                 payload += 2 * len(number) + 4 + r.nbytes + g.nbytes
                 records += r.nbytes // delta
                 continue
             key, key_arg = self._key(slot)
             chunks = self.chunks.get(slot, ())
+            written = 0  # the number of the chunk this command writes (0: none)
             parts = [b"", head, key_arg, bulk(b"%d" % self.epochs.get(slot, 0)), no_gc, b""]
             fields = 0
             names_due = slot in frontends_changed
@@ -390,7 +395,8 @@ class StoreWriter:
             else:
                 gone = ()
                 if slot in pending:
-                    field = chunk_field(self.numbers.get(slot, 0) + 1)
+                    written = self.numbers.get(slot, 0) + 1
+                    field = chunk_field(written)
                     chunks = (*chunks, field)
                     rows = pending[slot]
                     parts += (bulk(field), *blob_pieces(rows))
@@ -411,5 +417,5 @@ class StoreWriter:
             parts[5] = bulk(b"%d" % fields)
             parts += gone
             commands.append((key, parts))
-            after.append((slot, chunks))
+            after.append((slot, chunks, written))
         return commands, after, payload, records
