@@ -1,21 +1,24 @@
 """Per interval, what changed in the owned slots, written to the store in one round trip per primary.
 
 A slot's state is one hash, `NS:{NS.SLOT}:rows` (slots.slot_key), of a few fields:
-- `base`: the records (rows.RowCodec) of every connection of the slot, back to back;
-- `c:N` (N = 1, 2, ...): a chunk per interval since the base: the records of the
-  connections refreshed in it, and deletions of those that ended (closed, expired);
+- `base`: the whole records (rows.RowCodec) of every connection of the slot, back to back;
+- `c:N` (N = 1, 2, ...): a chunk per interval since the base: the delta records (each
+  history ring's last cells only, deltas.py) of the connections refreshed in it, and
+  deletions of those that ended (closed, expired); numbers go on past a compaction (`numbers`),
+  so a compaction lost by a failover leaves older chunks that still sort before newer ones;
 - `g:base` and `g:N`: the segment records (segments.py) of the same connections as `base`
-  and `c:N`;
-- `layout` (what a record holds) and `frontends` (the names the records index);
+  and `c:N`, whole and delta likewise;
+- `layout` (what a record holds, and the chunks' format) and `frontends` (the names the
+  records index);
 - `epoch`: incremented by each node that gains the slot; every write is a small Lua script
   that applies only under the writer's epoch (WRITE_SCRIPT), so a former owner still
   writing is refused by the store itself.
-A loader applies base, then the chunks in order (rows.latest).
+A loader applies base, then the chunks in order (rows.latest: rings rebuilt, deltas.replay).
 
 So per interval and slot the write is one EVALSHA (WRITE_SCRIPT, loaded once per client)
 setting the chunk's fields, blobs built with whole-array operations (no Python work per
 connection): rows are ordered by slot before their records are made (`by_slot`), and each
-slot's records are a view of one array. Every `COMPACT_EVERY` chunks the slot is compacted in
+slot's records are a memoryview slice of one array (`slot_views`). Every `COMPACT_EVERY` chunks the slot is compacted in
 the same script: a new base from the table (which holds the slot's whole state), an HDEL of
 its chunks and a PEXPIRE, the garbage-collection backstop (`cluster.gc_ms`, far longer than
 COMPACT_EVERY intervals) for a slot nobody owns any more. Slots compact in turn (their counts
