@@ -121,7 +121,9 @@ def tier_metrics(p: str, tier) -> Iterator:
             ("state_load_seconds", "summed time of those loads", store.load_seconds),
             ("class_priors_written", "traffic-class priors written to the store", tier.priors.written),
             ("class_priors_seeded", "traffic classes seeded from the store's priors on joining", tier.priors.seeded),
-            ("state_rows_refused", "stored connections not adopted: another layout", store.rows_refused)):
+            ("state_rows_refused", "stored connections not adopted: another layout", store.rows_refused),
+            ("state_rings_inexact", "loaded records whose history ring could not be continued exactly "
+             "(two chunks in a row lost)", store.rings_inexact)):
         yield CounterMetricFamily(f"{p}_{name}", doc, value=value)
 
 

@@ -2,7 +2,8 @@
 
 The caller (tier.TierMember) loads a gained slot in the same round that computes the gain,
 before the interval's expiry can run on it: one pipelined HGETALL per slot, then the slot's
-base and chunks applied in order (rows.latest). The same round trip increments the slot's
+base and chunks applied in order (rows.latest: each connection's last record, its history
+rings rebuilt from the base's whole rings and the chunks' newest cells, deltas.py). The same round trip increments the slot's
 epoch: from then on only this node's writes of the slot apply. Each stored connection becomes a table row
 (LeaseTable.adopt) with its whole state restored (RowCodec), and its lease deadline
 
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .rows import RowCodec, latest, record_keys
-from .segments import SegmentCodec, latest_segments, segment_field
+from .segments import SEG_BASE_FIELD, SegmentCodec, latest_segments, segment_field
 from .store import slot_key
 from .store import Store
 from .writer import BASE_FIELD, EPOCH_FIELD, FRONTENDS_FIELD, LAYOUT_FIELD, StoreWriter, chunk_number
@@ -73,47 +74,87 @@ class StateLoader:
 
     def records(self, slot: int, stored: dict[bytes, bytes]) -> np.ndarray | None:
         """The slot's live records (base, then chunks in order); None when another layout wrote them."""
+        found = self._records({slot: stored})
+        return None if slot not in found[3] else found[0]
+
+    def _accepted(self, slot: int, stored: dict[bytes, bytes]) -> list[bytes] | None:
+        """The slot's record fields in order (its base, then its chunks), handed to the writer
+        as adopted; None when another layout wrote them (refused, counted)."""
         fields = self._fields(stored)
-        blobs = [stored.get(field, b"") for field in fields]
         self.writer.adopted(slot, int(stored.get(EPOCH_FIELD, 0)), json.loads(stored.get(FRONTENDS_FIELD, b"[]")),
                             fields[1:])
-        if not any(blobs):
-            return self.codec.unpack(b"")
-        if stored.get(LAYOUT_FIELD) != self.writer.layout():
-            count = sum(map(len, blobs)) // self.codec.dtype().itemsize
+        if any(stored.get(field) for field in fields) and stored.get(LAYOUT_FIELD) != self.writer.layout():
+            count = sum(len(stored.get(field, b"")) for field in fields) // self.codec.dtype().itemsize
             self.store.stats.rows_refused += count
             log.warning("slot %d: about %d stored records not adopted: stored under another layout (another "
-                        "forecaster, policy or history length?)", slot, count)
+                        "forecaster, policy or history length, or another format?)", slot, count)
             return None
-        return latest(self.codec.unpack(b"".join(blobs)))
+        return fields
 
-    def segments(self, stored: dict[bytes, bytes]) -> np.ndarray:
-        """The segment records of the slot's live connections (of a layout `records` accepted)."""
-        fields = self._fields(stored)
-        return latest_segments([self.codec.unpack(stored.get(field, b"")) for field in fields],
-                               [self.segment_codec.unpack(stored.get(segment_field(field), b"")) for field in fields],
-                               self.segment_codec.dtype())
+    def _records(self, stored: dict[int, dict[bytes, bytes]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+        """Of several slots' stored hashes, read together (one replay for all: a connection is in
+        one slot, so their records never mix): (the live records; each one's slot; the blob
+        holding its last record, numbered across the slots; the slots accepted -> their fields)."""
+        accepted = {slot: fields for slot, hashed in stored.items()
+                    if (fields := self._accepted(slot, hashed)) is not None}
+        whole, delta = self.codec.dtype().itemsize, self.codec.delta_dtype().itemsize
+        bases = [stored[slot].get(BASE_FIELD, b"") for slot in accepted]
+        chunks = [stored[slot].get(field, b"") for slot, fields in accepted.items() for field in fields[1:]]
+        # each blob's slot and its number (bases first, then every slot's chunks in order), and
+        # how many records it holds: a record's blob is found from its index
+        blob_slot = [*accepted, *(slot for slot, fields in accepted.items() for _ in fields[1:])]
+        sizes = [len(blob) // whole for blob in bases] + [len(blob) // delta for blob in chunks]
+        # the bytes joined, then read as one array (concatenating structured arrays promotes
+        # their dtypes field by field, slower than the bytes)
+        packed, last, inexact = latest(self.codec.unpack(b"".join(bases)),
+                                       self.codec.unpack(b"".join(chunks), delta=True), self.codec.rings())
+        self.store.stats.rings_inexact += inexact
+        blob_of = np.repeat(np.arange(len(sizes)), sizes)[last]
+        return packed, np.array(blob_slot, np.int64)[blob_of] if len(packed) else blob_of, blob_of, accepted
+
+    def _segments(self, stored: dict[int, dict[bytes, bytes]], accepted: dict, packed: np.ndarray,
+                  blob_of: np.ndarray) -> np.ndarray:
+        """The segment records of the live connections `packed` (as `_records` read them, the
+        blob of each one's last record `blob_of`), from the same slots' hashes."""
+        codec = self.segment_codec
+        bases = [stored[slot].get(SEG_BASE_FIELD, b"") for slot in accepted]
+        chunks = [stored[slot].get(segment_field(field), b"") for slot, fields in accepted.items()
+                  for field in fields[1:]]
+        size = codec.delta_dtype().itemsize
+        segments, inexact = latest_segments(dict(zip(packed["key"].tolist(), blob_of.tolist())),
+                                            codec.unpack(b"".join(bases)), codec.unpack(b"".join(chunks), delta=True),
+                                            [len(blob) // codec.dtype().itemsize for blob in bases],
+                                            [len(blob) // size for blob in chunks], codec.ring())
+        self.store.stats.rings_inexact += inexact
+        return segments
 
     def adopt(self, slot: int, stored: dict[bytes, bytes], now: int) -> int:
         """The connections of one slot's stored hash into the table; how many were new here."""
-        packed = self.records(slot, stored)
-        if packed is None or not len(packed):
+        return self.adopt_slots({slot: stored}, now)
+
+    def adopt_slots(self, stored: dict[int, dict[bytes, bytes]], now: int) -> int:
+        """The connections of several slots' stored hashes into the table (read together: numpy
+        work per group of slots, not per slot); how many were new here."""
+        packed, slot_of, blob_of, accepted = self._records(stored)
+        if not len(packed):
             return 0
         node_ids, conn_ids = record_keys(packed)
         table = self.table
-        frontends = self.writer.frontends[slot]
-        names = [frontends[i] if i < len(frontends) else "" for i in packed["frontend"].tolist()]
+        frontends = self.writer.frontends
+        names = [names[i] if i < len(names) else "" for names, i in
+                 zip(map(frontends.__getitem__, slot_of.tolist()), packed["frontend"].tolist())]
         class_ids = np.array([table.class_of(n, f) for n, f in zip(node_ids.tolist(), names)], np.int32)
         rows, fresh = table.adopt(node_ids, conn_ids, class_ids)
         held = rows >= 0
         new = fresh & held
         deadline = np.maximum(packed["table.expires"], now + self.grace_ms)
         self.codec.restore(rows[new], packed[new])
-        self.segments_adopted += self.segment_codec.restore(rows[new], packed["key"][new], self.segments(stored))
+        self.segments_adopted += self.segment_codec.restore(rows[new], packed["key"][new],
+                                                            self._segments(stored, accepted, packed, blob_of))
         table.expires[rows[new]] = deadline[new]
         known = held & ~fresh
         table.expires[rows[known]] = np.maximum(table.expires[rows[known]], deadline[known])
-        self.writer.remember(rows[held], np.full(int(held.sum()), slot, np.int64))
+        self.writer.remember(rows[held], slot_of[held])
         self.store.stats.rows_loaded += len(packed)
         count = int(np.count_nonzero(new))
         self.adopted += count
@@ -135,9 +176,7 @@ class StateLoader:
             stored = await self.fetch(group)
             if stored is None:
                 break
-            now = now_ms()
-            for slot, fields in stored.items():
-                self.adopt(slot, fields, now)
+            self.adopt_slots(stored, now_ms())
             done += group
             self.store.stats.load_batches += 1
         self.store.stats.load_seconds += time.perf_counter() - began

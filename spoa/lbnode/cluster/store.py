@@ -42,6 +42,12 @@ class StoreStats:
     rows_written: int = 0
     rows_loaded: int = 0
     rows_refused: int = 0  # stored rows not adopted: their layout differs from this node's
+    rings_inexact: int = 0  # loaded records whose ring could not be continued exactly (2 chunks lost)
+
+
+def bulk(arg: bytes) -> bytes:
+    """A short argument as one RESP bulk string (its length, it, the line end)."""
+    return b"$%d\r\n%s\r\n" % (len(arg), arg)
 
 
 def resp(args: list) -> list:
@@ -71,6 +77,8 @@ async def read_integers(reader: asyncio.StreamReader, count: int) -> list[int]:
         lines += complete
     if rest or len(lines) > count:
         raise ReplyError("more replies than commands: the connection is out of step")
+    if lines.count(b":1") == count:  # the usual answer: every write applied
+        return [1] * count
     replies = []
     for line in lines:
         if line[:1] != b":":  # an error (or a reply the caller did not expect): the call fails
@@ -95,6 +103,9 @@ class Store:
         self.stats = StoreStats()
         self._client: Any = None
         self._scripts: dict[str, str] = {}  # script -> its SHA1, loaded on the current client's primaries
+        # key -> its primary, as the current client found it: a topology change (a failover,
+        # resharding) answers MOVED, which fails the call and drops the client, and this with it
+        self._nodes: dict[str, Any] = {}
 
     def _make_client(self) -> Any:
         from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -154,16 +165,30 @@ class Store:
 
         async def run(client: Any) -> list:
             await client.initialize()  # a no-op once the topology is known
-            shards: dict[str, tuple[Any, list[int]]] = {}
-            for i, (key, _command) in enumerate(commands):
-                node = client.get_node_from_key(key)
-                shards.setdefault(node.name, (node, []))[1].append(i)
+            # each primary's commands (their indexes) and their pieces, in order
+            shards: dict[str, tuple[Any, list[int], list]] = {}
+            nodes = self._nodes
+            for i, (key, command) in enumerate(commands):
+                node = nodes.get(key)
+                if node is None:
+                    node = nodes[key] = client.get_node_from_key(key)
+                shard_of = shards.get(node.name)
+                if shard_of is None:
+                    shard_of = shards[node.name] = (node, [], [])
+                shard_of[1].append(i)
+                shard_of[2].extend(command)
             replies: list = [None] * len(commands)
 
-            async def shard(node: Any, indexes: list[int]) -> None:
+            async def shard(node: Any, indexes: list[int], pieces: list) -> None:
                 connection = node.acquire_connection()
                 try:
-                    await connection.send_packed_command([part for i in indexes for part in commands[i][1]])
+                    if not connection.is_connected:
+                        await connection.connect()
+                    # written as one view: asyncio's writelines would join the pieces into
+                    # bytes, and its write copy what the socket did not take once more as bytes
+                    # before buffering it (≈ 30 MB an interval at 100,000 connections)
+                    connection._writer.write(memoryview(b"".join(pieces)))
+                    await connection._writer.drain()
                     # redis-py's parser has nothing buffered here: every earlier use of this
                     # connection read its replies whole, and a failed one dropped the client
                     for i, reply in zip(indexes, await read_integers(connection._reader, len(indexes))):
@@ -171,7 +196,7 @@ class Store:
                 finally:
                     node.release(connection)
 
-            tasks = [asyncio.ensure_future(shard(node, indexes)) for node, indexes in shards.values()]
+            tasks = [asyncio.ensure_future(shard(*shard_of)) for shard_of in shards.values()]
             try:
                 await asyncio.gather(*tasks)
             except BaseException:  # one shard failed: the others stop too (the client is dropped next)
@@ -197,6 +222,7 @@ class Store:
 
     async def _drop_client(self) -> None:
         self._scripts.clear()
+        self._nodes.clear()
         client, self._client = self._client, None
         if client is not None:
             try:

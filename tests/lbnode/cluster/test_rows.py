@@ -55,14 +55,15 @@ def test_latest_record_of_each_connection_counts_and_deletions_remove(tmp_path):
     codec = RowCodec(table)
     rows = np.array([table.slot(7, i.to_bytes(16, "big")) for i in range(3)])
     keys = conn_keys(table.node[rows], table.conn_id[rows])
-    first = codec.pack(rows, keys, np.zeros(3, np.uint32))
+    first = codec.pack(rows, keys, np.zeros(3, np.uint32))  # a base: whole records
     table.last_total[rows] += 5
-    second = codec.pack(rows[:2], keys[:2], np.zeros(2, np.uint32))  # 0 and 1 refreshed again
+    second = codec.pack(rows[:2], keys[:2], np.zeros(2, np.uint32), delta=True)  # 0 and 1 refreshed again
     gone = codec.deletions(keys[1:2])  # 1 ended
-    result = latest(np.concatenate([first, second, gone]))
+    result, last, inexact = latest(first, np.concatenate([second, gone]), codec.rings())
     by_key = {bytes(r["key"]): int(r["table.last_total"]) for r in result}
     assert by_key == {bytes(keys[0]): 15, bytes(keys[2]): 30}
-    assert not len(latest(first[:0]))
+    assert sorted(last.tolist()) == [2, 3] and inexact == 0  # 2 in the base, 0 in the chunk
+    assert not len(latest(first[:0], second[:0], codec.rings())[0])
 
 
 def test_segment_records_come_grouped_by_slot_each_with_its_connections_state(tmp_path):

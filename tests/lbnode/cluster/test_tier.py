@@ -427,10 +427,30 @@ def test_writes_go_on_after_the_store_forgets_the_write_script(tmp_path, new_sto
     run(scenario())
 
 
-def test_adopted_connections_keep_their_segments_and_segment_histories(tmp_path, store_cluster):
+def lose_newest_chunks(store_cluster, lbnode) -> int:
+    """Each of the node's slots loses its newest chunk (rows and segments), as a primary's
+    failover loses its last acknowledged write; how many slots lost one."""
+    c = redis.RedisCluster.from_url(f"redis://{store_cluster.seeds[0]}")
+    try:
+        lost = 0
+        for slot in np.flatnonzero(lbnode.tier.owned).tolist():
+            key = slot_key(lbnode.tier.writer.namespace, slot)
+            chunks = [f for f in c.hkeys(key) if f.startswith(b"c:")]
+            if chunks:
+                newest = max(chunks, key=lambda f: int(f[2:]))
+                lost += c.hdel(key, newest, b"g:" + newest[2:]) == 2
+        return lost
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("lost", [False, True], ids=["all-chunks", "newest-chunk-lost"])
+def test_adopted_connections_keep_their_segments_and_segment_histories(tmp_path, store_cluster, lost):
     """Segments (last report and rolling history) go to the store with their connections; the
-    successor restores them, and the connection's next record continues each history."""
-    a, b = two_nodes(tmp_path, store_cluster, "segments")
+    successor restores them, and the connection's next record continues each history. Chunks
+    carry only each ring's newest cells: with a chunk lost (`lost`: the newest before the last
+    write) the next one repairs it, and the successor's state is the same."""
+    a, b = two_nodes(tmp_path, store_cluster, "segments-lost" if lost else "segments")
 
     def with_segments(i: int, step: int) -> ConnectionRecord:
         segs = tuple(SegmentRecord(direction=d, start_byte_offset=0 if k == 0 else 1 << 20, byte_count=100 * step,
@@ -449,15 +469,19 @@ def test_adopted_connections_keep_their_segments_and_segment_histories(tmp_path,
             a.on_batch(columns(SERVER_NODE, [with_segments(i, step) for i in mine]))
             a.tick()
             await a.tier.round()
+            if lost and step == 3:
+                assert lose_newest_chunks(store_cluster, a) > 0
 
         def state(node, i):
             table = node.table
-            segs = table.segments.of_connection(table.slot(SERVER_NODE, i.to_bytes(16, "big")))
+            row = table.slot(SERVER_NODE, i.to_bytes(16, "big"))
+            segs = table.segments.of_connection(row)
             return [(int(table.segments.direction[s]), int(table.segments.start[s]), int(table.segments.byte_count[s]),
-                     int(table.segments.level[s]), table.segments.history.series(s).tolist()) for s in segs]
+                     int(table.segments.level[s]), table.segments.history.series(s).tolist()) for s in segs] + [
+                table.history.series(row).tolist(), int(table.last_total[row])]
 
         before = {i: state(a, i) for i in mine}
-        assert all(len(segs) == 4 and len(segs[0][4]) == 4 for segs in before.values())
+        assert all(len(segs) == 6 and len(segs[0][4]) == 4 for segs in before.values())
         began = time.monotonic()
         while not b.tier.owned.all():  # A died
             await b.tier.round()
@@ -467,9 +491,10 @@ def test_adopted_connections_keep_their_segments_and_segment_histories(tmp_path,
         assert {i: state(b, i) for i in mine} == before
         b.on_batch(columns(SERVER_NODE, [with_segments(i, 5) for i in mine]))
         b.tick()
-        after = state(b, mine[0])
+        after = state(b, mine[0])[:4]
         assert [len(s[4]) for s in after] == [5, 5, 5, 5]  # continued, not restarted
-        assert [s[4][:4] for s in after] == [s[4] for s in before[mine[0]]]
+        assert [s[4][:4] for s in after] == [s[4] for s in before[mine[0]][:4]]
+        assert b.tier.store.stats.rings_inexact == 0
         await b.tier.close()
 
     run(scenario())
