@@ -106,13 +106,12 @@ class LeaseModule:
 
     @property
     def lease(self) -> LeaseSettings:
-        return self._lease
+        return self._answer.settings
 
     @lease.setter
     def lease(self, lease: LeaseSettings) -> None:
         """Also on a live reload (SIGHUP): the answers and the refresh cadence
         follow the new settings (the cadence from the next record or hint on)."""
-        self._lease = lease
         self.tracker.set_refresh(self.interval_ms, lease.refresh_fraction, lease.hint_ttl_ms)
         self._answer.settings = lease
 

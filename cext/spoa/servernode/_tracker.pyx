@@ -814,14 +814,14 @@ cdef class SegmentTracker:
                                const unsigned char *src, uint16_t src_port, const unsigned char *dst,
                                uint16_t dst_port, str frontend, int64_t now_ms) except -2:
         """register() of checked values (addresses packed): the slot, -1 when refused (full)."""
-        cdef uint64_t h = key_hash(k, n)
-        cdef int32_t slot = self._find(k, n, h)
+        cdef int32_t slot = self._renew(k, n, conn_id, now_ms)
+        cdef uint64_t h
         cdef Conn *c
         if slot >= 0:
-            c = conn_at(self._chunks, slot)
-            if memcmp(c.conn_id, conn_id, 16) == 0:
-                c.last_seen = now_ms
-                return slot
+            return slot
+        h = key_hash(k, n)
+        slot = self._find(k, n, h)
+        if slot >= 0:
             self._close_slot(slot, now_ms, FLAG_CLOSED)  # the 4-tuple was reused: the old connection is over
         if self._count >= self.max_connections:
             self.stats["refused"] += 1
@@ -964,11 +964,8 @@ cdef class SegmentTracker:
 
     def close(self, key, int64_t now_ms, int flags=FLAG_CLOSED):
         """Final report for this connection goes out with the next publish()."""
-        cdef Py_ssize_t n
-        cdef const unsigned char *k = key_bytes(key, &n)
-        cdef int32_t slot
+        cdef int32_t slot = self._slot_of(key)
         check_small("flags", flags)
-        slot = self._find(k, n, key_hash(k, n))
         if slot < 0:
             return False
         self._close_slot(slot, now_ms, flags)
